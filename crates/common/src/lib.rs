@@ -1,0 +1,24 @@
+//! What the Incoming Mail Agent's binaries share: the configuration (§2), the
+//! message envelope and AMQP topology (§5), Redis key names (§7a), TLS,
+//! telemetry, shutdown, the admin HTTP server and heartbeats (§7).
+
+pub mod admin;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod connect;
+pub mod envelope;
+pub mod error;
+pub mod heartbeat;
+pub mod keys;
+pub mod secret;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod tls;
+pub mod topology;
+pub mod xoauth2;
+
+pub use config::{Component, Config};
+pub use error::{Error, Result};
+pub use secret::Secret;

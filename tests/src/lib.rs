@@ -1,0 +1,7 @@
+//! Test support for the Incoming Mail Agent: discovery of the real servers
+//! that `scripts/services` starts, the test identity provider standing in for
+//! Microsoft Entra ID, and small protocol clients used to check servers.
+
+pub mod env;
+pub mod idp;
+pub mod mailclient;
