@@ -49,11 +49,17 @@ pub struct AdminServer {
 }
 
 /// Binds `listen` and serves until `shutdown` is cancelled.
-pub async fn serve(listen: SocketAddr, state: AdminState, shutdown: CancellationToken) -> Result<AdminServer> {
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| Error::Io {
-        action: format!("listen on admin address {listen}"),
-        source,
-    })?;
+pub async fn serve(
+    listen: SocketAddr,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> Result<AdminServer> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| Error::Io {
+            action: format!("listen on admin address {listen}"),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| Error::Io {
         action: "read admin address".into(),
         source,
@@ -87,7 +93,15 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let mut buf = Vec::new();
     let encoder = TextEncoder::new();
     if let Err(e) = encoder.encode(&state.registry.gather(), &mut buf) {
-        return (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain".to_string())], e.to_string().into_bytes());
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_string())],
+            e.to_string().into_bytes(),
+        );
     }
-    (StatusCode::OK, [(header::CONTENT_TYPE, encoder.format_type().to_string())], buf)
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+        buf,
+    )
 }

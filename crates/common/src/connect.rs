@@ -1,7 +1,7 @@
 //! Connections to RabbitMQ and Redis from the configuration, with errors that
 //! name the (redacted) endpoint.
 
-use lapin::tcp::{OwnedTLSConfig, OwnedIdentity};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionManager;
 

@@ -106,7 +106,10 @@ impl Envelope {
         match &self.message_ref {
             MessageRef::Imap { uid, uidvalidity } => {
                 put(headers::UID, AMQPValue::LongLongInt(i64::from(*uid)));
-                put(headers::UIDVALIDITY, AMQPValue::LongLongInt(i64::from(*uidvalidity)));
+                put(
+                    headers::UIDVALIDITY,
+                    AMQPValue::LongLongInt(i64::from(*uidvalidity)),
+                );
             }
             MessageRef::Pop3 { uidl } => put(headers::UIDL, s(uidl)),
         }
@@ -129,7 +132,10 @@ impl Envelope {
         let bad = |m: String| Error::Envelope(m);
         if let Some(ct) = props.content_type() {
             if ct.as_str() != CONTENT_TYPE {
-                return Err(bad(format!("content-type is {:?}, expected {CONTENT_TYPE}", ct.as_str())));
+                return Err(bad(format!(
+                    "content-type is {:?}, expected {CONTENT_TYPE}",
+                    ct.as_str()
+                )));
             }
         }
         let dedupe_key = props
@@ -160,7 +166,9 @@ impl Envelope {
                 Some(AMQPValue::ShortInt(n)) => Some(i128::from(*n)),
                 Some(AMQPValue::ShortUInt(n)) => Some(i128::from(*n)),
                 Some(AMQPValue::Timestamp(n)) => Some(i128::from(*n)),
-                Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).ok().and_then(|t| t.parse().ok()),
+                Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes())
+                    .ok()
+                    .and_then(|t| t.parse().ok()),
                 None => return Err(bad(format!("header {k} is missing"))),
                 Some(_) => None,
             };
@@ -168,8 +176,12 @@ impl Envelope {
                 .ok_or_else(|| bad(format!("header {k} is not a 32-bit unsigned number")))
         };
         let protocol_text = text(headers::PROTOCOL)?;
-        let protocol = Protocol::parse(&protocol_text)
-            .ok_or_else(|| bad(format!("header {} has unknown protocol {protocol_text:?}", headers::PROTOCOL)))?;
+        let protocol = Protocol::parse(&protocol_text).ok_or_else(|| {
+            bad(format!(
+                "header {} has unknown protocol {protocol_text:?}",
+                headers::PROTOCOL
+            ))
+        })?;
         let message_ref = match protocol {
             Protocol::Imap => MessageRef::Imap {
                 uid: number(headers::UID)?,
@@ -180,8 +192,12 @@ impl Envelope {
             },
         };
         let action_text = text(headers::ACTION)?;
-        let action = Action::parse(&action_text)
-            .ok_or_else(|| bad(format!("header {} has unsupported action {action_text:?}", headers::ACTION)))?;
+        let action = Action::parse(&action_text).ok_or_else(|| {
+            bad(format!(
+                "header {} has unsupported action {action_text:?}",
+                headers::ACTION
+            ))
+        })?;
         let traceparent = match text(headers::TRACEPARENT) {
             Ok(tp) => Some(tp),
             Err(_) if !h.inner().contains_key(headers::TRACEPARENT) => None,
@@ -225,7 +241,10 @@ pub fn message_id(raw: &[u8]) -> Option<String> {
 /// The first header of that name (case-insensitive) in the header section,
 /// unfolded and trimmed; bytes that are not UTF-8 are replaced.
 pub fn header_value(raw: &[u8], name: &str) -> Option<String> {
-    let mut lines = raw.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).peekable();
+    let mut lines = raw
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+        .peekable();
     while let Some(line) = lines.next() {
         if line.is_empty() {
             return None; // end of the header section
@@ -233,7 +252,10 @@ pub fn header_value(raw: &[u8], name: &str) -> Option<String> {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        if !line[..colon].trim_ascii().eq_ignore_ascii_case(name.as_bytes()) {
+        if !line[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(name.as_bytes())
+        {
             continue;
         }
         let mut value = line[colon + 1..].to_vec();
@@ -272,13 +294,21 @@ mod tests {
     #[test]
     fn envelope_round_trips_through_properties() {
         for r in [
-            MessageRef::Imap { uid: 4_000_000_000, uidvalidity: 7 },
-            MessageRef::Pop3 { uidl: "AAMkAD=".into() },
+            MessageRef::Imap {
+                uid: 4_000_000_000,
+                uidvalidity: 7,
+            },
+            MessageRef::Pop3 {
+                uidl: "AAMkAD=".into(),
+            },
         ] {
             let e = sample(r);
             let props = e.properties();
             assert_eq!(props.delivery_mode(), &Some(2));
-            assert_eq!(props.content_type().as_ref().map(|c| c.as_str()), Some(CONTENT_TYPE));
+            assert_eq!(
+                props.content_type().as_ref().map(|c| c.as_str()),
+                Some(CONTENT_TYPE)
+            );
             let back = Envelope::from_amqp(&props, e.body.clone()).unwrap();
             assert_eq!(back, e);
         }
@@ -286,18 +316,33 @@ mod tests {
 
     #[test]
     fn envelope_without_traceparent_round_trips() {
-        let mut e = sample(MessageRef::Imap { uid: 1, uidvalidity: 1 });
+        let mut e = sample(MessageRef::Imap {
+            uid: 1,
+            uidvalidity: 1,
+        });
         e.traceparent = None;
-        assert_eq!(Envelope::from_amqp(&e.properties(), e.body.clone()).unwrap(), e);
+        assert_eq!(
+            Envelope::from_amqp(&e.properties(), e.body.clone()).unwrap(),
+            e
+        );
     }
 
     #[test]
     fn broken_envelopes_name_the_field() {
-        let e = sample(MessageRef::Imap { uid: 1, uidvalidity: 1 });
+        let e = sample(MessageRef::Imap {
+            uid: 1,
+            uidvalidity: 1,
+        });
         let cases: Vec<(BasicProperties, &str)> = vec![
             (e.properties().with_message_id("nope".into()), "message-id"),
-            (e.properties().with_content_type("text/plain".into()), "content-type"),
-            (e.properties().with_headers(FieldTable::default()), "x-protocol"),
+            (
+                e.properties().with_content_type("text/plain".into()),
+                "content-type",
+            ),
+            (
+                e.properties().with_headers(FieldTable::default()),
+                "x-protocol",
+            ),
             (BasicProperties::default(), "message-id"),
         ];
         for (props, field) in cases {
@@ -313,7 +358,10 @@ mod tests {
         let no_id = b"Subject: x\r\n\r\nbody";
         let id_in_body_only = b"Subject: x\r\n\r\nMessage-ID: <abc@example.com>\r\n";
         assert_eq!(message_id(with_id).as_deref(), Some("<abc@example.com>"));
-        assert_eq!(dedupe_key("A@x", with_id), dedupe_key("a@x", same_id_other_body));
+        assert_eq!(
+            dedupe_key("A@x", with_id),
+            dedupe_key("a@x", same_id_other_body)
+        );
         assert_ne!(dedupe_key("a@x", with_id), dedupe_key("b@x", with_id));
         assert_eq!(message_id(id_in_body_only), None);
         let raw_hash = hex::encode(Sha256::digest(no_id));

@@ -27,7 +27,11 @@ pub fn instance_id() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string());
-    format!("{host}-{}-{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 /// What one agent instance reports about itself.
@@ -111,7 +115,8 @@ impl Heartbeat {
                 let status = this.snapshot();
                 if let Ok(json) = serde_json::to_string(&status) {
                     let set: redis::RedisResult<()> = redis.set_ex(&key, json, ttl).await;
-                    let index: redis::RedisResult<()> = redis.zadd(keys.agents(), &key, status.last_beat).await;
+                    let index: redis::RedisResult<()> =
+                        redis.zadd(keys.agents(), &key, status.last_beat).await;
                     if let Err(e) = set.and(index) {
                         tracing::warn!(error = %e, "cannot write heartbeat to Redis");
                     }
@@ -129,7 +134,10 @@ impl Heartbeat {
 
 /// Every live agent, oldest beat first. Index entries whose key expired are
 /// dropped from the index on the way.
-pub async fn list_agents(redis: &mut ConnectionManager, keys: &Keys) -> redis::RedisResult<Vec<AgentStatus>> {
+pub async fn list_agents(
+    redis: &mut ConnectionManager,
+    keys: &Keys,
+) -> redis::RedisResult<Vec<AgentStatus>> {
     let members: Vec<String> = redis.zrange(keys.agents(), 0, -1).await?;
     let mut out = Vec::new();
     for key in members {

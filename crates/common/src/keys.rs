@@ -15,7 +15,9 @@ pub struct Keys {
 impl Keys {
     /// Keys under `prefix` (`[redis] prefix`, default `mailagent`).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     /// The prefix.
@@ -108,7 +110,12 @@ mod tests {
         let k = Keys::new("t1");
         let profile = [k.token("p"), k.token_state("p"), k.token_lock("p")];
         assert!(profile.iter().all(|key| hash_tag(key) == Some("tok.p")));
-        let mail = [k.lease("m"), k.checkpoint("m"), k.uidls("m"), k.oversized("m")];
+        let mail = [
+            k.lease("m"),
+            k.checkpoint("m"),
+            k.uidls("m"),
+            k.oversized("m"),
+        ];
         assert!(mail.iter().all(|key| hash_tag(key) == Some("mail.m")));
         assert!(k.token("p").starts_with("t1:"));
         assert_ne!(hash_tag(&k.token("p")), hash_tag(&k.token("q")));

@@ -125,7 +125,10 @@ mod tests {
     #[test]
     fn url_password_is_redacted() {
         let cases = [
-            ("amqp://user:pa55@host:5672/%2f", "amqp://user:[redacted]@host:5672/%2f"),
+            (
+                "amqp://user:pa55@host:5672/%2f",
+                "amqp://user:[redacted]@host:5672/%2f",
+            ),
             ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
             ("postgres://a:b@h/db", "postgres://a:[redacted]@h/db"),
             ("not a url with secret", "[redacted]"),

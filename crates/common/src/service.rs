@@ -47,7 +47,11 @@ pub enum StartError {
 
 /// Retries `attempt` with backoff while it fails transiently, until it
 /// succeeds, fails permanently, or `shutdown` is cancelled.
-pub async fn retry_transient<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F) -> Result<T, StartError>
+pub async fn retry_transient<T, F, Fut>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt: F,
+) -> Result<T, StartError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = crate::Result<T>>,
@@ -71,12 +75,20 @@ where
 
 /// Connects everything a `component` needs and starts its admin server and
 /// heartbeat. Readiness is left to the caller.
-pub async fn start(config: &Config, component: Component, shutdown: &CancellationToken) -> Result<Service, StartError> {
+pub async fn start(
+    config: &Config,
+    component: Component,
+    shutdown: &CancellationToken,
+) -> Result<Service, StartError> {
     let instance = crate::heartbeat::instance_id();
     let keys = Keys::new(config.redis.prefix.clone());
     let admin = AdminState::new(&config.admin.metrics_prefix);
-    let admin_server = crate::admin::serve(config.admin.listen, admin.clone(), shutdown.clone()).await?;
-    let redis = retry_transient("connect to Redis", shutdown, || crate::connect::redis(config)).await?;
+    let admin_server =
+        crate::admin::serve(config.admin.listen, admin.clone(), shutdown.clone()).await?;
+    let redis = retry_transient("connect to Redis", shutdown, || {
+        crate::connect::redis(config)
+    })
+    .await?;
     let name = format!("{}:{instance}", component.name());
     let (amqp, topology) = retry_transient("connect to RabbitMQ", shutdown, || async {
         let conn = crate::connect::amqp(config, &name).await?;
@@ -86,7 +98,12 @@ pub async fn start(config: &Config, component: Component, shutdown: &Cancellatio
     .await?;
     let heartbeat = Heartbeat::new(component.name(), &instance);
     heartbeat.update(|s| s.admin = Some(admin_server.addr.to_string()));
-    heartbeat.spawn(redis.clone(), keys.clone(), config.admin.heartbeat_interval, shutdown.clone());
+    heartbeat.spawn(
+        redis.clone(),
+        keys.clone(),
+        config.admin.heartbeat_interval,
+        shutdown.clone(),
+    );
     tracing::info!(component = component.name(), %instance, redis = %config.redis.url, amqp = %config.amqp.url, "started");
     Ok(Service {
         instance,
@@ -101,14 +118,19 @@ pub async fn start(config: &Config, component: Component, shutdown: &Cancellatio
 }
 
 /// Declares the topology on a fresh channel of `conn`.
-pub async fn declare_topology(conn: &lapin::Connection, config: &Config) -> crate::Result<Topology> {
+pub async fn declare_topology(
+    conn: &lapin::Connection,
+    config: &Config,
+) -> crate::Result<Topology> {
     let err = |source| crate::Error::Amqp {
         action: "declare the topology",
         endpoint: config.amqp.url.redacted(),
         source,
     };
     let channel = conn.create_channel().await.map_err(err)?;
-    let topology = crate::topology::declare(&channel, &config.amqp, false).await.map_err(err)?;
+    let topology = crate::topology::declare(&channel, &config.amqp, false)
+        .await
+        .map_err(err)?;
     let _ = channel.close(200, "topology declared").await;
     Ok(topology)
 }

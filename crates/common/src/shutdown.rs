@@ -21,7 +21,9 @@ pub async fn shutdown_signal() {
 }
 
 /// A token cancelled when `signal` completes: hand clones to every task.
-pub fn token_from(signal: impl std::future::Future<Output = ()> + Send + 'static) -> CancellationToken {
+pub fn token_from(
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> CancellationToken {
     let token = CancellationToken::new();
     let child = token.clone();
     tokio::spawn(async move {

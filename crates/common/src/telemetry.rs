@@ -15,7 +15,18 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 /// Libraries whose debug output could include request bytes: held at `info`
 /// unless `RUST_LOG` names them explicitly.
-const QUIET: &[&str] = &["hyper", "hyper_util", "h2", "reqwest", "rustls", "tokio_rustls", "lapin", "amq_protocol", "pinky_swear", "redis"];
+const QUIET: &[&str] = &[
+    "hyper",
+    "hyper_util",
+    "h2",
+    "reqwest",
+    "rustls",
+    "tokio_rustls",
+    "lapin",
+    "amq_protocol",
+    "pinky_swear",
+    "redis",
+];
 
 /// Keeps the OTLP exporter alive; flushes it when dropped.
 pub struct TelemetryGuard {
@@ -54,13 +65,15 @@ pub fn init(service: &str) -> TelemetryGuard {
             .with_writer(std::io::stdout)
             .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stdout).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stdout)
+            .boxed()
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = otlp_provider(service);
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string()))
-    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
     let _ = tracing_subscriber::registry()
         .with(filter())
         .with(fmt)
@@ -70,8 +83,13 @@ pub fn init(service: &str) -> TelemetryGuard {
 }
 
 fn otlp_provider(service: &str) -> Option<opentelemetry_sdk::trace::TracerProvider> {
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty())?;
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())?;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cannot set up OTLP export to {endpoint}: {e}; traces are not exported");

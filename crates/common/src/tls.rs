@@ -37,7 +37,10 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| Error::Tls(format!("cannot parse {}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!("{} holds no PEM certificate", path.display())));
+        return Err(Error::Tls(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }

@@ -70,7 +70,11 @@ fn queue_args(config: &AmqpConfig, dead_exchange: Option<&str>) -> FieldTable {
 /// start: declaring what exists with the same arguments changes nothing.
 /// With `passive`, only checks that it exists (for users without configure
 /// permission).
-pub async fn declare(channel: &Channel, config: &AmqpConfig, passive: bool) -> Result<Topology, lapin::Error> {
+pub async fn declare(
+    channel: &Channel,
+    config: &AmqpConfig,
+    passive: bool,
+) -> Result<Topology, lapin::Error> {
     let topo = Topology::new(&config.prefix);
     let durable = |passive| ExchangeDeclareOptions {
         durable: true,
@@ -78,27 +82,51 @@ pub async fn declare(channel: &Channel, config: &AmqpConfig, passive: bool) -> R
         ..Default::default()
     };
     channel
-        .exchange_declare(&topo.exchange, ExchangeKind::Direct, durable(passive), FieldTable::default())
+        .exchange_declare(
+            &topo.exchange,
+            ExchangeKind::Direct,
+            durable(passive),
+            FieldTable::default(),
+        )
         .await?;
     channel
-        .exchange_declare(&topo.dead_exchange, ExchangeKind::Fanout, durable(passive), FieldTable::default())
+        .exchange_declare(
+            &topo.dead_exchange,
+            ExchangeKind::Fanout,
+            durable(passive),
+            FieldTable::default(),
+        )
         .await?;
     let qopts = QueueDeclareOptions {
         durable: true,
         passive,
         ..Default::default()
     };
-    let dead_args = if passive { FieldTable::default() } else { queue_args(config, None) };
-    channel.queue_declare(&topo.dead_queue, qopts, dead_args).await?;
+    let dead_args = if passive {
+        FieldTable::default()
+    } else {
+        queue_args(config, None)
+    };
+    channel
+        .queue_declare(&topo.dead_queue, qopts, dead_args)
+        .await?;
     let create_args = if passive {
         FieldTable::default()
     } else {
         queue_args(config, Some(&topo.dead_exchange))
     };
-    channel.queue_declare(&topo.create_queue, qopts, create_args).await?;
+    channel
+        .queue_declare(&topo.create_queue, qopts, create_args)
+        .await?;
     if !passive {
         channel
-            .queue_bind(&topo.dead_queue, &topo.dead_exchange, "", QueueBindOptions::default(), FieldTable::default())
+            .queue_bind(
+                &topo.dead_queue,
+                &topo.dead_exchange,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         channel
             .queue_bind(

@@ -115,7 +115,11 @@ fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
         let parts: Vec<String> = lowered.split("__").map(|p| p.replace('_', "-")).collect();
         let section = parts[0].as_str();
         if !ENV_SECTIONS.contains(&section) {
-            if parts.len() == 1 && ENV_SECTIONS.iter().any(|s| section.starts_with(&format!("{s}-"))) {
+            if parts.len() == 1
+                && ENV_SECTIONS
+                    .iter()
+                    .any(|s| section.starts_with(&format!("{s}-")))
+            {
                 errors.push(ConfigError::new(
                     format!("environment {name}"),
                     "separate the section from the key with a double underscore, e.g. MAILAGENT_REDIS__URL".to_string(),
@@ -174,7 +178,10 @@ mod tests {
         assert!(errors.is_empty(), "{errors:?}");
         let tb = tree["token-broker"].as_dict().unwrap();
         assert_eq!(tb["encryption-key-file"].as_str(), Some("/k"));
-        assert_eq!(tree["redis"].as_dict().unwrap()["url"].as_str(), Some("redis://h/1"));
+        assert_eq!(
+            tree["redis"].as_dict().unwrap()["url"].as_str(),
+            Some("redis://h/1")
+        );
         assert_eq!(tree.len(), 2);
     }
 

@@ -78,8 +78,16 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
     let redis = {
         let t = w.section(tree, "redis").unwrap_or(&empty);
         w.unknown_keys(t, "redis", &["url", "url-file", "prefix"]);
-        let url = w.secret_url(t, "redis", "url", "redis://127.0.0.1:6379/0", &["redis", "rediss"]);
-        let prefix = w.name(t, "redis", "prefix", Some("mailagent")).unwrap_or_default();
+        let url = w.secret_url(
+            t,
+            "redis",
+            "url",
+            "redis://127.0.0.1:6379/0",
+            &["redis", "rediss"],
+        );
+        let prefix = w
+            .name(t, "redis", "prefix", Some("mailagent"))
+            .unwrap_or_default();
         RedisConfig { url, prefix }
     };
     let amqp = {
@@ -96,7 +104,9 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
             "amqp://guest:guest@127.0.0.1:5672/%2f",
             &["amqp", "amqps"],
         );
-        let prefix = w.name(t, "amqp", "prefix", Some("mailagent")).unwrap_or_default();
+        let prefix = w
+            .name(t, "amqp", "prefix", Some("mailagent"))
+            .unwrap_or_default();
         let queue_type = match w.string(t, "amqp", "queue-type").as_deref() {
             None | Some("classic") => QueueType::Classic,
             Some("quorum") => QueueType::Quorum,
@@ -145,7 +155,9 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
                 ([127, 0, 0, 1], 0).into()
             }
         };
-        let metrics_prefix = w.string(t, "admin", "metrics-prefix").unwrap_or_else(|| "mailagent".into());
+        let metrics_prefix = w
+            .string(t, "admin", "metrics-prefix")
+            .unwrap_or_else(|| "mailagent".into());
         if !is_metric_name(&metrics_prefix) {
             w.err(
                 "admin.metrics-prefix",
@@ -184,14 +196,27 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
                 "max-mime-parts",
             ],
         );
-        let store = w.secret_url(t, p, "store", "sqlite://data/records.db", &["sqlite", "postgres", "postgresql"]);
+        let store = w.secret_url(
+            t,
+            p,
+            "store",
+            "sqlite://data/records.db",
+            &["sqlite", "postgres", "postgresql"],
+        );
         FormProcessorConfig {
             store,
             prefetch: w.int_in(t, p, "prefetch", 1, 65535, 64) as u16,
             delivery_limit: w.int_in(t, p, "delivery-limit", 1, 1000, 5) as u32,
             trusted_authserv_ids: w.string_list(t, p, "trusted-authserv-ids"),
             max_workbook_bytes: w.int_in(t, p, "max-workbook-bytes", 1024, 1 << 34, 10 << 20),
-            max_decompressed_bytes: w.int_in(t, p, "max-decompressed-bytes", 1024, 1 << 36, 100 << 20),
+            max_decompressed_bytes: w.int_in(
+                t,
+                p,
+                "max-decompressed-bytes",
+                1024,
+                1 << 36,
+                100 << 20,
+            ),
             max_sheets: w.int_in(t, p, "max-sheets", 1, 10_000, 64) as u32,
             max_rows: w.int_in(t, p, "max-rows", 1, 10_000_000, 200_000) as u32,
             max_cells: w.int_in(t, p, "max-cells", 1, 1 << 32, 2_000_000),
@@ -216,9 +241,21 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         .filter_map(|(path, t)| parse_topic(&mut w, &path, t))
         .collect();
 
-    w.duplicates("oauth-profiles", oauth_profiles.iter().map(|p| p.name.clone()), "name");
-    w.duplicates("incoming-mail", incoming_mail.iter().map(|m| m.name.clone()), "name");
-    w.duplicates("topics", topics.iter().map(|t| t.subject.to_lowercase()), "subject");
+    w.duplicates(
+        "oauth-profiles",
+        oauth_profiles.iter().map(|p| p.name.clone()),
+        "name",
+    );
+    w.duplicates(
+        "incoming-mail",
+        incoming_mail.iter().map(|m| m.name.clone()),
+        "name",
+    );
+    w.duplicates(
+        "topics",
+        topics.iter().map(|t| t.subject.to_lowercase()),
+        "subject",
+    );
     {
         // Two configs reading the same folder of the same mailbox would publish
         // each message twice and race on its flags.
@@ -285,7 +322,11 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
     if let Some(f) = w.string(t, p, "encryption-key-file") {
         key_files.push(PathBuf::from(f));
     }
-    key_files.extend(w.string_list(t, p, "encryption-key-files").into_iter().map(PathBuf::from));
+    key_files.extend(
+        w.string_list(t, p, "encryption-key-files")
+            .into_iter()
+            .map(PathBuf::from),
+    );
     let encryption = match mode.as_deref() {
         Some("none") => {
             if !key_files.is_empty() {
@@ -345,7 +386,14 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
         refresh_max_fraction: max_fraction,
         forced_refresh_min_interval: w.secs(t, p, "forced-refresh-min-interval", 0, 86_400, 30),
         failing_retry_interval: w.secs(t, p, "failing-retry-interval", 1, 86_400, 300),
-        backoff_initial: Duration::from_millis(w.int_in(t, p, "backoff-initial-ms", 1, 600_000, 1000)),
+        backoff_initial: Duration::from_millis(w.int_in(
+            t,
+            p,
+            "backoff-initial-ms",
+            1,
+            600_000,
+            1000,
+        )),
         backoff_max: w.secs(t, p, "backoff-max", 1, 86_400, 300),
         connect_timeout: w.secs(t, p, "connect-timeout", 1, 600, 10),
         request_timeout: w.secs(t, p, "request-timeout", 1, 600, 30),
@@ -358,7 +406,10 @@ fn read_key(w: &mut Walker, file: &PathBuf, path: &str) -> Option<EncryptionKey>
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) => {
-            w.err(path, format!("cannot read key file {}: {}", file.display(), e.kind()));
+            w.err(
+                path,
+                format!("cannot read key file {}: {}", file.display(), e.kind()),
+            );
             return None;
         }
     };
@@ -405,7 +456,11 @@ fn parse_profile(w: &mut Walker, path: &str, t: &Dict) -> Option<OAuthProfile> {
         ],
     );
     let name = w.name(t, path, "name", None);
-    let provider = match w.string(t, path, "provider").map(|s| s.to_lowercase()).as_deref() {
+    let provider = match w
+        .string(t, path, "provider")
+        .map(|s| s.to_lowercase())
+        .as_deref()
+    {
         None | Some("azure") => Provider::Azure,
         Some("generic") => Provider::Generic,
         Some(other) => {
@@ -416,7 +471,11 @@ fn parse_profile(w: &mut Walker, path: &str, t: &Dict) -> Option<OAuthProfile> {
             Provider::Generic
         }
     };
-    let access_type = match w.string(t, path, "access-type").map(|s| s.to_lowercase()).as_deref() {
+    let access_type = match w
+        .string(t, path, "access-type")
+        .map(|s| s.to_lowercase())
+        .as_deref()
+    {
         None | Some("application") => AccessType::Application,
         Some("delegated") => {
             w.err(
@@ -441,7 +500,13 @@ fn parse_profile(w: &mut Walker, path: &str, t: &Dict) -> Option<OAuthProfile> {
             "missing: the Application (client) ID of the app registration",
         );
     }
-    let secret = w.secret(t, path, "application-secret", w.component.reads_client_secrets(), true);
+    let secret = w.secret(
+        t,
+        path,
+        "application-secret",
+        w.component.reads_client_secrets(),
+        true,
+    );
     let allow_insecure = w.boolean(t, path, "allow-insecure", false);
     let token_url = w.url(t, path, "token-url", allow_insecure, true);
     let authorize_url = w.url(t, path, "authorize-url", allow_insecure, false);
@@ -449,7 +514,10 @@ fn parse_profile(w: &mut Walker, path: &str, t: &Dict) -> Option<OAuthProfile> {
         (Some(s), _) if !s.trim().is_empty() => s,
         (_, Provider::Azure) => "https://outlook.office365.com/.default".to_string(),
         (_, Provider::Generic) => {
-            w.err(format!("{path}.scope"), "missing: required for provider \"generic\"");
+            w.err(
+                format!("{path}.scope"),
+                "missing: required for provider \"generic\"",
+            );
             String::new()
         }
     };
@@ -518,9 +586,16 @@ fn parse_mail(
     let name = w.name(t, path, "name", None);
     let host = w.string(t, path, "host").unwrap_or_default();
     if host.trim().is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
-        w.err(format!("{path}.host"), "missing or not a host name, e.g. outlook.office365.com");
+        w.err(
+            format!("{path}.host"),
+            "missing or not a host name, e.g. outlook.office365.com",
+        );
     }
-    let server_type = match w.string(t, path, "mail-server-type").map(|s| s.to_lowercase()).as_deref() {
+    let server_type = match w
+        .string(t, path, "mail-server-type")
+        .map(|s| s.to_lowercase())
+        .as_deref()
+    {
         Some("imaps") => Some(ServerType::Imaps),
         Some("imap") => Some(ServerType::Imap),
         Some("pop3s") => Some(ServerType::Pop3s),
@@ -533,13 +608,18 @@ fn parse_mail(
             None
         }
         None => {
-            w.err(format!("{path}.mail-server-type"), "missing: imaps, pop3s, imap or pop3");
+            w.err(
+                format!("{path}.mail-server-type"),
+                "missing: imaps, pop3s, imap or pop3",
+            );
             None
         }
     };
     let default_port = server_type.map(ServerType::default_port).unwrap_or(0);
     let port = w.int_in(t, path, "port", 1, 65535, default_port as u64) as u16;
-    let folder = w.string(t, path, "folder").unwrap_or_else(|| "INBOX".into());
+    let folder = w
+        .string(t, path, "folder")
+        .unwrap_or_else(|| "INBOX".into());
     if folder.trim().is_empty() {
         w.err(format!("{path}.folder"), "must not be empty");
     }
@@ -557,7 +637,9 @@ fn parse_mail(
     if username.trim().is_empty() {
         w.err(format!("{path}.username"), "missing: the mailbox address");
     }
-    let protocol = server_type.map(ServerType::protocol).unwrap_or(Protocol::Imap);
+    let protocol = server_type
+        .map(ServerType::protocol)
+        .unwrap_or(Protocol::Imap);
     let profile = w.string(t, path, "oauth-profile");
     let has_password = t.contains_key("password") || t.contains_key("password-file");
     let auth = match profile {
@@ -577,7 +659,13 @@ fn parse_mail(
             MailAuth::OAuth { profile }
         }
         None => {
-            let password = w.secret(t, path, "password", w.component.reads_mail_password(protocol), true);
+            let password = w.secret(
+                t,
+                path,
+                "password",
+                w.component.reads_mail_password(protocol),
+                true,
+            );
             MailAuth::Password { password }
         }
     };
@@ -585,7 +673,10 @@ fn parse_mail(
     let starttls = w.boolean(t, path, "starttls", true);
     if let Some(st) = server_type {
         if st.implicit_tls() && t.contains_key("starttls") {
-            w.err(format!("{path}.starttls"), format!("does not apply to {}: TLS starts at connect", st.as_str()));
+            w.err(
+                format!("{path}.starttls"),
+                format!("does not apply to {}: TLS starts at connect", st.as_str()),
+            );
         }
         if !st.implicit_tls() && !starttls && !allow_insecure {
             w.err(
@@ -606,16 +697,25 @@ fn parse_mail(
             (m, Protocol::Imap) if m.starts_with("move:") && m.len() > 5 => {
                 let target = m[5..].to_string();
                 if target == folder {
-                    w.err(format!("{path}.after-fetch"), "moves to the folder it reads from");
+                    w.err(
+                        format!("{path}.after-fetch"),
+                        "moves to the folder it reads from",
+                    );
                 }
                 AfterFetch::Move(target)
             }
             ("mark-seen", Protocol::Pop3) => {
-                w.err(format!("{path}.after-fetch"), "POP3 has no flags: use delete or keep");
+                w.err(
+                    format!("{path}.after-fetch"),
+                    "POP3 has no flags: use delete or keep",
+                );
                 AfterFetch::Keep
             }
             (m, Protocol::Pop3) if m.starts_with("move:") => {
-                w.err(format!("{path}.after-fetch"), "POP3 has no folders: use delete or keep");
+                w.err(
+                    format!("{path}.after-fetch"),
+                    "POP3 has no folders: use delete or keep",
+                );
                 AfterFetch::Keep
             }
             (other, _) => {
@@ -628,6 +728,7 @@ fn parse_mail(
         },
     };
     let start_from = match w.string(t, path, "start-from").as_deref() {
+        None if protocol == Protocol::Pop3 => StartFrom::All,
         None | Some("unseen") => StartFrom::Unseen,
         Some("all") => StartFrom::All,
         Some("now") => StartFrom::Now,
@@ -641,7 +742,10 @@ fn parse_mail(
     };
     if protocol == Protocol::Pop3 {
         if start_from == StartFrom::Unseen && t.contains_key("start-from") {
-            w.err(format!("{path}.start-from"), "POP3 has no unseen flag: use all or now");
+            w.err(
+                format!("{path}.start-from"),
+                "POP3 has no unseen flag: use all or now",
+            );
         }
         if t.contains_key("folder") && folder != "INBOX" {
             w.err(format!("{path}.folder"), "POP3 reads only the inbox");
@@ -688,7 +792,10 @@ fn parse_topic(w: &mut Walker, path: &str, t: &Dict) -> Option<Topic> {
     );
     let subject = w.string(t, path, "subject").unwrap_or_default();
     let matcher = if subject.trim().is_empty() {
-        w.err(format!("{path}.subject"), "missing: the subject of the form's mails");
+        w.err(
+            format!("{path}.subject"),
+            "missing: the subject of the form's mails",
+        );
         None
     } else if subject.len() >= 2 && subject.starts_with('/') && subject.ends_with('/') {
         match regex::RegexBuilder::new(&subject[1..subject.len() - 1])
@@ -698,7 +805,10 @@ fn parse_topic(w: &mut Walker, path: &str, t: &Dict) -> Option<Topic> {
         {
             Ok(re) => Some(SubjectMatcher::Regex(re)),
             Err(e) => {
-                w.err(format!("{path}.subject"), format!("invalid regular expression: {e}"));
+                w.err(
+                    format!("{path}.subject"),
+                    format!("invalid regular expression: {e}"),
+                );
                 None
             }
         }
@@ -711,11 +821,17 @@ fn parse_topic(w: &mut Walker, path: &str, t: &Dict) -> Option<Topic> {
     }
     let business_object = w.string(t, path, "business-object").unwrap_or_default();
     if business_object.trim().is_empty() {
-        w.err(format!("{path}.business-object"), "missing: e.g. triLeaseAbstract");
+        w.err(
+            format!("{path}.business-object"),
+            "missing: e.g. triLeaseAbstract",
+        );
     }
     if let Some(a) = w.string(t, path, "action") {
         if Action::parse(&a).is_none() {
-            w.err(format!("{path}.action"), format!("unsupported action {a:?}: the only action is CREATE"));
+            w.err(
+                format!("{path}.action"),
+                format!("unsupported action {a:?}: the only action is CREATE"),
+            );
         }
     }
     let required = w.string_list(t, path, "required");
@@ -792,7 +908,10 @@ impl Walker {
             if !known.contains(&key.as_str()) {
                 let hint = known
                     .iter()
-                    .find(|k| k.replace('-', "_") == key.as_str() || k.replace('-', "") == key.replace(['_', '-'], ""))
+                    .find(|k| {
+                        k.replace('-', "_") == key.as_str()
+                            || k.replace('-', "") == key.replace(['_', '-'], "")
+                    })
                     .map(|k| format!(" (did you mean {k:?}?)"))
                     .unwrap_or_default();
                 self.err(join(path, key), format!("unknown key{hint}"));
@@ -820,13 +939,22 @@ impl Walker {
                 .filter_map(|(i, v)| match v {
                     Value::Dict(_, d) => Some((format!("{key}[{i}]"), d)),
                     other => {
-                        self.err(format!("{key}[{i}]"), format!("must be a table, found {}", kind(other)));
+                        self.err(
+                            format!("{key}[{i}]"),
+                            format!("must be a table, found {}", kind(other)),
+                        );
                         None
                     }
                 })
                 .collect(),
             Some(other) => {
-                self.err(key, format!("must be an array of tables ([[{key}]]), found {}", kind(other)));
+                self.err(
+                    key,
+                    format!(
+                        "must be an array of tables ([[{key}]]), found {}",
+                        kind(other)
+                    ),
+                );
                 Vec::new()
             }
         }
@@ -836,9 +964,15 @@ impl Walker {
         match t.get(key)? {
             Value::String(_, s) => Some(s.clone()),
             Value::Char(_, c) => Some(c.to_string()),
-            Value::Num(_, n) => n.to_i128().map(|i| i.to_string()).or_else(|| n.to_f64().map(|f| f.to_string())),
+            Value::Num(_, n) => n
+                .to_i128()
+                .map(|i| i.to_string())
+                .or_else(|| n.to_f64().map(|f| f.to_string())),
             other => {
-                self.err(join(path, key), format!("must be a string, found {}", kind(other)));
+                self.err(
+                    join(path, key),
+                    format!("must be a string, found {}", kind(other)),
+                );
                 None
             }
         }
@@ -867,7 +1001,10 @@ impl Walker {
                 out
             }
             Some(other) => {
-                self.err(join(path, key), format!("must be an array of strings, found {}", kind(other)));
+                self.err(
+                    join(path, key),
+                    format!("must be an array of strings, found {}", kind(other)),
+                );
                 Vec::new()
             }
         }
@@ -880,7 +1017,10 @@ impl Walker {
             Some(Value::String(_, s)) if s == "true" => true,
             Some(Value::String(_, s)) if s == "false" => false,
             Some(other) => {
-                self.err(join(path, key), format!("must be true or false, found {}", kind(other)));
+                self.err(
+                    join(path, key),
+                    format!("must be true or false, found {}", kind(other)),
+                );
                 default
             }
         }
@@ -904,18 +1044,32 @@ impl Walker {
                 }
             },
             Some(other) => {
-                self.err(join(path, key), format!("must be a whole number, found {}", kind(other)));
+                self.err(
+                    join(path, key),
+                    format!("must be a whole number, found {}", kind(other)),
+                );
                 return default;
             }
         };
         if value < min as i128 || value > max as i128 {
-            self.err(join(path, key), format!("{value} is out of range {min}..={max}"));
+            self.err(
+                join(path, key),
+                format!("{value} is out of range {min}..={max}"),
+            );
             return default;
         }
         value as u64
     }
 
-    fn secs(&mut self, t: &Dict, path: &str, key: &str, min: u64, max: u64, default: u64) -> Duration {
+    fn secs(
+        &mut self,
+        t: &Dict,
+        path: &str,
+        key: &str,
+        min: u64,
+        max: u64,
+        default: u64,
+    ) -> Duration {
         Duration::from_secs(self.int_in(t, path, key, min, max, default))
     }
 
@@ -937,14 +1091,19 @@ impl Walker {
 
     /// A name used in keys, queues and metrics labels.
     fn name(&mut self, t: &Dict, path: &str, key: &str, default: Option<&str>) -> Option<String> {
-        let value = self.string(t, path, key).or_else(|| default.map(String::from));
+        let value = self
+            .string(t, path, key)
+            .or_else(|| default.map(String::from));
         let Some(value) = value else {
             self.err(join(path, key), "missing");
             return None;
         };
         let ok = !value.is_empty()
             && value.len() <= 64
-            && value.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && value
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
             && value
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
@@ -960,13 +1119,23 @@ impl Walker {
 
     /// A secret given as `key` (value) or `key-file` (path). Returns the value
     /// when `read` (this component uses it), `None` otherwise.
-    fn secret(&mut self, t: &Dict, path: &str, key: &str, read: bool, required: bool) -> Option<Secret> {
+    fn secret(
+        &mut self,
+        t: &Dict,
+        path: &str,
+        key: &str,
+        read: bool,
+        required: bool,
+    ) -> Option<Secret> {
         let file_key = format!("{key}-file");
         let inline = t.get(key);
         let file = t.get(&file_key);
         match (inline, file) {
             (Some(_), Some(_)) => {
-                self.err(join(path, key), format!("set either {key} or {file_key}, not both"));
+                self.err(
+                    join(path, key),
+                    format!("set either {key} or {file_key}, not both"),
+                );
                 None
             }
             (Some(Value::String(_, s)), None) => {
@@ -976,7 +1145,10 @@ impl Walker {
                 read.then(|| Secret::new(s.clone()))
             }
             (Some(other), None) => {
-                self.err(join(path, key), format!("must be a string, found {}", kind(other)));
+                self.err(
+                    join(path, key),
+                    format!("must be a string, found {}", kind(other)),
+                );
                 None
             }
             (None, Some(Value::String(_, f))) => {
@@ -992,18 +1164,27 @@ impl Walker {
                         Some(Secret::new(value))
                     }
                     Err(e) => {
-                        self.err(join(path, &file_key), format!("cannot read secret file {f}: {}", e.kind()));
+                        self.err(
+                            join(path, &file_key),
+                            format!("cannot read secret file {f}: {}", e.kind()),
+                        );
                         None
                     }
                 }
             }
             (None, Some(other)) => {
-                self.err(join(path, &file_key), format!("must be a file path, found {}", kind(other)));
+                self.err(
+                    join(path, &file_key),
+                    format!("must be a file path, found {}", kind(other)),
+                );
                 None
             }
             (None, None) => {
                 if required {
-                    self.err(join(path, key), format!("missing secret: set {key} or {file_key}"));
+                    self.err(
+                        join(path, key),
+                        format!("missing secret: set {key} or {file_key}"),
+                    );
                 }
                 None
             }
@@ -1011,7 +1192,14 @@ impl Walker {
     }
 
     /// A URL that may hold credentials: `key` or `key-file`, with a default.
-    fn secret_url(&mut self, t: &Dict, path: &str, key: &str, default: &str, schemes: &[&str]) -> SecretUrl {
+    fn secret_url(
+        &mut self,
+        t: &Dict,
+        path: &str,
+        key: &str,
+        default: &str,
+        schemes: &[&str],
+    ) -> SecretUrl {
         // URLs are read by every component: each one connects with them.
         let value = if t.contains_key(key) || t.contains_key(&format!("{key}-file")) {
             self.secret(t, path, key, true, false)
@@ -1025,14 +1213,28 @@ impl Walker {
             Ok(u) if schemes.contains(&u.scheme()) => {}
             Ok(u) => self.err(
                 join(path, key),
-                format!("scheme {:?} not supported: expected {}", u.scheme(), schemes.join(" or ")),
+                format!(
+                    "scheme {:?} not supported: expected {}",
+                    u.scheme(),
+                    schemes.join(" or ")
+                ),
             ),
-            Err(e) => self.err(join(path, key), format!("not a valid URL ({e}): {}", url.redacted())),
+            Err(e) => self.err(
+                join(path, key),
+                format!("not a valid URL ({e}): {}", url.redacted()),
+            ),
         }
         url
     }
 
-    fn url(&mut self, t: &Dict, path: &str, key: &str, allow_insecure: bool, required: bool) -> Option<url::Url> {
+    fn url(
+        &mut self,
+        t: &Dict,
+        path: &str,
+        key: &str,
+        allow_insecure: bool,
+        required: bool,
+    ) -> Option<url::Url> {
         let Some(text) = self.string(t, path, key) else {
             if required {
                 self.err(join(path, key), "missing");
@@ -1043,11 +1245,17 @@ impl Walker {
             Ok(u) if u.scheme() == "https" => Some(u),
             Ok(u) if u.scheme() == "http" && allow_insecure => Some(u),
             Ok(u) if u.scheme() == "http" => {
-                self.err(join(path, key), "must be https (allow-insecure = true permits http, for tests only)");
+                self.err(
+                    join(path, key),
+                    "must be https (allow-insecure = true permits http, for tests only)",
+                );
                 Some(u)
             }
             Ok(u) => {
-                self.err(join(path, key), format!("scheme {:?} not supported: expected https", u.scheme()));
+                self.err(
+                    join(path, key),
+                    format!("scheme {:?} not supported: expected https", u.scheme()),
+                );
                 None
             }
             Err(e) => {
@@ -1060,7 +1268,9 @@ impl Walker {
     fn check_ca_file(&mut self, path: &PathBuf, key: &str) {
         match std::fs::read(path) {
             Ok(bytes) => {
-                let certs = rustls_pemfile::certs(&mut bytes.as_slice()).filter(|c| c.is_ok()).count();
+                let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+                    .filter(|c| c.is_ok())
+                    .count();
                 if certs == 0 {
                     self.err(key, format!("{} holds no PEM certificate", path.display()));
                 }
@@ -1073,7 +1283,10 @@ impl Walker {
         let mut seen = HashSet::new();
         for (i, n) in names.enumerate() {
             if !seen.insert(n.clone()) {
-                self.err(format!("{section}[{i}].{key}"), format!("duplicate {key} {n:?}"));
+                self.err(
+                    format!("{section}[{i}].{key}"),
+                    format!("duplicate {key} {n:?}"),
+                );
             }
         }
     }

@@ -1,0 +1,139 @@
+//! The envelope (§5) survives a round trip through a real RabbitMQ queue, and
+//! the topology is declared idempotently by every start.
+
+use common::config::{Action, AmqpConfig, QueueType};
+use common::envelope::{dedupe_key, Envelope, MessageRef};
+use common::secret::SecretUrl;
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Connection, ConnectionProperties};
+use mailagent_tests::env::{unique, Endpoints};
+
+fn amqp_config(env: &Endpoints, prefix: &str, queue_type: QueueType) -> AmqpConfig {
+    AmqpConfig {
+        url: SecretUrl::new(env.amqp_url()),
+        prefix: prefix.to_string(),
+        queue_type,
+        delivery_limit: 5,
+    }
+}
+
+async fn connect(env: &Endpoints) -> Connection {
+    Connection::connect(env.amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ")
+}
+
+#[tokio::test]
+async fn envelope_round_trips_through_a_real_queue() {
+    let env = Endpoints::load();
+    let conn = connect(&env).await;
+    let channel = conn.create_channel().await.unwrap();
+    let config = amqp_config(&env, &unique("t"), QueueType::Classic);
+    let topo = common::topology::declare(&channel, &config, false)
+        .await
+        .unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    let body = b"Message-ID: <rt@example.com>\r\nSubject: LEASE ABSTRACT FORM\r\n\r\n\x00\xff binary-safe\r\n.\r\n".to_vec();
+    let cases = [
+        MessageRef::Imap {
+            uid: 42,
+            uidvalidity: 1_700_000_001,
+        },
+        MessageRef::Pop3 {
+            uidl: "AQMkADAwATM0MDAAMS1iNTcwLWI2NTEtMDACLTAwCgBGAAAD".into(),
+        },
+    ];
+    for message_ref in cases {
+        let sent = Envelope {
+            dedupe_key: dedupe_key("forms@contoso.com", &body),
+            body: body.clone(),
+            timestamp: 1_764_000_000,
+            mail_config: "lease-forms".into(),
+            mailbox: "forms@contoso.com".into(),
+            message_ref,
+            action: Action::Create,
+            fetcher: "imap-fetcher-1".into(),
+            traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        };
+        let confirm = channel
+            .basic_publish(
+                &topo.exchange,
+                sent.routing_key(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &sent.body,
+                sent.properties(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "{confirm:?}");
+        assert!(
+            confirm.take_message().is_none(),
+            "message was returned unroutable"
+        );
+
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Some(m) = channel
+                    .basic_get(&topo.create_queue, BasicGetOptions { no_ack: true })
+                    .await
+                    .unwrap()
+                {
+                    return m;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("message arrives on the create queue");
+        assert_eq!(
+            got.delivery.properties.delivery_mode(),
+            &Some(2),
+            "persistent"
+        );
+        let received =
+            Envelope::from_amqp(&got.delivery.properties, got.delivery.data.clone()).unwrap();
+        assert_eq!(received, sent);
+    }
+}
+
+#[tokio::test]
+async fn topology_declares_idempotently_for_both_queue_types() {
+    let env = Endpoints::load();
+    let conn = connect(&env).await;
+    for queue_type in [QueueType::Classic, QueueType::Quorum] {
+        let config = amqp_config(&env, &unique("t"), queue_type);
+        let channel = conn.create_channel().await.unwrap();
+        let first = common::topology::declare(&channel, &config, false)
+            .await
+            .unwrap();
+        let second = common::topology::declare(&channel, &config, false)
+            .await
+            .unwrap();
+        assert_eq!(first, second);
+        // A passive declare (a user without configure permission) finds it.
+        common::topology::declare(&channel, &config, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            common::topology::queue_depth(&channel, &first.dead_queue)
+                .await
+                .unwrap(),
+            0
+        );
+    }
+    // A passive declare of a topology nobody declared fails.
+    let channel = conn.create_channel().await.unwrap();
+    let missing = amqp_config(&env, &unique("absent"), QueueType::Classic);
+    assert!(common::topology::declare(&channel, &missing, true)
+        .await
+        .is_err());
+}
