@@ -20,5 +20,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    cli::run_service(Component::FormProcessor, |shutdown| form_processor::run(config, shutdown))
+    cli::run_service(Component::FormProcessor, |shutdown| {
+        form_processor::run(config, shutdown)
+    })
 }

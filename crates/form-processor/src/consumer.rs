@@ -1,0 +1,432 @@
+//! One delivery, start to ack (§6, §8): dedupe first, poison guard, the
+//! checks, then one store transaction, then — for a rejection — a confirmed
+//! dead-letter publish, and only then the ack. Store outages are retried
+//! with capped backoff for as long as they last.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::backoff::Backoff;
+use common::config::{FormProcessorConfig, Topic};
+use common::envelope::Envelope;
+use common::keys::Keys;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use redis::aio::ConnectionManager;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::analyze::{self, MailInfo};
+use crate::deadletter::DeadLetters;
+use crate::metrics::Metrics;
+use crate::reject::{Reason, Rejection};
+use crate::store::{self, Created, Known, NewFailure, Source, Store, Stored};
+
+/// Test-only behaviour, reachable from the library API only.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks {
+    /// Processing panics for a mail whose subject contains this text (to
+    /// prove the poison guard).
+    pub panic_on_subject: Option<String>,
+}
+
+/// Everything a delivery handler needs, shared.
+pub struct Context {
+    /// `[form-processor]`
+    pub config: FormProcessorConfig,
+    /// `[[topics]]`
+    pub topics: Vec<Topic>,
+    /// The record store.
+    pub store: Store,
+    /// Dead-letter publisher.
+    pub dead: DeadLetters,
+    /// Redis, for the poison guard's delivery counts.
+    pub redis: ConnectionManager,
+    /// Redis key names.
+    pub keys: Keys,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Bounds CPU-heavy parsing to the number of cores (and so its memory).
+    pub parsing: Semaphore,
+    /// Cancelled on shutdown: retry loops give up and leave the message unacked.
+    pub shutdown: CancellationToken,
+    /// Counts handled messages in the heartbeat.
+    pub heartbeat: common::heartbeat::Heartbeat,
+    /// Test hooks.
+    pub hooks: Hooks,
+}
+
+/// How a delivery was settled.
+enum Settled {
+    /// Acked with this outcome and reason (for metrics).
+    Acked(&'static str, &'static str),
+    /// Left unacked (shutdown): the broker redelivers it.
+    Left,
+}
+
+/// Handles one delivery; never panics outward. A panic inside processing
+/// is logged and the delivery requeued, so the poison guard can count it.
+pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
+    use futures::FutureExt;
+    let started = Instant::now();
+    ctx.metrics.in_flight.inc();
+    let span = tracing::debug_span!("form", dedupe_key = tracing::field::Empty);
+    if let Some(tp) = traceparent(&delivery) {
+        common::telemetry::set_remote_parent(&span, &tp);
+    }
+    let result = std::panic::AssertUnwindSafe(process(&ctx, &delivery).instrument(span))
+        .catch_unwind()
+        .await;
+    ctx.metrics.in_flight.dec();
+    match result {
+        Ok(Ok(Settled::Acked(outcome, reason))) => {
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                tracing::warn!(error = %e, "cannot ack; the message will be redelivered and found settled");
+            }
+            ctx.metrics
+                .messages
+                .with_label_values(&[outcome, reason])
+                .inc();
+            ctx.metrics
+                .processing
+                .observe(started.elapsed().as_secs_f64());
+            ctx.heartbeat.update(|s| s.handled += 1);
+        }
+        Ok(Ok(Settled::Left)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot settle the message; it goes back to the queue");
+            ctx.heartbeat.update(|s| s.last_error = Some(e.to_string()));
+            requeue(&ctx, &delivery).await;
+        }
+        Err(_) => {
+            tracing::error!("processing panicked; the message goes back to the queue and counts as a poison attempt");
+            requeue(&ctx, &delivery).await;
+        }
+    }
+}
+
+async fn requeue(ctx: &Context, delivery: &Delivery) {
+    tokio::select! {
+        _ = ctx.shutdown.cancelled() => return,
+        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+    }
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+}
+
+fn traceparent(delivery: &Delivery) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers
+        .inner()
+        .get(common::envelope::headers::TRACEPARENT)?
+    {
+        lapin::types::AMQPValue::LongString(s) => {
+            Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// Retries `op` while it fails transiently; `None` when shutdown came first.
+async fn retry<T, F, Fut>(ctx: &Context, what: &str, mut op: F) -> Option<store::Result<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = store::Result<T>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() => {
+                ctx.metrics.store_retries.inc();
+                let wait = backoff.next_delay();
+                if backoff.attempts() == 1 || backoff.attempts() % 10 == 0 {
+                    tracing::warn!(error = %e, attempts = backoff.attempts(), "cannot {what} yet; retrying");
+                }
+                ctx.heartbeat.update(|s| s.last_error = Some(e.to_string()));
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+/// Why settling failed (the message is requeued).
+#[derive(Debug, thiserror::Error)]
+enum SettleError {
+    #[error(transparent)]
+    DeadLetter(#[from] crate::deadletter::Error),
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("cannot analyze the message: {0}")]
+    Join(String),
+}
+
+macro_rules! or_leave {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(Settled::Left),
+        }
+    };
+}
+
+async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleError> {
+    let envelope = match Envelope::from_amqp(&delivery.properties, delivery.data.clone()) {
+        Ok(e) => e,
+        Err(e) => {
+            let key = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_string())
+                .filter(|m| m.len() == 64 && m.bytes().all(|b| b.is_ascii_hexdigit()))
+                .unwrap_or_else(|| hex_sha256(&delivery.data));
+            let source = Source {
+                dedupe_key: key,
+                ..Default::default()
+            };
+            return reject(
+                ctx,
+                delivery,
+                Rejection::new(Reason::BadEnvelope, e.to_string()),
+                None,
+                source,
+            )
+            .await;
+        }
+    };
+    tracing::Span::current().record("dedupe_key", envelope.dedupe_key.as_str());
+    let mut source = Source {
+        dedupe_key: envelope.dedupe_key.clone(),
+        mail_config: envelope.mail_config.clone(),
+        mailbox: envelope.mailbox.clone(),
+        received_at: envelope.timestamp as i64,
+        ..Default::default()
+    };
+
+    // Dedupe first: a settled key is acked at once.
+    match or_leave!(
+        retry(ctx, "look up the dedupe key", || ctx
+            .store
+            .lookup(&envelope.dedupe_key))
+        .await
+    )? {
+        Some(Known::Record(id)) => {
+            tracing::debug!(
+                record = id,
+                "already created; acking the duplicate delivery"
+            );
+            return Ok(Settled::Acked("already-known", ""));
+        }
+        Some(Known::Failure {
+            id,
+            reason,
+            detail,
+            dead_lettered,
+        }) => {
+            if !dead_lettered {
+                ctx.dead
+                    .publish(&delivery.properties, &delivery.data, &reason, &detail)
+                    .await?;
+                let _ = ctx.store.mark_dead_lettered(id).await;
+            }
+            return Ok(Settled::Acked("already-known", ""));
+        }
+        None => {}
+    }
+
+    // Poison guard: count deliveries of this key across processes.
+    let deliveries = count_delivery(ctx, &envelope.dedupe_key).await;
+    if deliveries > u64::from(ctx.config.delivery_limit) {
+        let r = Rejection::new(
+            Reason::Poison,
+            format!(
+                "delivered {deliveries} times without completing (limit {})",
+                ctx.config.delivery_limit
+            ),
+        );
+        return reject(ctx, delivery, r, None, source).await;
+    }
+
+    let permit = ctx
+        .parsing
+        .acquire()
+        .await
+        .map_err(|e| SettleError::Join(e.to_string()))?;
+    let config = ctx.config.clone();
+    let topics = ctx.topics.clone();
+    let body = delivery.data.clone();
+    let panic_on = ctx.hooks.panic_on_subject.clone();
+    let joined = tokio::task::spawn_blocking(move || {
+        let (info, result) = analyze::analyze(&body, &config, &topics);
+        if let Some(p) = panic_on {
+            if info.subject.contains(&p) {
+                panic!(
+                    "test hook: processing panics for subject {:?}",
+                    info.subject
+                );
+            }
+        }
+        (info, result)
+    })
+    .await;
+    drop(permit);
+    let (info, result) = match joined {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => return Err(SettleError::Join(e.to_string())),
+    };
+    fill_source(&mut source, &info);
+
+    let settled = match result {
+        Ok(accepted) => {
+            let topic = accepted.topic.clone();
+            let created = or_leave!(
+                retry(ctx, "create the record", || ctx
+                    .store
+                    .create(accepted.clone(), source.clone()))
+                .await
+            );
+            match created {
+                Ok(Created::Record(id)) => {
+                    tracing::debug!(record = id, topic = %topic, "created record");
+                    Settled::Acked("created", "")
+                }
+                Ok(Created::AlreadyKnown) => Settled::Acked("already-known", ""),
+                Ok(Created::Duplicate(failure, rejection)) => {
+                    dead_letter(ctx, delivery, failure, &rejection).await?;
+                    Settled::Acked("rejected", rejection.reason.code())
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the store refused the record");
+                    let r = Rejection::new(Reason::Unstorable, e.to_string());
+                    reject(ctx, delivery, r, Some(topic), source.clone()).await?
+                }
+            }
+        }
+        Err(rejection) => {
+            let topic =
+                crate::route::find_topic(&ctx.topics, &info.subject).map(|t| t.subject.clone());
+            reject(ctx, delivery, rejection, topic, source.clone()).await?
+        }
+    };
+    forget_deliveries(ctx, &envelope.dedupe_key).await;
+    Ok(settled)
+}
+
+fn fill_source(source: &mut Source, info: &MailInfo) {
+    source.message_id = info.message_id.clone();
+    source.sender = info.sender.clone();
+    source.subject = info.subject.clone();
+    if source.received_at == 0 {
+        source.received_at = info.date.unwrap_or(0);
+    }
+}
+
+/// Stores the rejection, then dead-letters the message.
+async fn reject(
+    ctx: &Context,
+    delivery: &Delivery,
+    rejection: Rejection,
+    topic: Option<String>,
+    source: Source,
+) -> Result<Settled, SettleError> {
+    tracing::info!(reason = rejection.reason.code(), detail = %rejection.detail, "rejected message");
+    let failure = NewFailure {
+        rejection: rejection.clone(),
+        topic,
+        source,
+    };
+    let stored = or_leave!(
+        retry(ctx, "store the rejection", || ctx
+            .store
+            .reject(failure.clone()))
+        .await
+    );
+    match stored {
+        Ok(Stored::Failure(id)) => dead_letter(ctx, delivery, id, &rejection).await?,
+        Ok(Stored::AlreadyKnown) => return Ok(Settled::Acked("already-known", "")),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store the rejection; dead-lettering it anyway");
+            ctx.dead
+                .publish(
+                    &delivery.properties,
+                    &delivery.data,
+                    rejection.reason.code(),
+                    &rejection.detail,
+                )
+                .await?;
+        }
+    }
+    let outcome = if rejection.reason == Reason::Poison {
+        "poison"
+    } else {
+        "rejected"
+    };
+    Ok(Settled::Acked(outcome, rejection.reason.code()))
+}
+
+async fn dead_letter(
+    ctx: &Context,
+    delivery: &Delivery,
+    failure: i64,
+    rejection: &Rejection,
+) -> Result<(), SettleError> {
+    ctx.dead
+        .publish(
+            &delivery.properties,
+            &delivery.data,
+            rejection.reason.code(),
+            &rejection.detail,
+        )
+        .await?;
+    if let Err(e) = ctx.store.mark_dead_lettered(failure).await {
+        tracing::warn!(error = %e, failure, "cannot mark the failure dead-lettered; a redelivery would publish it again");
+    }
+    Ok(())
+}
+
+/// Increments this key's delivery count (kept a day). Redis trouble is
+/// logged and counts as a first delivery: processing goes on unguarded.
+async fn count_delivery(ctx: &Context, dedupe_key: &str) -> u64 {
+    let key = ctx.keys.deliveries(dedupe_key);
+    let mut redis = ctx.redis.clone();
+    let result: redis::RedisResult<(u64, bool)> = redis::pipe()
+        .atomic()
+        .incr(&key, 1u64)
+        .expire(&key, 86_400)
+        .query_async(&mut redis)
+        .await;
+    match result {
+        Ok((n, _)) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot count the delivery in Redis; the poison guard is off for it");
+            1
+        }
+    }
+}
+
+async fn forget_deliveries(ctx: &Context, dedupe_key: &str) {
+    let mut redis = ctx.redis.clone();
+    let _: redis::RedisResult<u64> = redis::cmd("DEL")
+        .arg(ctx.keys.deliveries(dedupe_key))
+        .query_async(&mut redis)
+        .await;
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,326 @@
+//! Reading an offline form's `.xlsx` safely (§6, guard rails): size limits
+//! before anything is parsed, a zip-bomb check that inflates each entry into
+//! a counter with a hard cap, then calamine's streaming cell reader with
+//! sheet, row and cell limits, keeping each cell's type.
+
+use std::io::{Cursor, Read};
+
+use calamine::{DataRef, Reader, Xlsx};
+use common::config::FormProcessorConfig;
+
+use crate::objectmap::{self, Book, Form, Sheet, MAP_SHEET};
+use crate::reject::{Checked, Reason, Rejection};
+use crate::value::Value;
+
+/// Guard-rail limits for one workbook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest attachment, bytes.
+    pub max_workbook_bytes: u64,
+    /// Largest total inflated size of the zip's entries, bytes.
+    pub max_decompressed_bytes: u64,
+    /// Most worksheets.
+    pub max_sheets: u32,
+    /// Rows past this (zero-based index) are refused.
+    pub max_rows: u32,
+    /// Most cells read across the workbook.
+    pub max_cells: u64,
+}
+
+impl From<&FormProcessorConfig> for Limits {
+    fn from(c: &FormProcessorConfig) -> Self {
+        Self {
+            max_workbook_bytes: c.max_workbook_bytes,
+            max_decompressed_bytes: c.max_decompressed_bytes,
+            max_sheets: c.max_sheets,
+            max_rows: c.max_rows,
+            max_cells: c.max_cells,
+        }
+    }
+}
+
+/// Most entries accepted in the zip (an xlsx has a few dozen).
+const MAX_ZIP_ENTRIES: usize = 10_000;
+
+fn malformed(e: impl std::fmt::Display) -> Rejection {
+    Rejection::new(
+        Reason::MalformedWorkbook,
+        format!("cannot read the workbook: {e}"),
+    )
+}
+
+/// Checks the size and the zip structure: refuses a zip whose entries would
+/// inflate past the limit, without ever holding more than a small buffer.
+pub fn check_zip(bytes: &[u8], limits: &Limits) -> Checked<()> {
+    if bytes.len() as u64 > limits.max_workbook_bytes {
+        return Err(Rejection::new(
+            Reason::WorkbookTooLarge,
+            format!(
+                "the workbook is {} bytes, more than the limit of {}",
+                bytes.len(),
+                limits.max_workbook_bytes
+            ),
+        ));
+    }
+    if !bytes.starts_with(b"PK\x03\x04") {
+        return Err(Rejection::new(
+            Reason::NotAWorkbook,
+            "the attachment is not an xlsx (zip) file",
+        ));
+    }
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(malformed)?;
+    if zip.len() > MAX_ZIP_ENTRIES {
+        return Err(malformed(format!("{} zip entries", zip.len())));
+    }
+    let too_large = |n: u64| {
+        Rejection::new(
+            Reason::DecompressedTooLarge,
+            format!(
+                "the workbook inflates to more than {n} bytes (limit {})",
+                limits.max_decompressed_bytes
+            ),
+        )
+    };
+    // The declared sizes first (cheap), then the real ones: a central
+    // directory may lie.
+    let declared: u64 = (0..zip.len())
+        .filter_map(|i| zip.by_index_raw(i).ok().map(|e| e.size()))
+        .fold(0u64, |a, b| a.saturating_add(b));
+    if declared > limits.max_decompressed_bytes {
+        return Err(too_large(declared));
+    }
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(malformed)?;
+        loop {
+            let n = match entry.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return Err(malformed(e)),
+            };
+            total += n as u64;
+            if total > limits.max_decompressed_bytes {
+                return Err(too_large(total));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cell_value(v: &DataRef<'_>) -> Option<Value> {
+    match v {
+        DataRef::Empty | DataRef::Error(_) => None,
+        DataRef::Int(i) => Some(Value::Number(*i as f64)),
+        DataRef::Float(f) => Some(Value::Number(*f)),
+        DataRef::String(s) => (!s.is_empty()).then(|| Value::Text(s.clone())),
+        DataRef::SharedString(s) => (!s.is_empty()).then(|| Value::Text(s.to_string())),
+        DataRef::Bool(b) => Some(Value::Bool(*b)),
+        DataRef::DateTime(dt) if dt.is_datetime() => match dt.as_datetime() {
+            Some(t) => {
+                let iso = t.to_string().replacen(' ', "T", 1);
+                Some(Value::Date(match iso.strip_suffix("T00:00:00") {
+                    Some(date) => date.to_string(),
+                    None => iso,
+                }))
+            }
+            None => Some(Value::Number(dt.as_f64())),
+        },
+        DataRef::DateTime(dt) => Some(Value::Number(dt.as_f64())),
+        DataRef::DateTimeIso(s) => Some(Value::Date(s.clone())),
+        DataRef::DurationIso(s) => Some(Value::Text(s.clone())),
+    }
+}
+
+/// Reads one worksheet's non-empty cells within the row and cell budgets.
+fn read_sheet<R: Read + std::io::Seek>(
+    xlsx: &mut Xlsx<R>,
+    name: &str,
+    limits: &Limits,
+    cells_left: &mut u64,
+) -> Checked<Sheet> {
+    let mut reader = xlsx.worksheet_cells_reader(name).map_err(malformed)?;
+    let mut sheet = Sheet::default();
+    loop {
+        let cell = match reader.next_cell() {
+            Ok(Some(cell)) => cell,
+            Ok(None) => break,
+            Err(e) => return Err(malformed(e)),
+        };
+        let (row, col) = cell.get_position();
+        if row >= limits.max_rows {
+            return Err(Rejection::new(
+                Reason::TooManyRows,
+                format!(
+                    "worksheet {name:?} has rows past the limit of {}",
+                    limits.max_rows
+                ),
+            ));
+        }
+        if *cells_left == 0 {
+            return Err(Rejection::new(
+                Reason::TooManyCells,
+                format!("the workbook has more than {} cells", limits.max_cells),
+            ));
+        }
+        *cells_left -= 1;
+        if let Some(v) = cell_value(cell.get_value()) {
+            sheet.cells.insert((row, col), v);
+        }
+    }
+    Ok(sheet)
+}
+
+/// Reads a form from workbook bytes: guard rails, the object map, then the
+/// worksheets it refers to.
+pub fn read_form(bytes: &[u8], limits: &Limits) -> Checked<Form> {
+    check_zip(bytes, limits)?;
+    let mut xlsx: Xlsx<_> = Xlsx::new(Cursor::new(bytes)).map_err(malformed)?;
+    let names = xlsx.sheet_names();
+    if names.len() as u64 > u64::from(limits.max_sheets) {
+        return Err(Rejection::new(
+            Reason::TooManySheets,
+            format!(
+                "the workbook has {} worksheets, more than the limit of {}",
+                names.len(),
+                limits.max_sheets
+            ),
+        ));
+    }
+    if !names.iter().any(|n| n == MAP_SHEET) {
+        return Err(Rejection::new(
+            Reason::NoObjectMap,
+            format!("the workbook has no {MAP_SHEET:?} worksheet"),
+        ));
+    }
+    let mut cells_left = limits.max_cells;
+    let map_sheet = read_sheet(&mut xlsx, MAP_SHEET, limits, &mut cells_left)?;
+    let map = objectmap::parse(&map_sheet)?;
+    let mut book = Book::new();
+    for name in map.sheets() {
+        if names.contains(&name) {
+            let sheet = read_sheet(&mut xlsx, &name, limits, &mut cells_left)?;
+            book.insert(name, sheet);
+        }
+    }
+    objectmap::extract(&map, &book)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
+    use std::io::Write;
+
+    fn limits() -> Limits {
+        Limits {
+            max_workbook_bytes: 10 << 20,
+            max_decompressed_bytes: 20 << 20,
+            max_sheets: 8,
+            max_rows: 1000,
+            max_cells: 10_000,
+        }
+    }
+
+    fn form_workbook() -> Vec<u8> {
+        let mut wb = Workbook::new();
+        let map = wb.add_worksheet();
+        map.set_name(MAP_SHEET).unwrap();
+        let rows: &[&[&str]] = &[
+            &["Excel to Tririga", "triContract", "triLeaseAbstract"],
+            &["Field", "id", "Lease!B1"],
+            &["Field", "amount", "Lease!B2"],
+            &["Field", "active", "Lease!B3"],
+            &["Field", "start", "Lease!B4"],
+            &["Field", "empty", "Lease!B5"],
+            &["End"],
+        ];
+        for (r, row) in rows.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                map.write_string(r as u32, c as u16, *v).unwrap();
+            }
+        }
+        let lease = wb.add_worksheet();
+        lease.set_name("Lease").unwrap();
+        lease.write_string(0, 1, "L-7").unwrap();
+        lease.write_number(1, 1, 1200.5).unwrap();
+        lease.write_boolean(2, 1, true).unwrap();
+        let date = ExcelDateTime::from_ymd(2024, 3, 1).unwrap();
+        lease
+            .write_datetime_with_format(3, 1, &date, &Format::new().set_num_format("yyyy-mm-dd"))
+            .unwrap();
+        wb.save_to_buffer().unwrap()
+    }
+
+    #[test]
+    fn reads_typed_cells_and_leaves_empty_ones_out() {
+        let form = read_form(&form_workbook(), &limits()).unwrap();
+        assert_eq!(
+            form.fields,
+            vec![
+                ("id".to_string(), Value::Text("L-7".into())),
+                ("amount".to_string(), Value::Number(1200.5)),
+                ("active".to_string(), Value::Bool(true)),
+                ("start".to_string(), Value::Date("2024-03-01".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn guard_rails_table() {
+        let good = form_workbook();
+        let truncated = good[..good.len() / 2].to_vec();
+        let mut bomb = Vec::new();
+        {
+            let mut z = zip::ZipWriter::new(Cursor::new(&mut bomb));
+            z.start_file("xl/zeros.xml", zip::write::SimpleFileOptions::default())
+                .unwrap();
+            let chunk = vec![0u8; 1 << 20];
+            for _ in 0..30 {
+                z.write_all(&chunk).unwrap();
+            }
+            z.finish().unwrap();
+        }
+        assert!(bomb.len() < 64 * 1024, "bomb is {} bytes", bomb.len());
+        let small = Limits {
+            max_workbook_bytes: 1024,
+            ..limits()
+        };
+        let few_cells = Limits {
+            max_cells: 3,
+            ..limits()
+        };
+        let few_rows = Limits {
+            max_rows: 2,
+            ..limits()
+        };
+        let one_sheet = Limits {
+            max_sheets: 1,
+            ..limits()
+        };
+        let cases: Vec<(&[u8], Limits, Reason)> = vec![
+            (&bomb, limits(), Reason::DecompressedTooLarge),
+            (&truncated, limits(), Reason::MalformedWorkbook),
+            (b"this is not a workbook", limits(), Reason::NotAWorkbook),
+            (&good, small, Reason::WorkbookTooLarge),
+            (&good, few_cells, Reason::TooManyCells),
+            (&good, few_rows, Reason::TooManyRows),
+            (&good, one_sheet, Reason::TooManySheets),
+        ];
+        for (bytes, limits, want) in cases {
+            let got = read_form(bytes, &limits).unwrap_err();
+            assert_eq!(got.reason, want, "{got}");
+        }
+    }
+
+    #[test]
+    fn a_workbook_without_the_map_sheet_has_no_object_map() {
+        let mut wb = Workbook::new();
+        wb.add_worksheet().write_string(0, 0, "hello").unwrap();
+        let bytes = wb.save_to_buffer().unwrap();
+        assert_eq!(
+            read_form(&bytes, &limits()).unwrap_err().reason,
+            Reason::NoObjectMap
+        );
+    }
+}
