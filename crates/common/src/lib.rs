@@ -16,6 +16,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod token;
 pub mod topology;
 pub mod xoauth2;
 

@@ -1,0 +1,230 @@
+//! Confirmed publishing of envelopes (§4, §5, §8), shared by both fetchers.
+//!
+//! A [`Publisher`] owns one channel in confirm mode. Publishes and confirms
+//! are pipelined: up to `window` messages are outstanding at once, and the
+//! oldest confirmation is awaited only when the window is full (or on
+//! [`Publisher::flush`]). Confirmations are handed back in publish order, so
+//! a caller may apply its after-fetch action and advance its checkpoint for
+//! exactly the confirmed prefix.
+//!
+//! - A nack, or a message returned as unroutable (`mandatory`), is an error:
+//!   the message is *not* confirmed and the caller must not flag it.
+//! - A *blocked* connection (RabbitMQ resource alarm) is waited on: there is
+//!   no confirm timeout, confirmations simply arrive once the alarm clears,
+//!   and nothing is ever republished while the connection lives. A warning is
+//!   logged every [`BLOCKED_WARN_EVERY`] while confirmations are overdue.
+//! - A channel or connection error fails every outstanding publish; the
+//!   caller reconnects and fetches again (a duplicate, never a loss).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
+use lapin::{Channel, Connection};
+
+use crate::envelope::Envelope;
+
+/// How often a warning is logged while a confirmation is overdue.
+pub const BLOCKED_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Default number of outstanding (unconfirmed) publishes.
+pub const DEFAULT_WINDOW: usize = 256;
+
+/// Why a publish did not get a positive confirmation.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed (RabbitMQ down, channel closed).
+    #[error("cannot publish to RabbitMQ: {0}")]
+    Channel(#[from] lapin::Error),
+    /// The broker refused the message (negative acknowledgement).
+    #[error("cannot publish message {dedupe_key}: RabbitMQ nacked it")]
+    Nacked {
+        /// The dedupe key of the refused message.
+        dedupe_key: String,
+    },
+    /// The message reached no queue (the exchange has no matching binding).
+    #[error("cannot publish message {dedupe_key}: exchange {exchange} routed it to no queue (key {routing_key})")]
+    Unroutable {
+        /// The dedupe key of the returned message.
+        dedupe_key: String,
+        /// The exchange.
+        exchange: String,
+        /// The routing key used.
+        routing_key: String,
+    },
+}
+
+impl PublishError {
+    /// True when retrying later (after reconnecting) may succeed. Every kind
+    /// is retried by the fetchers; an unroutable message points at a
+    /// topology problem a human should look at.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Unroutable { .. })
+    }
+
+    /// A short label for the `errors` metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Channel(_) => "amqp",
+            Self::Nacked { .. } => "nack",
+            Self::Unroutable { .. } => "unroutable",
+        }
+    }
+}
+
+struct Pending<T> {
+    tag: T,
+    dedupe_key: String,
+    routing_key: &'static str,
+    sent: Instant,
+    confirm: PublisherConfirm,
+}
+
+/// A confirmed message: the caller's tag and the publish→confirm latency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confirmed<T> {
+    /// What the caller attached to the publish (e.g. the IMAP UID).
+    pub tag: T,
+    /// Time from publish to confirmation.
+    pub latency: Duration,
+}
+
+/// Publishes envelopes on a confirm-mode channel with a window of
+/// outstanding confirmations. `T` is whatever the caller needs back when a
+/// message is confirmed.
+pub struct Publisher<T> {
+    channel: Channel,
+    exchange: String,
+    window: usize,
+    pending: VecDeque<Pending<T>>,
+}
+
+impl<T> Publisher<T> {
+    /// Opens a channel on `conn`, puts it in confirm mode, and publishes to
+    /// `exchange` with at most `window` (≥ 1) unconfirmed messages.
+    pub async fn open(
+        conn: &Connection,
+        exchange: &str,
+        window: usize,
+    ) -> Result<Self, PublishError> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            exchange: exchange.to_string(),
+            window: window.max(1),
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Messages published and not yet confirmed.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Publishes one envelope (persistent, `mandatory`). When the window is
+    /// full, first waits for the oldest confirmations; those are appended to
+    /// `confirmed` in publish order, also when an error is returned, so the
+    /// caller can act on what the broker did confirm.
+    pub async fn publish(
+        &mut self,
+        envelope: &Envelope,
+        tag: T,
+        confirmed: &mut Vec<Confirmed<T>>,
+    ) -> Result<(), PublishError> {
+        while self.pending.len() >= self.window {
+            self.confirm_oldest(confirmed).await?;
+        }
+        let routing_key = envelope.routing_key();
+        let confirm = self
+            .channel
+            .basic_publish(
+                &self.exchange,
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &envelope.body,
+                envelope.properties(),
+            )
+            .await?;
+        self.pending.push_back(Pending {
+            tag,
+            dedupe_key: envelope.dedupe_key.clone(),
+            routing_key,
+            sent: Instant::now(),
+            confirm,
+        });
+        Ok(())
+    }
+
+    /// Waits for every outstanding confirmation, appending them to
+    /// `confirmed` in publish order (up to the first failure).
+    pub async fn flush(&mut self, confirmed: &mut Vec<Confirmed<T>>) -> Result<(), PublishError> {
+        while !self.pending.is_empty() {
+            self.confirm_oldest(confirmed).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every outstanding publish without waiting (after an error,
+    /// or when giving up at shutdown). Their messages count as unconfirmed.
+    pub fn abandon(&mut self) -> usize {
+        let n = self.pending.len();
+        self.pending.clear();
+        n
+    }
+
+    /// Closes the channel (after [`Publisher::flush`]).
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done").await;
+    }
+
+    async fn confirm_oldest(
+        &mut self,
+        confirmed: &mut Vec<Confirmed<T>>,
+    ) -> Result<(), PublishError> {
+        let Some(mut p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut p.confirm => break outcome,
+                _ = tokio::time::sleep(BLOCKED_WARN_EVERY) => {
+                    tracing::warn!(
+                        waited_s = p.sent.elapsed().as_secs(),
+                        in_flight = self.pending.len() + 1,
+                        "waiting for RabbitMQ confirmations (is the connection blocked by a resource alarm?)"
+                    );
+                }
+            }
+        };
+        match outcome? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {
+                confirmed.push(Confirmed {
+                    tag: p.tag,
+                    latency: p.sent.elapsed(),
+                });
+                Ok(())
+            }
+            Confirmation::Ack(Some(_returned)) => {
+                self.pending.clear();
+                Err(PublishError::Unroutable {
+                    dedupe_key: p.dedupe_key,
+                    exchange: self.exchange.clone(),
+                    routing_key: p.routing_key.to_string(),
+                })
+            }
+            Confirmation::Nack(_) => {
+                self.pending.clear();
+                Err(PublishError::Nacked {
+                    dedupe_key: p.dedupe_key,
+                })
+            }
+        }
+    }
+}
