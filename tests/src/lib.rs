@@ -3,5 +3,6 @@
 //! Microsoft Entra ID, and small protocol clients used to check servers.
 
 pub mod env;
+pub mod forms;
 pub mod idp;
 pub mod mailclient;

@@ -1,0 +1,467 @@
+//! The form processor's CREATE action (§6) against real RabbitMQ, Redis and
+//! record stores (SQLite and PostgreSQL): typed records with children,
+//! exactly-once under duplicate deliveries, unique values, and every
+//! rejection reason ending in the failures table and the dead-letter queue
+//! while the consumer keeps running.
+
+use std::time::Duration;
+
+use mailagent_tests::forms::*;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn creates_one_typed_record_with_three_children(kind: StoreKind) {
+    let h = Harness::new(kind, &[]).await;
+    let p = h.start(Default::default());
+    let raw = mail(
+        LEASE_SUBJECT,
+        "Ann Lee <ann@contoso.com>",
+        &[],
+        &[Attachment::xlsx(lease_workbook(&Lease::default()))],
+    );
+    let e = envelope(raw);
+    h.publish(&e).await;
+    let store = h.store().await;
+    let records = wait_records(&store, 1, WAIT).await;
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(
+        (r.module.as_str(), r.business_object.as_str()),
+        ("triContract", "triLeaseAbstract")
+    );
+    assert_eq!(
+        serde_json::Value::Object(r.fields.clone()),
+        json!({
+            "triIdTX": "L-1",
+            "triNameTX": "Main Street 1",
+            "triRentNU": 1200.5,
+            "triAreaNU": 350,
+            "triActiveBL": true,
+            "triStartDA": "2024-03-01",
+            "triEndDA": "2029-02-28",
+            "triNotesTX": "corner unit",
+        })
+    );
+    assert_eq!(r.children.len(), 3);
+    for (i, c) in r.children.iter().enumerate() {
+        assert_eq!(c.association, "Payments");
+        assert_eq!(c.business_object, "triPaymentSchedule");
+        assert_eq!(
+            serde_json::Value::Object(c.fields.clone()),
+            json!({"triSeqNU": i + 1, "triDueDA": format!("2024-0{}-01", 4 + i), "triAmountNU": 1200.5})
+        );
+    }
+    assert_eq!(r.source.dedupe_key, e.dedupe_key);
+    assert_eq!(r.source.mail_config, "lease-forms");
+    assert_eq!(r.source.mailbox, "forms@contoso.com");
+    assert_eq!(r.source.sender, "ann@contoso.com");
+    assert_eq!(r.source.subject, LEASE_SUBJECT);
+    assert!(r
+        .source
+        .message_id
+        .as_deref()
+        .is_some_and(|m| m.ends_with("@test.contoso.com")));
+    assert_eq!(r.source.received_at, 1_764_000_000);
+    assert_eq!(r.topic.as_deref(), Some(LEASE_SUBJECT));
+    assert!(store.failures().await.unwrap().is_empty());
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_creates_one_typed_record_with_three_children() {
+    creates_one_typed_record_with_three_children(StoreKind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_creates_one_typed_record_with_three_children() {
+    creates_one_typed_record_with_three_children(StoreKind::Postgres).await;
+}
+
+async fn duplicates_make_one_record(kind: StoreKind) {
+    let h = Harness::new(kind, &[]).await;
+    let p = h.start(Default::default());
+    let form = |id: &str| {
+        mail(
+            LEASE_SUBJECT,
+            "ann@contoso.com",
+            &[],
+            &[Attachment::xlsx(lease_workbook(&Lease {
+                id,
+                ..Default::default()
+            }))],
+        )
+    };
+    // The same envelope twice, then two different mails with one unique value.
+    let twice = envelope(form("L-TWICE"));
+    h.publish(&twice).await;
+    h.publish(&twice).await;
+    let first = envelope(form("L-SAME"));
+    h.publish(&first).await;
+    let store = h.store().await;
+    wait_records(&store, 2, WAIT).await;
+    let second = envelope(form("L-SAME"));
+    h.publish(&second).await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].reason, "duplicate");
+    assert_eq!(failures[0].source.dedupe_key, second.dedupe_key);
+    // Nothing left to process, and still exactly two records.
+    wait_for("an empty queue", WAIT, || async {
+        (h.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    let records = store.records(&Default::default()).await.unwrap();
+    let ids: Vec<_> = records
+        .iter()
+        .map(|r| r.fields["triIdTX"].clone())
+        .collect();
+    assert_eq!(ids, vec![json!("L-TWICE"), json!("L-SAME")]);
+    assert_eq!(records[1].source.dedupe_key, first.dedupe_key);
+    let dead = h.drain_dead().await;
+    assert_eq!(
+        dead,
+        vec![("duplicate".to_string(), second.dedupe_key.clone())]
+    );
+    // The rejected mail delivered again is acked at once: no second failure, no second dead letter.
+    h.publish(&second).await;
+    h.publish(&twice).await;
+    wait_for("an empty queue", WAIT, || async {
+        (h.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.failures().await.unwrap().len(), 1);
+    assert_eq!(store.records(&Default::default()).await.unwrap().len(), 2);
+    assert!(h.drain_dead().await.is_empty());
+    assert!(p.running());
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sqlite_duplicates_make_one_record_and_one_rejection() {
+    duplicates_make_one_record(StoreKind::Sqlite).await;
+}
+
+#[tokio::test]
+async fn postgres_duplicates_make_one_record_and_one_rejection() {
+    duplicates_make_one_record(StoreKind::Postgres).await;
+}
+
+/// Publishes `raw`, and checks it ends as one failure with `reason` and one
+/// dead letter with that `x-reason`, with the processor still running and
+/// still creating records afterwards.
+async fn rejected_with(kind: StoreKind, extra: &[&str], raw: Vec<u8>, reason: &str) {
+    let h = Harness::new(kind, extra).await;
+    let p = h.start(Default::default());
+    let e = envelope(raw);
+    h.publish(&e).await;
+    let store = h.store().await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].reason, reason, "{}", failures[0].detail);
+    assert_eq!(failures[0].source.dedupe_key, e.dedupe_key);
+    let dead = wait_for("the dead letter", WAIT, || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead, vec![(reason.to_string(), e.dedupe_key.clone())]);
+    assert!(p.running(), "the processor still runs");
+    // And it still works.
+    let good = mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &[Attachment::xlsx(lease_workbook(&Lease::default()))],
+    );
+    h.publish(&envelope(good)).await;
+    wait_records(&store, 1, WAIT).await;
+    p.stop().await.unwrap();
+}
+
+fn lease_mail(
+    subject: &str,
+    from: &str,
+    headers: &[&str],
+    lease: &Lease<'_>,
+    spec: &MapSpec<'_>,
+) -> Vec<u8> {
+    mail(
+        subject,
+        from,
+        headers,
+        &[Attachment::xlsx(lease_workbook_with(lease, spec))],
+    )
+}
+
+fn good_lease(subject: &str, from: &str, headers: &[&str]) -> Vec<u8> {
+    lease_mail(
+        subject,
+        from,
+        headers,
+        &Lease::default(),
+        &MapSpec::default(),
+    )
+}
+
+fn with_map(spec: MapSpec<'_>) -> Vec<u8> {
+    lease_mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &Lease::default(),
+        &spec,
+    )
+}
+
+fn with_attachments(attachments: &[Attachment]) -> Vec<u8> {
+    mail(LEASE_SUBJECT, "ann@contoso.com", &[], attachments)
+}
+
+macro_rules! rejection {
+    ($name:ident, $reason:expr, $raw:expr) => {
+        rejection!($name, $reason, &[], $raw);
+    };
+    ($name:ident, $reason:expr, $extra:expr, $raw:expr) => {
+        #[tokio::test]
+        async fn $name() {
+            rejected_with(StoreKind::Sqlite, $extra, $raw, $reason).await;
+        }
+    };
+}
+
+rejection!(
+    rejects_no_topic,
+    "no-topic",
+    good_lease("HELLO THERE", "ann@contoso.com", &[])
+);
+rejection!(
+    rejects_sender_not_allowed,
+    "sender-not-allowed",
+    good_lease(LEASE_SUBJECT, "mallory@evil.example", &[])
+);
+rejection!(
+    rejects_unauthenticated_sender,
+    "unauthenticated-sender",
+    good_lease(
+        SECURE_SUBJECT,
+        "ann@contoso.com",
+        &["Authentication-Results: evil.example; spf=pass"]
+    )
+);
+rejection!(rejects_no_workbook, "no-workbook", with_attachments(&[]));
+rejection!(
+    rejects_several_workbooks,
+    "several-workbooks",
+    with_attachments(&[
+        Attachment::xlsx(lease_workbook(&Lease::default())),
+        Attachment::xlsx(lease_workbook(&Lease::default()))
+    ])
+);
+rejection!(
+    rejects_not_a_workbook,
+    "not-a-workbook",
+    with_attachments(&[Attachment::xlsx(b"Lease ID;L-1\n".to_vec())])
+);
+rejection!(rejects_no_object_map, "no-object-map", {
+    let mut wb = rust_xlsxwriter::Workbook::new();
+    wb.add_worksheet().write_string(0, 0, "just data").unwrap();
+    with_attachments(&[Attachment::xlsx(wb.save_to_buffer().unwrap())])
+});
+rejection!(
+    rejects_unknown_tag,
+    "malformed-map",
+    with_map(MapSpec {
+        extra: vec![vec!["Feild", "triX", "Lease!B1"]],
+        ..Default::default()
+    })
+);
+rejection!(
+    rejects_unclosed_root,
+    "malformed-map",
+    with_map(MapSpec {
+        close_root: false,
+        ..Default::default()
+    })
+);
+rejection!(
+    rejects_bad_cell_reference,
+    "malformed-map",
+    with_map(MapSpec {
+        extra: vec![vec!["Field", "triX", "B1"]],
+        ..Default::default()
+    })
+);
+rejection!(
+    rejects_required_field_empty,
+    "required-field-empty",
+    lease_mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &Lease {
+            id: "",
+            ..Default::default()
+        },
+        &MapSpec::default()
+    )
+);
+rejection!(
+    rejects_wrong_business_object,
+    "wrong-business-object",
+    with_map(MapSpec {
+        root: vec!["Excel to Tririga", "triLocation", "triBuilding"],
+        ..Default::default()
+    })
+);
+rejection!(
+    rejects_unsupported_action,
+    "unsupported-action",
+    with_map(MapSpec {
+        root: vec![
+            "Excel to Tririga",
+            "triContract",
+            "triLeaseAbstract",
+            "DELETE"
+        ],
+        ..Default::default()
+    })
+);
+rejection!(
+    rejects_a_zip_bomb,
+    "decompressed-too-large",
+    with_attachments(&[Attachment::xlsx(zip_bomb(60 << 20))])
+);
+rejection!(rejects_a_truncated_workbook, "malformed-workbook", {
+    let wb = lease_workbook(&Lease::default());
+    with_attachments(&[Attachment::xlsx(wb[..wb.len() * 2 / 3].to_vec())])
+});
+rejection!(rejects_60_level_nesting, "mime-too-deep", nested_mail(60));
+rejection!(rejects_a_20_mb_attachment, "workbook-too-large", {
+    let mut big = b"PK\x03\x04".to_vec();
+    big.extend((0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    with_attachments(&[Attachment::xlsx(big)])
+});
+
+#[tokio::test]
+async fn postgres_rejection_is_stored_and_dead_lettered() {
+    rejected_with(
+        StoreKind::Postgres,
+        &[],
+        good_lease("HELLO THERE", "ann@contoso.com", &[]),
+        "no-topic",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn authenticated_sender_from_a_trusted_server_is_accepted() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let p = h.start(Default::default());
+    let header = format!(
+        "Authentication-Results: {TRUSTED_AUTHSERV}; dkim=none; spf=pass smtp.mailfrom=contoso.com"
+    );
+    h.publish(&envelope(good_lease(
+        SECURE_SUBJECT,
+        "ann@contoso.com",
+        &[&header],
+    )))
+    .await;
+    let store = h.store().await;
+    let records = wait_records(&store, 1, WAIT).await;
+    assert_eq!(
+        records[0].topic.as_deref(),
+        Some(format!("/^{SECURE_SUBJECT}$/").as_str())
+    );
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_that_panics_processing_is_dead_lettered_after_the_delivery_limit() {
+    let h = Harness::new(StoreKind::Sqlite, &["delivery-limit = 3"]).await;
+    let p = h.start(form_processor::Hooks {
+        panic_on_subject: Some("PANIC".into()),
+    });
+    let e = envelope(good_lease("LEASE PANIC FORM", "ann@contoso.com", &[]));
+    h.publish(&e).await;
+    let store = h.store().await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures[0].reason, "poison");
+    assert_eq!(
+        h.drain_dead().await,
+        vec![("poison".to_string(), e.dedupe_key.clone())]
+    );
+    assert!(p.running());
+    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
+        .await;
+    wait_records(&store, 1, WAIT).await;
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_envelope_is_dead_lettered() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let p = h.start(Default::default());
+    let confirm = h
+        .channel
+        .basic_publish(
+            &h.topology.exchange,
+            "create",
+            Default::default(),
+            b"Subject: x\r\n\r\nno headers",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let store = h.store().await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures[0].reason, "bad-envelope");
+    let dead = h.drain_dead().await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, "bad-envelope");
+    p.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_restart_in_the_middle_of_a_run_loses_nothing_and_doubles_nothing() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let n = 300;
+    for i in 0..n {
+        let id = format!("L-{i}");
+        let raw = lease_mail(
+            LEASE_SUBJECT,
+            "ann@contoso.com",
+            &[],
+            &Lease {
+                id: &id,
+                ..Default::default()
+            },
+            &MapSpec::default(),
+        );
+        h.publish(&envelope(raw)).await;
+    }
+    let store = h.store().await;
+    let p = h.start(Default::default());
+    wait_for("some records", WAIT, || async {
+        let r = store.records(&Default::default()).await.ok()?;
+        (r.len() >= 20).then_some(())
+    })
+    .await;
+    p.stop().await.unwrap();
+    let p = h.start(Default::default());
+    let records = wait_records(&store, n, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), n);
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| r.fields["triIdTX"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "no record twice");
+    assert!(store.failures().await.unwrap().is_empty());
+    p.stop().await.unwrap();
+}
