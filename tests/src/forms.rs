@@ -305,6 +305,8 @@ pub struct Harness {
     pub conn: Connection,
     /// The store URL.
     pub store_url: String,
+    /// The configuration file (for the binaries).
+    pub config_path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -364,7 +366,7 @@ require-authenticated-sender = true
         let path: PathBuf = dir.path().join("mailagent.toml");
         std::fs::write(&path, toml).unwrap();
         let options = LoadOptions {
-            path: Some(path),
+            path: Some(path.clone()),
             env: Vec::new(),
         };
         let config = common::config::load(&options, Component::FormProcessor)
@@ -387,6 +389,7 @@ require-authenticated-sender = true
             channel,
             conn,
             store_url,
+            config_path: path,
             _dir: dir,
         }
     }
@@ -418,6 +421,26 @@ require-authenticated-sender = true
             .await
             .unwrap();
         assert!(confirm.is_ack());
+    }
+
+    /// Publishes `n` distinct lease forms with ids `L-0`… `L-<n-1>`.
+    pub async fn publish_leases(&self, n: usize) {
+        let wb = |id: &str| {
+            lease_workbook(&Lease {
+                id,
+                ..Default::default()
+            })
+        };
+        for i in 0..n {
+            let id = format!("L-{i}");
+            let raw = mail(
+                LEASE_SUBJECT,
+                "ann@contoso.com",
+                &[],
+                &[Attachment::xlsx(wb(&id))],
+            );
+            self.publish(&envelope(raw)).await;
+        }
     }
 
     /// Opens the store (as the CLI would).

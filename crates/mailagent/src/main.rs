@@ -1,5 +1,7 @@
 //! `mailagent`: the operator CLI (§7).
 
+mod records;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -21,6 +23,14 @@ enum Command {
     /// Validate the whole configuration file and print a redacted summary
     /// (exit 0) or every error (exit 2).
     CheckConfig,
+    /// List the records created from forms (`--json`: one object a line).
+    Records(records::RecordsArgs),
+    /// List rejected messages, or replay one from the dead-letter queue.
+    DeadLetters {
+        /// What to do (default: list).
+        #[command(subcommand)]
+        command: Option<records::DeadLettersCommand>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,6 +42,44 @@ fn main() -> ExitCode {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(code) => code,
             }
+        }
+        Command::Records(ref r) => with_config(&args.config, |config| async move {
+            records::records(&config, r).await
+        }),
+        Command::DeadLetters { ref command } => with_config(&args.config, |config| async move {
+            let command = command
+                .as_ref()
+                .unwrap_or(&records::DeadLettersCommand::List);
+            records::dead_letters(&config, command).await
+        }),
+    }
+}
+
+/// Loads the configuration and runs `f` on a runtime; errors exit 1.
+fn with_config<F, Fut>(args: &ConfigArgs, f: F) -> ExitCode
+where
+    F: FnOnce(common::Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match cli::load(args, Component::Cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailagent: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,134 @@
+//! The form processor and the `mailagent records` CLI as real processes:
+//! kill -9 with messages in flight loses and doubles nothing, and the CLI
+//! prints the records as §7's JSON lines.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mailagent_tests::env::bin_path;
+use mailagent_tests::forms::*;
+
+fn spawn_processor(h: &Harness) -> Child {
+    Command::new(bin_path("form-processor"))
+        .arg("--config")
+        .arg(&h.config_path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start form-processor")
+}
+
+#[tokio::test]
+async fn kill_9_with_messages_in_flight_loses_none_and_doubles_none() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let n = 1000;
+    h.publish_leases(n).await;
+    let store = h.store().await;
+    let mut child = spawn_processor(&h);
+    wait_for("the first records", Duration::from_secs(60), || async {
+        let r = store.records(&Default::default()).await.ok()?;
+        (r.len() >= 50).then_some(())
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = store.records(&Default::default()).await.unwrap().len();
+    assert!(before < n, "killed before the end ({before} records)");
+    let mut child = spawn_processor(&h);
+    let records = wait_records(&store, n, Duration::from_secs(120)).await;
+    // Let any straggler redelivery settle, then count again.
+    wait_for("an empty queue", Duration::from_secs(30), || async {
+        (h.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    let records_after = store.records(&Default::default()).await.unwrap();
+    assert_eq!(records_after.len(), n, "exactly {n} records");
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| r.fields["triIdTX"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "none twice");
+    assert!(
+        store.failures().await.unwrap().is_empty(),
+        "nothing rejected"
+    );
+    assert!(h.drain_dead().await.is_empty(), "nothing dead-lettered");
+    stop_with_sigterm(&mut child);
+}
+
+/// Stops the child with SIGTERM (graceful) and expects exit status 0.
+fn stop_with_sigterm(child: &mut Child) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "graceful stop exits 0, got {status}");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "form-processor did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn records_cli_prints_one_json_object_a_line() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let p = h.start(Default::default());
+    h.publish_leases(2).await;
+    let store = h.store().await;
+    wait_records(&store, 2, Duration::from_secs(30)).await;
+    p.stop().await.unwrap();
+    let out = Command::new(bin_path("mailagent"))
+        .arg("records")
+        .arg("--json")
+        .arg("--config")
+        .arg(&h.config_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let r = &lines[0];
+    for key in [
+        "id",
+        "module",
+        "business-object",
+        "fields",
+        "children",
+        "source",
+        "created-at",
+    ] {
+        assert!(r.get(key).is_some(), "{key} missing from {r}");
+    }
+    assert_eq!(r["fields"]["triIdTX"], "L-0");
+    assert_eq!(r["fields"]["triActiveBL"], true);
+    assert_eq!(r["children"].as_array().unwrap().len(), 3);
+    assert_eq!(r["children"][0]["association"], "Payments");
+    assert_eq!(r["source"]["mail-config"], "lease-forms");
+    let filtered = Command::new(bin_path("mailagent"))
+        .args(["records", "--json", "--topic", "NO SUCH TOPIC", "--config"])
+        .arg(&h.config_path)
+        .output()
+        .unwrap();
+    assert!(filtered.status.success());
+    assert!(filtered.stdout.is_empty());
+}
