@@ -11,6 +11,8 @@ pub mod envelope;
 pub mod error;
 pub mod heartbeat;
 pub mod keys;
+pub mod lease;
+pub mod publish;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

@@ -1,0 +1,298 @@
+//! Opening an IMAP session: TCP, TLS (implicit for `imaps`, STARTTLS for
+//! `imap`, plaintext only with `allow-insecure`), the greeting, and login —
+//! SASL XOAUTH2 with the shared token, or LOGIN for password configs.
+//!
+//! async-imap sends `AUTHENTICATE XOAUTH2` without an initial response and
+//! answers the server's empty `+` with the payload. A refused token gets an
+//! error challenge (`+ <base64 json>`); [`XOAuth2`] answers it with an empty
+//! line, as SASL requires, and keeps the decoded challenge for the error.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_imap::{Client, Session};
+use common::config::{IncomingMail, ServerType};
+use common::xoauth2::ErrorChallenge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::error::{FetchError, Result};
+
+/// Time allowed for connect + TLS + greeting + login.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transport under the IMAP session.
+pub enum MailStream {
+    /// Plaintext (only with `allow-insecure`, or before STARTTLS).
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl fmt::Debug for MailStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Plain(_) => f.write_str("MailStream::Plain"),
+            Self::Tls(_) => f.write_str("MailStream::Tls"),
+        }
+    }
+}
+
+impl AsyncRead for MailStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for MailStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A logged-in IMAP session.
+pub type ImapSession = Session<MailStream>;
+
+/// How to log in.
+pub enum Credentials<'a> {
+    /// SASL XOAUTH2 with a bearer token.
+    XOAuth2 {
+        /// The token.
+        token: &'a str,
+    },
+    /// IMAP LOGIN.
+    Password {
+        /// The password.
+        password: &'a str,
+    },
+}
+
+/// The XOAUTH2 exchange: the payload on the first (empty) challenge, an
+/// empty answer to the error challenge.
+pub struct XOAuth2 {
+    payload: String,
+    sent: bool,
+    /// The error challenge the server sent, if any.
+    pub challenge: Option<ErrorChallenge>,
+}
+
+impl XOAuth2 {
+    /// An exchange for `user` with `token`.
+    pub fn new(user: &str, token: &str) -> Self {
+        Self {
+            payload: common::xoauth2::initial_response(user, token),
+            sent: false,
+            challenge: None,
+        }
+    }
+}
+
+impl async_imap::Authenticator for &mut XOAuth2 {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, challenge: &[u8]) -> Vec<u8> {
+        if !self.sent {
+            self.sent = true;
+            return self.payload.as_bytes().to_vec();
+        }
+        self.challenge = serde_json::from_slice(challenge).ok();
+        Vec::new()
+    }
+}
+
+/// `host:port` of a config.
+pub fn endpoint(cfg: &IncomingMail) -> String {
+    format!("{}:{}", cfg.host, cfg.port)
+}
+
+/// Connects, secures and logs in, within [`LOGIN_TIMEOUT`].
+pub async fn open(
+    cfg: &IncomingMail,
+    tls: &Arc<rustls::ClientConfig>,
+    credentials: Credentials<'_>,
+) -> Result<ImapSession> {
+    let ep = endpoint(cfg);
+    match tokio::time::timeout(LOGIN_TIMEOUT, open_inner(cfg, tls, credentials)).await {
+        Ok(r) => r,
+        Err(_) => Err(FetchError::Connect {
+            endpoint: ep,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out"),
+        }),
+    }
+}
+
+async fn open_inner(
+    cfg: &IncomingMail,
+    tls: &Arc<rustls::ClientConfig>,
+    credentials: Credentials<'_>,
+) -> Result<ImapSession> {
+    let ep = endpoint(cfg);
+    let io_err = |source| FetchError::Connect {
+        endpoint: ep.clone(),
+        source,
+    };
+    let imap_err = |action, source| FetchError::Imap {
+        action,
+        endpoint: ep.clone(),
+        source,
+    };
+    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
+        .await
+        .map_err(io_err)?;
+    let _ = tcp.set_nodelay(true);
+    let server_name = rustls::pki_types::ServerName::try_from(cfg.host.clone()).map_err(|e| {
+        FetchError::Unsupported(format!("host {:?} is not a valid TLS name: {e}", cfg.host))
+    })?;
+    let connector = TlsConnector::from(Arc::clone(tls));
+    let mut client = match cfg.server_type {
+        ServerType::Imaps => {
+            let s = connector.connect(server_name, tcp).await.map_err(io_err)?;
+            let mut c = Client::new(MailStream::Tls(Box::new(s)));
+            greeting(&mut c, &ep).await?;
+            c
+        }
+        _ => {
+            let mut c = Client::new(MailStream::Plain(tcp));
+            greeting(&mut c, &ep).await?;
+            if cfg.starttls {
+                c.run_command_and_check_ok("STARTTLS", None)
+                    .await
+                    .map_err(|e| match e {
+                        async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m) => {
+                            FetchError::Unsupported(format!(
+                                "{ep} refused STARTTLS ({m}); TLS is required unless allow-insecure = true"
+                            ))
+                        }
+                        other => imap_err("start TLS", other),
+                    })?;
+                let MailStream::Plain(tcp) = c.into_inner() else {
+                    unreachable!("plain before STARTTLS")
+                };
+                let s = connector.connect(server_name, tcp).await.map_err(io_err)?;
+                Client::new(MailStream::Tls(Box::new(s)))
+            } else {
+                c
+            }
+        }
+    };
+    let _ = &mut client;
+    match credentials {
+        Credentials::XOAuth2 { token } => {
+            let mut auth = XOAuth2::new(&cfg.username, token);
+            match client.authenticate("XOAUTH2", &mut auth).await {
+                Ok(s) => Ok(s),
+                Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
+                    mailbox: cfg.username.clone(),
+                    mechanism: "XOAUTH2",
+                    detail: match &auth.challenge {
+                        Some(c) => format!("{} (status {})", m.trim(), c.status),
+                        None => m.trim().to_string(),
+                    },
+                }),
+                Err((e, _)) => Err(imap_err("authenticate", e)),
+            }
+        }
+        Credentials::Password { password } => match client.login(&cfg.username, password).await {
+            Ok(s) => Ok(s),
+            Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
+                mailbox: cfg.username.clone(),
+                mechanism: "LOGIN",
+                detail: m.trim().to_string(),
+            }),
+            Err((e, _)) => Err(imap_err("log in", e)),
+        },
+    }
+}
+
+/// Reads the greeting: `* OK` goes on, `* BYE` is a refusal.
+async fn greeting(client: &mut Client<MailStream>, ep: &str) -> Result<()> {
+    let first = client.read_response().await;
+    match first {
+        Some(Ok(resp)) => {
+            use async_imap::imap_proto::{Response, Status};
+            if matches!(
+                resp.parsed(),
+                Response::Data {
+                    status: Status::Bye,
+                    ..
+                }
+            ) {
+                return Err(FetchError::Imap {
+                    action: "read the greeting",
+                    endpoint: ep.to_string(),
+                    source: async_imap::error::Error::Bad("server said BYE".into()),
+                });
+            }
+            Ok(())
+        }
+        Some(Err(e)) => Err(FetchError::Connect {
+            endpoint: ep.to_string(),
+            source: e,
+        }),
+        None => Err(FetchError::Imap {
+            action: "read the greeting",
+            endpoint: ep.to_string(),
+            source: async_imap::error::Error::ConnectionLost,
+        }),
+    }
+}
+
+/// The text Exchange Online answers every command with when the app has no
+/// permission on the mailbox.
+pub const NOT_CONNECTED: &str = "User is authenticated but not connected";
+
+/// Maps an error of a command after login: Exchange's "authenticated but not
+/// connected" becomes [`FetchError::Permission`].
+pub fn after_login_error(
+    cfg: &IncomingMail,
+    app: &str,
+    action: &'static str,
+    e: async_imap::error::Error,
+) -> FetchError {
+    let text = e.to_string();
+    if text.contains(NOT_CONNECTED) {
+        return FetchError::Permission {
+            mailbox: cfg.username.clone(),
+            app: app.to_string(),
+            detail: format!("the server answered {action} with \"{NOT_CONNECTED}\""),
+        };
+    }
+    FetchError::Imap {
+        action,
+        endpoint: endpoint(cfg),
+        source: e,
+    }
+}
