@@ -465,3 +465,47 @@ async fn graceful_restart_in_the_middle_of_a_run_loses_nothing_and_doubles_nothi
     assert!(store.failures().await.unwrap().is_empty());
     p.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
+    let h = Harness::new(StoreKind::PostgresViaProxy, &[]).await;
+    let proxy = h.proxy.as_ref().unwrap();
+    let n = 200;
+    h.publish_leases(n).await;
+    let store = h.store().await;
+    let p = h.start(Default::default());
+    wait_for("the first records", WAIT, || async {
+        let r = store.records(&Default::default()).await.ok()?;
+        (r.len() >= 10).then_some(())
+    })
+    .await;
+    let before = store.records(&Default::default()).await.unwrap().len();
+    proxy.cut();
+    assert!(before < n, "the outage starts before the run ends ({before} records)");
+    // The outage lasts 10 s: the processor must wait and retry meanwhile.
+    let outage_end = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < outage_end {
+        assert!(
+            h.drain_dead().await.is_empty(),
+            "nothing is dead-lettered during the outage"
+        );
+        assert!(p.running());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    proxy.restore();
+    let records = wait_records(&store, n, Duration::from_secs(90)).await;
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| r.fields["triIdTX"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (records.len(), ids.len()),
+        (n, n),
+        "every record exists once"
+    );
+    assert!(store.failures().await.unwrap().is_empty());
+    assert!(h.drain_dead().await.is_empty());
+    p.stop().await.unwrap();
+}
