@@ -3,6 +3,9 @@
 //! [`run`] is the whole service; `main.rs` only parses arguments and loads
 //! the configuration, so tests drive it without a process.
 
+pub mod error;
+pub mod pop3;
+
 use common::service::{self, StartError};
 use common::shutdown::CancellationToken;
 use common::{Component, Config};
