@@ -4,5 +4,6 @@
 
 pub mod env;
 pub mod forms;
+pub mod harness;
 pub mod idp;
 pub mod mailclient;

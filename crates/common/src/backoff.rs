@@ -49,6 +49,18 @@ impl Backoff {
     }
 }
 
+/// Full-jitter backoff as a pure function of the attempt number (0-based),
+/// for schedules whose attempt count is shared through Redis: returns the
+/// ceiling `min(cap, initial × 2^attempt)` and a wait drawn uniformly from
+/// `[0, ceiling]`.
+pub fn full_jitter(initial: Duration, cap: Duration, attempt: u32) -> (Duration, Duration) {
+    let ceiling = initial
+        .saturating_mul(2u32.saturating_pow(attempt.min(30)))
+        .min(cap);
+    let wait = Duration::from_millis(rand::thread_rng().gen_range(0..=ceiling.as_millis() as u64));
+    (ceiling, wait)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +77,16 @@ mod tests {
         assert_eq!(ceilings, vec![100, 200, 400, 800, 1000, 1000]);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn full_jitter_ceilings_grow_and_cap() {
+        let (i, cap) = (Duration::from_millis(300), Duration::from_secs(1));
+        let ceilings: Vec<u128> = (0..4).map(|a| full_jitter(i, cap, a).0.as_millis()).collect();
+        assert_eq!(ceilings, vec![300, 600, 1000, 1000]);
+        for a in 0..10 {
+            let (ceiling, wait) = full_jitter(i, cap, a);
+            assert!(wait <= ceiling);
+        }
     }
 }

@@ -1,0 +1,535 @@
+//! token-broker (§3) against the test identity provider and real Redis.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::keys::Keys;
+use common::shutdown::CancellationToken;
+use common::token::{read_state, ProfileState, TokenClient};
+use common::Component;
+use mailagent_tests::env::{bin_path, Endpoints};
+use mailagent_tests::harness::{wait_for, TestConfig};
+use mailagent_tests::idp::{Failure, TestIdp};
+use redis::aio::ConnectionManager;
+
+const PROFILE: &str = "contoso";
+
+struct Broker {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Broker {
+    fn start(cfg: &TestConfig) -> Self {
+        let config = cfg.load(Component::TokenBroker);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(token_broker::run(config, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("broker stops within 10 s")
+            .expect("broker task")
+            .expect("broker exits cleanly");
+    }
+}
+
+async fn redis(env: &Endpoints) -> ConnectionManager {
+    ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn token_client(env: &Endpoints, cfg: &TestConfig) -> TokenClient {
+    let config = cfg.load(Component::ImapFetcher);
+    TokenClient::new(
+        redis(env).await,
+        Keys::new(cfg.redis_prefix.clone()),
+        &config.token_broker.encryption,
+    )
+}
+
+async fn state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
+    read_state(
+        &mut redis(env).await,
+        &Keys::new(cfg.redis_prefix.clone()),
+        PROFILE,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_default()
+}
+
+/// Fast schedules for tests: refresh at half-life, retry a failing profile every `slow` seconds.
+fn fast(cfg: &mut TestConfig, slow: u64) {
+    cfg.broker_setting("refresh-lead-min = 0")
+        .broker_setting("refresh-lead-fraction = 0.5")
+        .broker_setting("refresh-max-fraction = 0.5")
+        .broker_setting("backoff-initial-ms = 300")
+        .broker_setting("backoff-max = 5")
+        .broker_setting(&format!("failing-retry-interval = {slow}"));
+}
+
+async fn setup(idp: &TestIdp, env: &Endpoints) -> (TestConfig, String, String) {
+    let (app, secret) = idp.register_app();
+    let mut cfg = TestConfig::new(env);
+    cfg.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
+    (cfg, app, secret)
+}
+
+#[tokio::test]
+async fn token_is_stored_encrypted_and_readable_with_the_key() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (cfg, _, _) = setup(&idp, &env).await;
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    let token = wait_for("a token in Redis", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    let issued = idp.issued_tokens();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(token.token.expose(), issued[0]);
+
+    let raw: String = redis::AsyncCommands::get(
+        &mut redis(&env).await,
+        Keys::new(cfg.redis_prefix.clone()).token(PROFILE),
+    )
+    .await
+    .unwrap();
+    for window in issued[0].as_bytes().windows(16) {
+        let w = std::str::from_utf8(window).unwrap();
+        assert!(
+            !raw.contains(w),
+            "raw Redis value holds a 16-character piece of the token: {w}"
+        );
+    }
+    // A separate client (another process would hold the same key file) reads it.
+    let other = token_client(&env, &cfg).await;
+    assert_eq!(
+        other
+            .current(PROFILE)
+            .await
+            .unwrap()
+            .unwrap()
+            .token
+            .expose(),
+        issued[0]
+    );
+    // The key expires with the token.
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(Keys::new(cfg.redis_prefix.clone()).token(PROFILE))
+        .query_async(&mut redis(&env).await)
+        .await
+        .unwrap();
+    assert!(ttl > 3000 && ttl <= 3599, "ttl {ttl}");
+    assert_eq!(state(&env, &cfg).await.state, "ok");
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn refreshes_ahead_of_expiry_so_a_valid_token_is_always_there() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.set_lifetime(Duration::from_secs(6));
+    let (mut cfg, _, _) = setup(&idp, &env).await;
+    fast(&mut cfg, 300);
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    wait_for("the first token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+
+    // Sample every 100 ms over more than three lifetimes.
+    let mut fingerprints = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let t = client.current(PROFILE).await.unwrap();
+        let t = t.unwrap_or_else(|| panic!("no valid token at {:?}", started.elapsed()));
+        if fingerprints.last() != Some(&t.fingerprint) {
+            fingerprints.push(t.fingerprint);
+        }
+        if fingerprints.len() >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        fingerprints.len() >= 4,
+        "saw {} tokens: fewer than three refreshes",
+        fingerprints.len()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_make_one_request_per_refresh() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.set_lifetime(Duration::from_secs(4));
+    let (mut cfg, app, _) = setup(&idp, &env).await;
+    fast(&mut cfg, 300);
+    let a = Broker::start(&cfg);
+    let b = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    wait_for("the first token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    let started = Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    while started.elapsed() < Duration::from_secs(12) {
+        if let Some(t) = client.current(PROFILE).await.unwrap() {
+            seen.insert(t.fingerprint);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    let requests = idp.request_count(&app);
+    // Three lifetimes at half-life refresh: about 7 refreshes. Two replicas
+    // racing would make about twice as many requests as tokens seen.
+    assert!(seen.len() >= 5, "only {} tokens seen", seen.len());
+    assert!(
+        requests <= seen.len() + 1,
+        "{requests} token requests for {} tokens",
+        seen.len()
+    );
+}
+
+#[tokio::test]
+async fn wrong_secret_marks_profile_failing_and_retries_slowly() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (app, _) = idp.register_app();
+    let mut cfg = TestConfig::new(&env);
+    cfg.idp_profile(PROFILE, &idp.token_url(), &app, "not-the-secret");
+    fast(&mut cfg, 3);
+    let broker = Broker::start(&cfg);
+    let s = wait_for("state failing", Duration::from_secs(15), || async {
+        let s = state(&env, &cfg).await;
+        (s.state == "failing").then_some(s)
+    })
+    .await;
+    assert_eq!(s.error_code.as_deref(), Some("AADSTS7000215"));
+    let reason = s.last_error.unwrap();
+    assert!(
+        reason.contains("AADSTS7000215") && reason.contains("Value"),
+        "{reason}"
+    );
+    // Watch 7 s: at most one request per 3 s interval.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    broker.stop().await;
+    let times: Vec<Instant> = idp.requests().iter().map(|r| r.at).collect();
+    assert!(
+        (2..=4).contains(&times.len()),
+        "{} requests in ~7 s",
+        times.len()
+    );
+    for pair in times.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(2900),
+            "requests {:?} apart",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+#[tokio::test]
+async fn expired_secret_is_reported_as_expired() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (cfg, app, _) = setup(&idp, &env).await;
+    idp.set_expired(&app, true);
+    let broker = Broker::start(&cfg);
+    let s = wait_for("state failing", Duration::from_secs(15), || async {
+        let s = state(&env, &cfg).await;
+        (s.state == "failing").then_some(s)
+    })
+    .await;
+    assert_eq!(s.error_code.as_deref(), Some("AADSTS7000222"));
+    assert!(s.last_error.unwrap().contains("expired"));
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn throttling_waits_for_retry_after() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.fail_next(1, Failure::TooManyRequests { retry_after: 2 });
+    let (cfg, _, _) = setup(&idp, &env).await;
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    wait_for("a token after the 429", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    broker.stop().await;
+    let r = idp.requests();
+    assert_eq!(r[0].status, 429);
+    assert_eq!(r[1].status, 200);
+    assert!(
+        r[1].at - r[0].at >= Duration::from_secs(2),
+        "retried after {:?}",
+        r[1].at - r[0].at
+    );
+}
+
+#[tokio::test]
+async fn server_errors_back_off_then_succeed() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.fail_next(3, Failure::Status(503));
+    let (mut cfg, _, _) = setup(&idp, &env).await;
+    fast(&mut cfg, 300);
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    let mut ceilings: Vec<u64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = state(&env, &cfg).await;
+        if let Some(c) = s.backoff_ceiling_ms {
+            if ceilings.last() != Some(&c) {
+                ceilings.push(c);
+            }
+        }
+        if client.current(PROFILE).await.unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no token after three 503s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.stop().await;
+    let r = idp.requests();
+    assert_eq!(
+        r.iter().map(|x| x.status).collect::<Vec<_>>(),
+        vec![503, 503, 503, 200]
+    );
+    // Full jitter: each wait is at most its ceiling, and the ceilings grow
+    // (300 ms, 600 ms, 1200 ms).
+    for (i, pair) in r.windows(2).enumerate() {
+        let ceiling = Duration::from_millis(300 << i);
+        assert!(
+            pair[1].at - pair[0].at <= ceiling + Duration::from_millis(400),
+            "wait {i} {:?} > {ceiling:?}",
+            pair[1].at - pair[0].at
+        );
+    }
+    assert!(
+        ceilings.windows(2).all(|w| w[1] > w[0]),
+        "ceilings did not grow: {ceilings:?}"
+    );
+}
+
+async fn wait_subscribed(env: &Endpoints, cfg: &TestConfig, replicas: i64) {
+    let channel = Keys::new(cfg.redis_prefix.clone()).token_refresh_channel();
+    wait_for(
+        "the broker to subscribe",
+        Duration::from_secs(10),
+        || async {
+            let (_, n): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut redis(env).await)
+                .await
+                .unwrap();
+            (n >= replicas).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn twenty_forced_requests_for_one_token_cause_one_refresh() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (mut cfg, app, _) = setup(&idp, &env).await;
+    cfg.broker_setting("forced-refresh-min-interval = 0");
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    let first = wait_for("the first token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    wait_subscribed(&env, &cfg, 1).await;
+    for _ in 0..20 {
+        client.report_failure(PROFILE, &first).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let second = client
+        .wait_for_replacement(PROFILE, &first, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("a new token");
+    // Requests naming the replaced token change nothing.
+    for _ in 0..5 {
+        client.report_failure(PROFILE, &first).await.unwrap();
+    }
+    // Watch for 2 s that nothing more happens.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(
+            idp.request_count(&app),
+            2,
+            "forced requests caused extra token requests"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        client.current(PROFILE).await.unwrap().unwrap().fingerprint,
+        second.fingerprint
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn forced_refresh_respects_the_minimum_interval() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (cfg, app, _) = setup(&idp, &env).await; // default: 30 s
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    let first = wait_for("the first token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    wait_subscribed(&env, &cfg, 1).await;
+    client.report_failure(PROFILE, &first).await.unwrap();
+    assert!(client
+        .wait_for_replacement(PROFILE, &first, Duration::from_secs(2))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(idp.request_count(&app), 1);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.set_lifetime(Duration::from_secs(4));
+    let (mut cfg, _, _) = setup(&idp, &env).await;
+    fast(&mut cfg, 300);
+    let broker = Broker::start(&cfg);
+    let old_client = token_client(&env, &cfg).await;
+    let old = wait_for(
+        "a token under the first key",
+        Duration::from_secs(15),
+        || async { old_client.current(PROFILE).await.unwrap() },
+    )
+    .await;
+    broker.stop().await;
+    let old_kid = old_client.stored(PROFILE).await.unwrap().unwrap().kid;
+
+    // A new key in front; the old one kept for decryption.
+    use base64::Engine;
+    let new_key = cfg.file(
+        "token-key-2",
+        &base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()),
+    );
+    let old_key = cfg.dir().join("token-key");
+    cfg.toml = cfg.toml.replacen(
+        &format!("encryption-key-file = \"{}\"", old_key.display()),
+        &format!(
+            "encryption-key-file = \"{}\"\nencryption-key-files = [\"{}\"]",
+            new_key.display(),
+            old_key.display()
+        ),
+        1,
+    );
+    let rotated = token_client(&env, &cfg).await;
+    assert_eq!(
+        rotated.current(PROFILE).await.unwrap().unwrap().token,
+        old.token,
+        "old token unreadable after rotation"
+    );
+    let new_kid = rotated.cipher().current_key_id().to_string();
+    assert_ne!(new_kid, old_kid);
+    let broker = Broker::start(&cfg);
+    wait_for(
+        "a token under the new key",
+        Duration::from_secs(15),
+        || async {
+            let s = rotated.stored(PROFILE).await.unwrap()?;
+            (s.kid == new_kid).then_some(())
+        },
+    )
+    .await;
+    broker.stop().await;
+    // The old key alone cannot read it: the error names the key id.
+    let err = old_client.current(PROFILE).await.unwrap_err().to_string();
+    assert!(err.contains(&new_kid), "{err}");
+}
+
+#[tokio::test]
+async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    idp.set_lifetime(Duration::from_secs(4));
+    let (mut cfg, _, secret) = setup(&idp, &env).await;
+    fast(&mut cfg, 2);
+    // A second profile with a wrong secret, to log failures too.
+    let (bad_app, bad_secret) = idp.register_app();
+    idp.register(&bad_app, "something-else");
+    cfg.idp_profile("failing", &idp.token_url(), &bad_app, &bad_secret);
+    let log = cfg.dir().join("broker.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(bin_path("token-broker"))
+        .arg("--config")
+        .arg(cfg.path())
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap();
+    let client = token_client(&env, &cfg).await;
+    let first = wait_for("a token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    client
+        .wait_for_replacement(PROFILE, &first, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .expect("a refresh");
+    wait_for("the failing profile", Duration::from_secs(10), || async {
+        let s = read_state(
+            &mut redis(&env).await,
+            &Keys::new(cfg.redis_prefix.clone()),
+            "failing",
+        )
+        .await
+        .unwrap()?;
+        (s.state == "failing").then_some(())
+    })
+    .await;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "broker exited {status:?} on SIGTERM");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("stored a new token"),
+        "log too quiet to prove anything:\n{text}"
+    );
+    assert!(text.contains("AADSTS7000215"));
+    for s in [secret.as_str(), bad_secret.as_str()] {
+        assert!(!text.contains(s), "client secret in the log");
+    }
+    for token in idp.issued_tokens() {
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(!text.contains(signature), "a token in the log");
+    }
+}
