@@ -6,4 +6,5 @@ pub mod env;
 pub mod forms;
 pub mod harness;
 pub mod idp;
+pub mod imap_support;
 pub mod mailclient;
