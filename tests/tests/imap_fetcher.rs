@@ -296,3 +296,64 @@ async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     assert_eq!(got.len(), 1, "published after the refresh");
     stop(shutdown, task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_but_not_connected_is_reported_as_missing_permission() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("exo");
+    let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
+    front.deny(&fx.mailbox);
+    fx.plant_token().await;
+    let table = fx.mail_table("exo", &fx.mailbox, "").replace(
+        &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
+        &format!("port = {}", front.addr.port()),
+    );
+    let (config, _) = fx.config(&[table]);
+    let (shutdown, task) = start(config, options());
+    let mut redis = fx.redis().await;
+    let keys = fx.keys();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut error = None;
+    while error.is_none() && std::time::Instant::now() < deadline {
+        let agents = common::heartbeat::list_agents(&mut redis, &keys)
+            .await
+            .unwrap_or_default();
+        error = agents.into_iter().find_map(|a| a.last_error);
+        if error.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let error = error.expect("an error is reported in the heartbeat");
+    assert!(
+        error.contains(&format!(
+            "no permission on mailbox {} for app {}",
+            fx.mailbox, fx.app
+        )),
+        "{error}"
+    );
+    assert!(error.contains("authenticated but not connected"), "{error}");
+    stop(shutdown, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("exok");
+    let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
+    support::seed_maildir(
+        &fx.env,
+        &fx.mailbox,
+        &[support::message(&fx.prefix, 1, 500)],
+    );
+    fx.plant_token().await;
+    let table = fx.mail_table("exok", &fx.mailbox, "").replace(
+        &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
+        &format!("port = {}", front.addr.port()),
+    );
+    let (config, _) = fx.config(&[table]);
+    let (shutdown, task) = start(config, options());
+    let channel = fx.channel().await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "published through the front");
+    stop(shutdown, task).await;
+}

@@ -1,0 +1,257 @@
+//! An Exchange-like front: a thin TLS proxy in front of Dovecot that
+//! behaves the way Exchange Online does where Dovecot is more lenient.
+//!
+//! For a mailbox in its *denied* set (an app without FullAccess on that
+//! mailbox) Exchange accepts the XOAUTH2 login — `OK AUTHENTICATE
+//! completed.` — and then answers every command with `BAD User is
+//! authenticated but not connected.` The front reproduces exactly that. Any
+//! other login is handed to Dovecot (IMAPS) and the connection is relayed
+//! byte for byte.
+//!
+//! Protocols are a [`Mode`]; IMAP is implemented. A POP3 mode is added by
+//! another arm in [`serve_conn`] (Exchange's POP3 answers `+OK User
+//! successfully authenticated.` then `-ERR User is authenticated but not
+//! connected.`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::env::Endpoints;
+
+/// Which protocol the front speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// IMAP over implicit TLS, relayed to Dovecot's IMAPS port.
+    Imap,
+}
+
+/// A running front.
+pub struct ExchangeFront {
+    /// Where clients connect (TLS, certificate for `localhost`).
+    pub addr: SocketAddr,
+    denied: Arc<Mutex<HashSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ExchangeFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl ExchangeFront {
+    /// Starts a front in `mode` on a free loopback port.
+    pub async fn start(env: &Endpoints, mode: Mode) -> Self {
+        let tls_dir: PathBuf = env.ca_file().parent().expect("tls dir").to_path_buf();
+        let certs = mailagent_certs(&tls_dir.join("server-chain.pem"));
+        let key = {
+            let bytes = std::fs::read(tls_dir.join("server.key")).expect("server key");
+            rustls_pemfile::private_key(&mut bytes.as_slice())
+                .expect("parse key")
+                .expect("a key")
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server cert");
+        let acceptor = TlsAcceptor::from(Arc::new(server));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let denied = Arc::new(Mutex::new(HashSet::new()));
+        let upstream = match mode {
+            Mode::Imap => env.mail_addr("IMAPS"),
+        };
+        let ca = env.ca_file();
+        let d = Arc::clone(&denied);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                let denied = Arc::clone(&d);
+                let ca = ca.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = serve_conn(mode, tls, denied, upstream, ca).await;
+                    }
+                });
+            }
+        });
+        Self { addr, denied, task }
+    }
+
+    /// Makes `mailbox` answer as a mailbox the app has no permission on.
+    pub fn deny(&self, mailbox: &str) {
+        self.denied
+            .lock()
+            .expect("lock")
+            .insert(mailbox.to_lowercase());
+    }
+}
+
+fn mailagent_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let bytes = std::fs::read(path).expect("server chain");
+    rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<_, _>>()
+        .expect("certs")
+}
+
+/// The XOAUTH2 `user=` of a base64 payload.
+pub fn xoauth2_user(payload_b64: &str) -> Option<String> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(payload_b64.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    text.split('\x01')
+        .find_map(|p| p.strip_prefix("user="))
+        .map(|u| u.to_lowercase())
+}
+
+async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
+    mode: Mode,
+    client: S,
+    denied: Arc<Mutex<HashSet<String>>>,
+    upstream: SocketAddr,
+    ca: PathBuf,
+) -> anyhow::Result<()> {
+    match mode {
+        Mode::Imap => serve_imap(client, denied, upstream, ca).await,
+    }
+}
+
+async fn serve_imap<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
+    denied: Arc<Mutex<HashSet<String>>>,
+    upstream: SocketAddr,
+    ca: PathBuf,
+) -> anyhow::Result<()> {
+    let mut client = BufReader::new(client);
+    let greet = "* OK The Microsoft Exchange IMAP4 service is ready.\r\n";
+    client.get_mut().write_all(greet.as_bytes()).await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if client.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.trim_end().splitn(4, ' ');
+        let tag = parts.next().unwrap_or("*").to_string();
+        let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
+        match cmd.as_str() {
+            "CAPABILITY" => {
+                client
+                    .get_mut()
+                    .write_all(
+                        format!("* CAPABILITY IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS MOVE ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+\r\n{tag} OK CAPABILITY completed.\r\n")
+                            .as_bytes(),
+                    )
+                    .await?;
+            }
+            "AUTHENTICATE" => {
+                let mech = parts.next().unwrap_or("").to_ascii_uppercase();
+                if mech != "XOAUTH2" {
+                    client
+                        .get_mut()
+                        .write_all(format!("{tag} NO AUTHENTICATE failed.\r\n").as_bytes())
+                        .await?;
+                    continue;
+                }
+                let payload = match parts.next() {
+                    Some(ir) => ir.to_string(),
+                    None => {
+                        client.get_mut().write_all(b"+ \r\n").await?;
+                        let mut p = String::new();
+                        client.read_line(&mut p).await?;
+                        p.trim().to_string()
+                    }
+                };
+                let user = xoauth2_user(&payload).unwrap_or_default();
+                let is_denied = denied.lock().expect("lock").contains(&user);
+                if is_denied {
+                    client
+                        .get_mut()
+                        .write_all(format!("{tag} OK AUTHENTICATE completed.\r\n").as_bytes())
+                        .await?;
+                    return not_connected(client).await;
+                }
+                // Hand the login to Dovecot and relay from here on.
+                let mut up = crate::mailclient::connect_tls(upstream, &ca).await?;
+                crate::mailclient::imap_greeting(&mut up).await?;
+                up.send(&format!("{tag} AUTHENTICATE XOAUTH2 {payload}"))
+                    .await?;
+                let mut up = up.into_inner();
+                let (mut cr, mut cw) = tokio::io::split(client);
+                let (mut ur, mut uw) = tokio::io::split(&mut up);
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut uw) => {}
+                    _ = tokio::io::copy(&mut ur, &mut cw) => {}
+                }
+                return Ok(());
+            }
+            "LOGOUT" => {
+                client
+                    .get_mut()
+                    .write_all(
+                        format!("* BYE Microsoft Exchange Server IMAP4 server signing off.\r\n{tag} OK LOGOUT completed.\r\n")
+                            .as_bytes(),
+                    )
+                    .await?;
+                return Ok(());
+            }
+            _ => {
+                client
+                    .get_mut()
+                    .write_all(format!("{tag} BAD Command Argument Error. 11\r\n").as_bytes())
+                    .await?;
+            }
+        }
+    }
+}
+
+/// After a login on a mailbox without permission: `BAD` to every command.
+async fn not_connected<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: BufReader<S>,
+) -> anyhow::Result<()> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if client.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let tag = line.split_whitespace().next().unwrap_or("*").to_string();
+        if line.to_ascii_uppercase().contains(" LOGOUT") {
+            client
+                .get_mut()
+                .write_all(format!("* BYE\r\n{tag} OK LOGOUT completed.\r\n").as_bytes())
+                .await?;
+            return Ok(());
+        }
+        client
+            .get_mut()
+            .write_all(format!("{tag} BAD User is authenticated but not connected.\r\n").as_bytes())
+            .await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xoauth2_user_is_read_from_the_payload() {
+        let p = common::xoauth2::encoded_response("Box@Example.com", "tok");
+        assert_eq!(xoauth2_user(&p).as_deref(), Some("box@example.com"));
+        assert_eq!(xoauth2_user("not base64"), None);
+    }
+}
