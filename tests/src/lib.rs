@@ -9,3 +9,4 @@ pub mod harness;
 pub mod idp;
 pub mod imap_support;
 pub mod mailclient;
+pub mod pop_support;

@@ -1,0 +1,254 @@
+//! pop-fetcher against real Dovecot (POP3S and POP3+STLS), RabbitMQ and
+//! Redis: every message handed over byte for byte, deleted only after the
+//! confirm, kept mail not published twice, clear errors for refused logins,
+//! nothing deleted while RabbitMQ is down.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::envelope::{dedupe_key, MessageRef};
+use mailagent_tests::pop_support::{
+    self, drain, eventually, message, seed_maildir, Fixture, InProcess,
+};
+
+/// Seeds `n` messages (every 7th with lines starting with "."), returns
+/// them by Message-ID tag index.
+fn seed(fx: &Fixture, n: usize, tag: &str) -> BTreeMap<String, Vec<u8>> {
+    let msgs: Vec<Vec<u8>> = (0..n)
+        .map(|i| message(tag, i, 2_000 + (i % 5) * 700, i % 7 == 0))
+        .collect();
+    seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    msgs.into_iter()
+        .map(|m| (dedupe_key(&fx.mailbox, &m), m))
+        .collect()
+}
+
+fn assert_all_identical(
+    fx: &Fixture,
+    seeded: &BTreeMap<String, Vec<u8>>,
+    got: &[common::envelope::Envelope],
+) {
+    assert_eq!(got.len(), seeded.len(), "published count");
+    let mut keys = HashSet::new();
+    for e in got {
+        assert!(
+            keys.insert(e.dedupe_key.clone()),
+            "published twice: {}",
+            e.dedupe_key
+        );
+        let stored = seeded.get(&e.dedupe_key).expect("a seeded message");
+        assert!(
+            e.body == *stored,
+            "body of {} differs from the stored message",
+            e.dedupe_key
+        );
+        assert!(matches!(&e.message_ref, MessageRef::Pop3 { uidl } if !uidl.is_empty()));
+        assert_eq!(e.mailbox, fx.mailbox);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3s_delete_hands_over_500_messages_byte_identical_and_empties_the_maildrop() {
+    let fx = Fixture::new("popdel");
+    let seeded = seed(&fx, 500, "del");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let (config, _) = fx.config(&[fx.mail_table("pd", "POP3S", "")]);
+    let fetcher = InProcess::start(config);
+    let got = drain(&channel, &fx.queue(), 500, Duration::from_secs(90)).await;
+    assert_all_identical(&fx, &seeded, &got);
+    assert!(
+        eventually(Duration::from_secs(20), || async { fx.maildrop_len() == 0 }).await,
+        "maildrop still holds {} messages",
+        fx.maildrop_len()
+    );
+    // Nothing more arrives, and the UIDL set is bounded again.
+    assert!(drain(&channel, &fx.queue(), 1, Duration::from_secs(3))
+        .await
+        .is_empty());
+    let mut redis = fx.redis().await;
+    let uidls: Vec<String> = redis::AsyncCommands::smembers(&mut redis, fx.keys().uidls("pd"))
+        .await
+        .unwrap();
+    assert!(
+        uidls.len() <= 1,
+        "UIDL set not pruned: {} members",
+        uidls.len()
+    );
+    fetcher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_stls_keep_hands_over_500_once_and_later_polls_publish_nothing() {
+    let fx = Fixture::new("popkeep");
+    let seeded = seed(&fx, 500, "keep");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let (config, _) = fx.config(&[fx.mail_table("pk", "POP3", "after-fetch = \"keep\"\n")]);
+    let fetcher = InProcess::start(config);
+    let got = drain(&channel, &fx.queue(), 500, Duration::from_secs(90)).await;
+    assert_all_identical(&fx, &seeded, &got);
+    // Several more polls (poll-interval 1 s): nothing is published again,
+    // and the mail stays.
+    let mut redis = fx.redis().await;
+    let polled_again = eventually(Duration::from_secs(15), || async {
+        let agents = common::heartbeat::list_agents(&mut redis.clone(), &fx.keys())
+            .await
+            .unwrap_or_default();
+        agents.iter().any(|a| {
+            a.component == "pop-fetcher"
+                && a.last_poll
+                    .is_some_and(|t| t >= common::heartbeat::now_secs().saturating_sub(1))
+        })
+    })
+    .await;
+    assert!(polled_again);
+    assert!(drain(&channel, &fx.queue(), 1, Duration::from_secs(4))
+        .await
+        .is_empty());
+    assert_eq!(fx.maildrop_len(), 500);
+    let uidls: Vec<String> = redis::AsyncCommands::smembers(&mut redis, fx.keys().uidls("pk"))
+        .await
+        .unwrap();
+    assert_eq!(uidls.len(), 501, "500 UIDLs and the marker");
+    fetcher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_from_now_skips_existing_mail_and_fetches_new_mail() {
+    let fx = Fixture::new("popnow");
+    seed(&fx, 5, "old");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let (config, _) = fx.config(&[fx.mail_table("pn", "POP3S", "start-from = \"now\"\n")]);
+    let fetcher = InProcess::start(config);
+    let mut redis = fx.redis().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let n: usize = redis::AsyncCommands::scard(&mut redis.clone(), fx.keys().uidls("pn"))
+                .await
+                .unwrap_or(0);
+            n == 6
+        })
+        .await
+    );
+    let fresh = seed(&fx, 1, "new");
+    let got = drain(&channel, &fx.queue(), 2, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1);
+    assert!(fresh.contains_key(&got[0].dedupe_key));
+    assert_eq!(fx.maildrop_len(), 5);
+    let _ = &mut redis;
+    fetcher.stop().await.unwrap();
+}
+
+async fn error_for(fx: &Fixture, table: String) -> (String, u64) {
+    let (config, _) = fx.config(&[table]);
+    let fetcher = InProcess::start(config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut err = None;
+    while err.is_none() && std::time::Instant::now() < deadline {
+        err = pop_support::last_error(fx).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(err.is_some(), "no error reported");
+    // Backoff, not a crash loop: over 3 s, few attempts.
+    let before = errors(fx).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = errors(fx).await - before;
+    fetcher.stop().await.unwrap();
+    (err.unwrap(), attempts)
+}
+
+/// Errors counted by the fetcher's `/metrics`.
+async fn errors(fx: &Fixture) -> u64 {
+    let mut redis = fx.redis().await;
+    let agents = common::heartbeat::list_agents(&mut redis, &fx.keys())
+        .await
+        .unwrap();
+    let Some(admin) = agents
+        .iter()
+        .find(|a| a.component == "pop-fetcher")
+        .and_then(|a| a.admin.clone())
+    else {
+        return 0;
+    };
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.contains("fetcher_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_without_a_grant_gets_a_clear_permission_error_and_backoff() {
+    let fx = Fixture::new("popnogrant");
+    // A token of another app, which has no grant on this mailbox.
+    let other = uuid::Uuid::new_v4().to_string();
+    let roles: Vec<String> = mailagent_tests::idp::ROLES
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    let token = mailagent_tests::idp::Signer::trusted(&fx.env).mint(
+        &other,
+        &roles,
+        Duration::from_secs(3600),
+        0,
+    );
+    fx.plant(&token).await;
+    // A "broker" that answers the forced refresh with another token of that app.
+    let tokens = fx.tokens().await;
+    let refresher = tokio::spawn(async move {
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = mailagent_tests::idp::Signer::trusted(&Endpoints::load()).mint(
+                &other,
+                &roles,
+                Duration::from_secs(3600),
+                0,
+            );
+            let _ = tokens
+                .store(
+                    pop_support::PROFILE,
+                    &t,
+                    common::heartbeat::now_secs() + 3500,
+                )
+                .await;
+        }
+    });
+    let (err, attempts) = error_for(&fx, fx.mail_table("png", "POP3S", "")).await;
+    refresher.abort();
+    assert!(
+        err.contains("no permission on mailbox") || err.contains("cannot log in"),
+        "{err}"
+    );
+    assert!(err.contains(&fx.mailbox), "{err}");
+    assert!(attempts <= 6, "{attempts} attempts in 3 s is a tight loop");
+}
+
+use mailagent_tests::env::Endpoints;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_gets_a_clear_error_and_backoff() {
+    let fx = Fixture::new("popexp");
+    // Expired an hour ago, though Redis still holds it as current.
+    fx.plant(&fx.mint(Duration::from_secs(600), -7200)).await;
+    let (err, attempts) = error_for(&fx, fx.mail_table("pex", "POP3S", "")).await;
+    assert!(
+        err.contains("cannot log in") && err.contains("XOAUTH2"),
+        "{err}"
+    );
+    assert!(!err.contains("eyJ"), "a token leaked into the error: {err}");
+    assert!(attempts <= 6, "{attempts} attempts in 3 s is a tight loop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_in_redis_is_a_clear_error() {
+    let fx = Fixture::new("popnotok");
+    let (err, _) = error_for(&fx, fx.mail_table("pnt", "POP3S", "")).await;
+    assert!(err.contains("no access token for oauth profile"), "{err}");
+}
