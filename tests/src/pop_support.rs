@@ -378,3 +378,63 @@ pub async fn last_error(fx: &Fixture) -> Option<String> {
         .filter(|a| a.component == "pop-fetcher")
         .find_map(|a| a.last_error)
 }
+
+/// A loopback TCP relay to RabbitMQ that a test can cut and restore, to
+/// simulate an outage without stopping the shared broker.
+pub struct Relay {
+    /// The relay's address.
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    /// Starts a relay to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let flag = std::sync::Arc::clone(&up);
+        let gen = generation.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: refused while down
+                }
+                let mut cut = gen.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            up,
+            generation,
+        }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

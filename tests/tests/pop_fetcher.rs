@@ -252,3 +252,56 @@ async fn no_token_in_redis_is_a_clear_error() {
     let (err, _) = error_for(&fx, fx.mail_table("pnt", "POP3S", "")).await;
     assert!(err.contains("no access token for oauth profile"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
+    let fx = Fixture::new("popdown");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let amqp: url::Url = fx.env.amqp_url().parse().unwrap();
+    let target = format!("{}:{}", amqp.host_str().unwrap(), amqp.port().unwrap())
+        .parse()
+        .unwrap();
+    let relay = pop_support::Relay::start(target).await;
+    let (mut config, _) = fx.config(&[fx.mail_table("pdn", "POP3S", "")]);
+    let mut via_relay = amqp.clone();
+    via_relay.set_port(Some(relay.addr.port())).unwrap();
+    config.amqp.url = common::secret::SecretUrl::new(via_relay.to_string());
+    let fetcher = InProcess::start(config);
+    // The fetcher is up (it polled the empty maildrop once), then RabbitMQ goes.
+    let mut redis = fx.redis().await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let n: usize = redis::AsyncCommands::scard(&mut redis.clone(), fx.keys().uidls("pdn"))
+                .await
+                .unwrap_or(0);
+            let agents = common::heartbeat::list_agents(&mut redis.clone(), &fx.keys())
+                .await
+                .unwrap_or_default();
+            n == 0 && agents.iter().any(|a| a.last_poll.is_some())
+        })
+        .await
+    );
+    relay.down();
+    let seeded = seed(&fx, 50, "down");
+    // Several polls fail; nothing is deleted meanwhile.
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            pop_support::last_error(&fx).await.is_some()
+        })
+        .await,
+        "the outage was not noticed"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fx.maildrop_len(),
+        50,
+        "mail deleted while RabbitMQ was down"
+    );
+    relay.up();
+    let got = drain(&channel, &fx.queue(), 50, Duration::from_secs(60)).await;
+    assert_all_identical(&fx, &seeded, &got);
+    assert!(eventually(Duration::from_secs(20), || async { fx.maildrop_len() == 0 }).await);
+    fetcher.stop().await.unwrap();
+    let _ = &mut redis;
+}
