@@ -104,9 +104,21 @@ impl Fixture {
 
     /// A mail table for a server on `port` of `localhost`.
     pub fn mail_table_at(&self, name: &str, port: u16, server_type: &str, extra: &str) -> String {
+        self.mail_table_for(name, &self.mailbox, port, server_type, extra)
+    }
+
+    /// A mail table for `mailbox` (another mailbox than the fixture's, e.g.
+    /// one per config when several configs share a replica set).
+    pub fn mail_table_for(
+        &self,
+        name: &str,
+        mailbox: &str,
+        port: u16,
+        server_type: &str,
+        extra: &str,
+    ) -> String {
         format!(
             "name = \"{name}\"\nhost = \"localhost\"\nport = {port}\nmail-server-type = \"{server_type}\"\nusername = \"{mailbox}\"\noauth-profile = \"{PROFILE}\"\n{poll}{extra}",
-            mailbox = self.mailbox,
             poll = if extra.contains("poll-interval") { "" } else { "poll-interval = 1\n" },
         )
     }
@@ -187,7 +199,12 @@ allow-insecure = true
 
     /// Files in the mailbox's Maildir (`new` + `cur`): the maildrop's size.
     pub fn maildrop_len(&self) -> usize {
-        let root = maildir(&self.env, &self.mailbox);
+        self.maildrop_len_of(&self.mailbox)
+    }
+
+    /// The maildrop size of any mailbox.
+    pub fn maildrop_len_of(&self, mailbox: &str) -> usize {
+        let root = maildir(&self.env, mailbox);
         ["new", "cur"]
             .iter()
             .map(|d| {
@@ -347,6 +364,13 @@ pub async fn drain(
         }
     }
     out
+}
+
+/// Ready messages in a queue (0 when it does not exist yet).
+pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
+    common::topology::queue_depth(channel, queue)
+        .await
+        .unwrap_or(0)
 }
 
 /// Polls `check` every 100 ms until it returns true or `deadline` passes.
