@@ -9,6 +9,7 @@ pub mod config;
 pub mod connect;
 pub mod envelope;
 pub mod error;
+pub mod fetch_metrics;
 pub mod heartbeat;
 pub mod keys;
 pub mod lease;

@@ -201,8 +201,14 @@ impl Worker {
         self.shared.heartbeat.update(|s| s.last_error = None);
         let mut uid_next = mailbox.uid_next;
         loop {
+            let started = Instant::now();
             self.pass(&mut session, uidvalidity, uid_next.take(), caps)
                 .await?;
+            self.shared
+                .metrics
+                .poll_seconds
+                .with_label_values(&[&self.cfg.name])
+                .observe(started.elapsed().as_secs_f64());
             backoff.reset();
             self.shared
                 .heartbeat
@@ -645,6 +651,7 @@ impl Worker {
             shared
                 .metrics
                 .confirm_seconds
+                .with_label_values(&[])
                 .observe(c.latency.as_secs_f64());
             shared
                 .metrics
@@ -746,7 +753,13 @@ impl Worker {
             AfterFetch::Delete => {
                 self.store(session, &set, "+FLAGS.SILENT (\\Deleted)")
                     .await?;
-                self.expunge(session, &set, caps).await
+                self.expunge(session, &set, caps).await?;
+                self.shared
+                    .metrics
+                    .deleted
+                    .with_label_values(&[&self.cfg.name])
+                    .inc_by(uids.len() as u64);
+                Ok(())
             }
             AfterFetch::Move(folder) => {
                 let target = utf7::encode(folder);

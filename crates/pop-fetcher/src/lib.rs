@@ -131,7 +131,7 @@ pub async fn run_with(
         service.keys.clone(),
         &config.token_broker.encryption,
     );
-    let metrics = Metrics::new(&service.admin.registry);
+    let metrics = Metrics::new(&service.admin.registry, Protocol::Pop3);
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         config: Arc::clone(&config),
