@@ -8,14 +8,21 @@
 //! other login is handed to Dovecot (IMAPS) and the connection is relayed
 //! byte for byte.
 //!
-//! Protocols are a [`Mode`]; IMAP is implemented. A POP3 mode is added by
-//! another arm in [`serve_conn`] (Exchange's POP3 answers `+OK User
-//! successfully authenticated.` then `-ERR User is authenticated but not
-//! connected.`).
+//! Protocols are a [`Mode`]. In [`Mode::Pop3`] the front speaks POP3 over
+//! implicit TLS the way Exchange Online does: its CAPA offers
+//! `SASL PLAIN XOAUTH2` and no PIPELINING; the one-line
+//! `AUTH XOAUTH2 <payload>` is answered `-ERR Protocol error. Connection is
+//! closed. 10` and the connection closed (only the two-step form — `AUTH
+//! XOAUTH2`, `+ `, payload line — works); a denied mailbox, and any token
+//! Dovecot refuses, get `-ERR Authentication failure: unknown user name or
+//! bad password.` (no error challenge). An accepted login is handed to
+//! Dovecot (POP3S) and relayed. [`ExchangeFront::one_line_auths`] and
+//! [`ExchangeFront::two_step_auths`] count what clients sent.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
@@ -30,6 +37,16 @@ use crate::env::Endpoints;
 pub enum Mode {
     /// IMAP over implicit TLS, relayed to Dovecot's IMAPS port.
     Imap,
+    /// POP3 over implicit TLS (as Exchange's port 995), relayed to
+    /// Dovecot's POP3S port.
+    Pop3,
+}
+
+/// What clients sent the front (POP3 mode).
+#[derive(Debug, Default)]
+struct Stats {
+    one_line_auths: AtomicUsize,
+    two_step_auths: AtomicUsize,
 }
 
 /// A running front.
@@ -37,6 +54,7 @@ pub struct ExchangeFront {
     /// Where clients connect (TLS, certificate for `localhost`).
     pub addr: SocketAddr,
     denied: Arc<Mutex<HashSet<String>>>,
+    stats: Arc<Stats>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -70,9 +88,12 @@ impl ExchangeFront {
         let denied = Arc::new(Mutex::new(HashSet::new()));
         let upstream = match mode {
             Mode::Imap => env.mail_addr("IMAPS"),
+            Mode::Pop3 => env.mail_addr("POP3S"),
         };
         let ca = env.ca_file();
         let d = Arc::clone(&denied);
+        let stats = Arc::new(Stats::default());
+        let st = Arc::clone(&stats);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -80,15 +101,33 @@ impl ExchangeFront {
                 };
                 let acceptor = acceptor.clone();
                 let denied = Arc::clone(&d);
+                let stats = Arc::clone(&st);
                 let ca = ca.clone();
                 tokio::spawn(async move {
                     if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = serve_conn(mode, tls, denied, upstream, ca).await;
+                        let _ = serve_conn(mode, tls, denied, stats, upstream, ca).await;
                     }
                 });
             }
         });
-        Self { addr, denied, task }
+        Self {
+            addr,
+            denied,
+            stats,
+            task,
+        }
+    }
+
+    /// POP3: how many one-line `AUTH XOAUTH2 <payload>` commands clients
+    /// sent (each was refused and its connection closed, as Exchange does).
+    pub fn one_line_auths(&self) -> usize {
+        self.stats.one_line_auths.load(Ordering::SeqCst)
+    }
+
+    /// POP3: how many two-step `AUTH XOAUTH2` exchanges clients completed
+    /// (accepted or refused).
+    pub fn two_step_auths(&self) -> usize {
+        self.stats.two_step_auths.load(Ordering::SeqCst)
     }
 
     /// Makes `mailbox` answer as a mailbox the app has no permission on.
@@ -122,11 +161,140 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     mode: Mode,
     client: S,
     denied: Arc<Mutex<HashSet<String>>>,
+    stats: Arc<Stats>,
     upstream: SocketAddr,
     ca: PathBuf,
 ) -> anyhow::Result<()> {
     match mode {
         Mode::Imap => serve_imap(client, denied, upstream, ca).await,
+        Mode::Pop3 => serve_pop3(client, denied, stats, upstream, ca).await,
+    }
+}
+
+/// Exchange Online's answer to a refused POP3 login (bad token, or an app
+/// without permission on the mailbox).
+pub const POP3_AUTH_FAILURE: &str =
+    "-ERR Authentication failure: unknown user name or bad password.";
+
+/// Exchange Online's answer to a one-line `AUTH XOAUTH2 <payload>`; it
+/// closes the connection after it.
+pub const POP3_PROTOCOL_ERROR: &str = "-ERR Protocol error. Connection is closed. 10";
+
+async fn serve_pop3<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
+    denied: Arc<Mutex<HashSet<String>>>,
+    stats: Arc<Stats>,
+    upstream: SocketAddr,
+    ca: PathBuf,
+) -> anyhow::Result<()> {
+    let mut client = BufReader::new(client);
+    let greet = "+OK The Microsoft Exchange POP3 service is ready.\r\n";
+    client.get_mut().write_all(greet.as_bytes()).await?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if client.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.trim_end().splitn(3, ' ');
+        let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
+        match cmd.as_str() {
+            "CAPA" => {
+                client
+                    .get_mut()
+                    .write_all(b"+OK\r\nTOP\r\nUIDL\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n.\r\n")
+                    .await?;
+            }
+            "AUTH" => {
+                let mech = parts.next().unwrap_or("").to_ascii_uppercase();
+                if mech != "XOAUTH2" {
+                    client
+                        .get_mut()
+                        .write_all(format!("{POP3_AUTH_FAILURE}\r\n").as_bytes())
+                        .await?;
+                    continue;
+                }
+                if parts.next().is_some_and(|ir| !ir.trim().is_empty()) {
+                    // The initial-response form: Exchange Online drops it.
+                    stats.one_line_auths.fetch_add(1, Ordering::SeqCst);
+                    client
+                        .get_mut()
+                        .write_all(format!("{POP3_PROTOCOL_ERROR}\r\n").as_bytes())
+                        .await?;
+                    let _ = client.get_mut().shutdown().await;
+                    return Ok(());
+                }
+                client.get_mut().write_all(b"+ \r\n").await?;
+                let mut payload = String::new();
+                if client.read_line(&mut payload).await? == 0 {
+                    return Ok(());
+                }
+                let payload = payload.trim().to_string();
+                stats.two_step_auths.fetch_add(1, Ordering::SeqCst);
+                if payload == "*" {
+                    client
+                        .get_mut()
+                        .write_all(b"-ERR Authentication canceled.\r\n")
+                        .await?;
+                    continue;
+                }
+                let user = xoauth2_user(&payload).unwrap_or_default();
+                let is_denied = denied.lock().expect("lock").contains(&user);
+                if is_denied {
+                    client
+                        .get_mut()
+                        .write_all(format!("{POP3_AUTH_FAILURE}\r\n").as_bytes())
+                        .await?;
+                    continue;
+                }
+                // Log in to Dovecot with the same payload; relay from here on.
+                let mut up = crate::mailclient::connect_tls(upstream, &ca).await?;
+                let greeting = up.read_line().await?;
+                anyhow::ensure!(
+                    greeting.starts_with("+OK"),
+                    "upstream greeting {greeting:?}"
+                );
+                up.send("AUTH XOAUTH2").await?;
+                let cont = up.read_line().await?;
+                anyhow::ensure!(cont.starts_with('+'), "upstream AUTH reply {cont:?}");
+                up.send(&payload).await?;
+                let reply = up.read_line().await?;
+                if !reply.starts_with("+OK") {
+                    // Dovecot's error challenge or -ERR: Exchange sends neither,
+                    // only its own refusal.
+                    client
+                        .get_mut()
+                        .write_all(format!("{POP3_AUTH_FAILURE}\r\n").as_bytes())
+                        .await?;
+                    continue;
+                }
+                client
+                    .get_mut()
+                    .write_all(b"+OK User successfully authenticated.\r\n")
+                    .await?;
+                let mut up = up.into_inner();
+                let (mut cr, mut cw) = tokio::io::split(client);
+                let (mut ur, mut uw) = tokio::io::split(&mut up);
+                tokio::select! {
+                    _ = tokio::io::copy(&mut cr, &mut uw) => {}
+                    _ = tokio::io::copy(&mut ur, &mut cw) => {}
+                }
+                return Ok(());
+            }
+            "QUIT" => {
+                client
+                    .get_mut()
+                    .write_all(b"+OK Microsoft Exchange Server POP3 server signing off.\r\n")
+                    .await?;
+                return Ok(());
+            }
+            _ => {
+                client
+                    .get_mut()
+                    .write_all(b"-ERR Command is not valid in this state.\r\n")
+                    .await?;
+            }
+        }
     }
 }
 

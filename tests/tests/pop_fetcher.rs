@@ -305,3 +305,93 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     fetcher.stop().await.unwrap();
     let _ = &mut redis;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_exchange_front_the_two_step_auth_works_and_no_one_line_auth_is_sent() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode, POP3_PROTOCOL_ERROR};
+    let fx = Fixture::new("popexo");
+    let front = ExchangeFront::start(&fx.env, Mode::Pop3).await;
+    let seeded = seed(&fx, 40, "exo");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let (config, _) = fx.config(&[fx.mail_table_at("pxo", front.addr.port(), "pop3s", "")]);
+    let fetcher = InProcess::start(config);
+    let got = drain(&channel, &fx.queue(), 40, Duration::from_secs(60)).await;
+    assert_all_identical(&fx, &seeded, &got);
+    assert!(
+        eventually(Duration::from_secs(20), || async { fx.maildrop_len() == 0 }).await,
+        "maildrop still holds {} messages",
+        fx.maildrop_len()
+    );
+    fetcher.stop().await.unwrap();
+    assert!(
+        front.two_step_auths() >= 1,
+        "no two-step AUTH reached the front"
+    );
+    assert_eq!(front.one_line_auths(), 0, "a one-line AUTH was sent");
+
+    // The front does catch a one-line AUTH: Exchange's protocol error, then
+    // the connection is closed.
+    let mut raw = mailagent_tests::mailclient::connect_tls(front.addr, &fx.env.ca_file())
+        .await
+        .unwrap();
+    assert!(raw.read_line().await.unwrap().starts_with("+OK"));
+    let payload = common::xoauth2::encoded_response(&fx.mailbox, "not-a-token");
+    raw.send(&format!("AUTH XOAUTH2 {payload}")).await.unwrap();
+    assert_eq!(raw.read_line().await.unwrap(), POP3_PROTOCOL_ERROR);
+    assert!(raw.read_line().await.is_err(), "connection left open");
+    assert_eq!(front.one_line_auths(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mailbox_without_permission_behind_the_exchange_front_is_reported_as_no_permission() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("popexd");
+    let front = ExchangeFront::start(&fx.env, Mode::Pop3).await;
+    front.deny(&fx.mailbox);
+    seed(&fx, 3, "exd");
+    fx.plant_token().await;
+    // A broker that answers the forced refresh with a fresh (valid) token.
+    let tokens = fx.tokens().await;
+    let app = fx.app.clone();
+    let refresher = tokio::spawn(async move {
+        let roles: Vec<String> = mailagent_tests::idp::ROLES
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t = mailagent_tests::idp::Signer::trusted(&Endpoints::load()).mint(
+                &app,
+                &roles,
+                Duration::from_secs(3600),
+                0,
+            );
+            let _ = tokens
+                .store(
+                    pop_support::PROFILE,
+                    &t,
+                    common::heartbeat::now_secs() + 3500,
+                )
+                .await;
+        }
+    });
+    let table = fx.mail_table_at("pxd", front.addr.port(), "pop3s", "");
+    let (err, attempts) = error_for(&fx, table).await;
+    refresher.abort();
+    assert!(
+        err.contains(&format!(
+            "no permission on mailbox {} for app {}",
+            fx.mailbox, fx.app
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("Authentication failure: unknown user name or bad password."),
+        "Exchange's reply is quoted: {err}"
+    );
+    assert!(!err.contains("eyJ"), "a token leaked into the error: {err}");
+    assert!(attempts <= 6, "{attempts} attempts in 3 s is a tight loop");
+    assert_eq!(front.one_line_auths(), 0, "a one-line AUTH was sent");
+    assert_eq!(fx.maildrop_len(), 3, "nothing deleted");
+}
