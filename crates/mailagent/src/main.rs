@@ -1,6 +1,8 @@
 //! `mailagent`: the operator CLI (§7).
 
 mod records;
+mod status;
+mod test_connection;
 
 use std::process::ExitCode;
 
@@ -23,6 +25,15 @@ enum Command {
     /// Validate the whole configuration file and print a redacted summary
     /// (exit 0) or every error (exit 2).
     CheckConfig,
+    /// Every live agent, each OAuth profile's token state, each mail
+    /// config's owner and progress, and the queue depths.
+    Status(status::StatusArgs),
+    /// Check one mail config end to end: own token request, DNS, TCP, TLS,
+    /// login, folder; names the failing step and its likely cause.
+    TestConnection {
+        /// The incoming-mail config name.
+        name: String,
+    },
     /// List the records created from forms (`--json`: one object a line).
     Records(records::RecordsArgs),
     /// List rejected messages, or replay one from the dead-letter queue.
@@ -41,6 +52,23 @@ fn main() -> ExitCode {
             match cli::load(&args.config, Component::Cli) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(code) => code,
+            }
+        }
+        Command::Status(ref s) => with_config(&args.config, |config| async move {
+            status::status(&config, s).await
+        }),
+        Command::TestConnection { ref name } => {
+            let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = failed.clone();
+            let code = with_config(&args.config, |config| async move {
+                let ok = test_connection::test_connection(&config, name).await?;
+                flag.store(!ok, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            });
+            if failed.load(std::sync::atomic::Ordering::SeqCst) {
+                ExitCode::FAILURE
+            } else {
+                code
             }
         }
         Command::Records(ref r) => with_config(&args.config, |config| async move {

@@ -1,0 +1,294 @@
+//! `mailagent status`: every live agent from the Redis heartbeats, each OAuth
+//! profile's token state, each mail config's owner and progress, and the
+//! depths of the action and dead-letter queues — TRIRIGA's Agents panel.
+
+use std::collections::HashMap;
+
+use common::heartbeat::{list_agents, now_secs, AgentStatus};
+use common::keys::Keys;
+use common::token::{read_state, ProfileState, TokenClient};
+use common::Config;
+use redis::AsyncCommands;
+use serde::Serialize;
+
+/// `mailagent status` options.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A profile's token as status shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ProfileRow {
+    name: String,
+    state: String,
+    expires_in_s: Option<i64>,
+    key_id: Option<String>,
+    last_error: Option<String>,
+    error_code: Option<String>,
+    next_attempt_in_s: Option<i64>,
+}
+
+/// A mail config as status shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct MailRow {
+    name: String,
+    protocol: String,
+    mailbox: String,
+    owner: Option<String>,
+    progress: Option<String>,
+    oversized: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Report {
+    agents: Vec<AgentStatus>,
+    profiles: Vec<ProfileRow>,
+    mail_configs: Vec<MailRow>,
+    queues: HashMap<String, Option<u32>>,
+    errors: Vec<String>,
+}
+
+/// Prints the report; fails when Redis cannot be read at all.
+pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
+    let keys = Keys::new(config.redis.prefix.clone());
+    let mut redis = common::connect::redis(config).await?;
+    let mut errors = Vec::new();
+    let agents = list_agents(&mut redis, &keys).await?;
+    let tokens = TokenClient::new(redis.clone(), keys.clone(), &config.token_broker.encryption);
+
+    let mut profiles = Vec::new();
+    for p in &config.oauth_profiles {
+        let state: ProfileState = read_state(&mut redis, &keys, &p.name)
+            .await?
+            .unwrap_or_default();
+        let stored = tokens.stored(&p.name).await.unwrap_or(None);
+        let now = now_secs() as i64;
+        profiles.push(ProfileRow {
+            name: p.name.clone(),
+            state: if state.state.is_empty() {
+                "unknown (no broker has run)".into()
+            } else {
+                state.state.clone()
+            },
+            expires_in_s: stored.as_ref().map(|s| s.expires_at as i64 - now),
+            key_id: stored.map(|s| s.kid),
+            last_error: state.last_error.clone(),
+            error_code: state.error_code.clone(),
+            next_attempt_in_s: state.next_attempt_ms.map(|ms| (ms / 1000) as i64 - now),
+        });
+    }
+
+    let mut mail_configs = Vec::new();
+    for m in &config.incoming_mail {
+        let owner: Option<String> = redis.get(keys.lease(&m.name)).await?;
+        let checkpoint: HashMap<String, String> = redis
+            .hgetall(keys.checkpoint(&m.name))
+            .await
+            .unwrap_or_default();
+        let progress = match m.protocol() {
+            common::config::Protocol::Imap => checkpoint.get("last-uid").map(|uid| {
+                format!(
+                    "uidvalidity {} last uid {uid}",
+                    checkpoint
+                        .get("uidvalidity")
+                        .map(String::as_str)
+                        .unwrap_or("?")
+                )
+            }),
+            common::config::Protocol::Pop3 => {
+                let n: u64 = redis.scard(keys.uidls(&m.name)).await.unwrap_or(0);
+                Some(format!("{n} uidl(s) handed over"))
+            }
+        };
+        let oversized: u64 = redis.hlen(keys.oversized(&m.name)).await.unwrap_or(0);
+        mail_configs.push(MailRow {
+            name: m.name.clone(),
+            protocol: m.protocol().as_str().into(),
+            mailbox: m.username.clone(),
+            owner,
+            progress,
+            oversized,
+        });
+    }
+
+    let mut queues = HashMap::new();
+    let topology = common::topology::Topology::new(&config.amqp.prefix);
+    match common::connect::amqp(config, "mailagent-status").await {
+        Ok(conn) => {
+            for q in [&topology.create_queue, &topology.dead_queue] {
+                let depth = match conn.create_channel().await {
+                    Ok(ch) => common::topology::queue_depth(&ch, q).await.ok(),
+                    Err(_) => None,
+                };
+                if depth.is_none() {
+                    errors.push(format!("queue {q} not found (has any agent started?)"));
+                }
+                queues.insert(q.clone(), depth);
+            }
+            let _ = conn.close(200, "status done").await;
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
+
+    let report = Report {
+        agents,
+        profiles,
+        mail_configs,
+        queues,
+        errors,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render(&report));
+    }
+    Ok(())
+}
+
+fn age(epoch: Option<u64>) -> String {
+    match epoch {
+        Some(t) if t > 0 => format!("{}s ago", now_secs().saturating_sub(t)),
+        _ => "-".into(),
+    }
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s = s.trim_end().to_string();
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
+}
+
+fn render(r: &Report) -> String {
+    let mut out = String::from("AGENTS\n");
+    if r.agents.is_empty() {
+        out.push_str("  (no live agent: none has beaten its heartbeat in the last intervals)\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "COMPONENT",
+                "INSTANCE",
+                "OWNS",
+                "LAST POLL",
+                "HANDLED",
+                "ADMIN",
+                "LAST ERROR",
+            ],
+            r.agents
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.component.clone(),
+                        a.instance.clone(),
+                        if a.owns.is_empty() {
+                            "-".into()
+                        } else {
+                            a.owns.join(",")
+                        },
+                        age(a.last_poll),
+                        a.handled.to_string(),
+                        a.admin.clone().unwrap_or_else(|| "-".into()),
+                        a.last_error.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect(),
+        ));
+    }
+    out.push_str("\nOAUTH PROFILES\n");
+    out.push_str(&table(
+        &[
+            "PROFILE",
+            "STATE",
+            "EXPIRES IN",
+            "KEY",
+            "NEXT ATTEMPT",
+            "LAST ERROR",
+        ],
+        r.profiles
+            .iter()
+            .map(|p| {
+                vec![
+                    p.name.clone(),
+                    p.state.clone(),
+                    p.expires_in_s
+                        .map(|s| format!("{s}s"))
+                        .unwrap_or_else(|| "no token".into()),
+                    p.key_id.clone().unwrap_or_else(|| "-".into()),
+                    p.next_attempt_in_s
+                        .filter(|s| *s > 0)
+                        .map(|s| format!("in {s}s"))
+                        .unwrap_or_else(|| "-".into()),
+                    p.last_error.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nMAIL CONFIGS\n");
+    out.push_str(&table(
+        &[
+            "CONFIG",
+            "PROTOCOL",
+            "MAILBOX",
+            "OWNER",
+            "PROGRESS",
+            "OVERSIZED",
+        ],
+        r.mail_configs
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.protocol.clone(),
+                    m.mailbox.clone(),
+                    m.owner.clone().unwrap_or_else(|| "(no owner)".into()),
+                    m.progress.clone().unwrap_or_else(|| "-".into()),
+                    m.oversized.to_string(),
+                ]
+            })
+            .collect(),
+    ));
+    out.push_str("\nQUEUES\n");
+    let mut queues: Vec<_> = r.queues.iter().collect();
+    queues.sort();
+    out.push_str(&table(
+        &["QUEUE", "READY"],
+        queues
+            .into_iter()
+            .map(|(q, d)| {
+                vec![
+                    q.clone(),
+                    d.map(|d| d.to_string()).unwrap_or_else(|| "?".into()),
+                ]
+            })
+            .collect(),
+    ));
+    for e in &r.errors {
+        out.push_str(&format!("note: {e}\n"));
+    }
+    out
+}
