@@ -15,14 +15,20 @@
 //!   logged every [`BLOCKED_WARN_EVERY`] while confirmations are overdue.
 //! - A channel or connection error fails every outstanding publish; the
 //!   caller reconnects and fetches again (a duplicate, never a loss).
+//!
+//! An [`AmqpLink`] is a replica's one AMQP connection, shared by its mailbox
+//! workers and reopened on demand when it has died (RabbitMQ restarted):
+//! each batch of work asks it for a fresh [`Publisher`].
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::{Channel, Connection};
 
+use crate::config::Config;
 use crate::envelope::Envelope;
 
 /// How often a warning is logged while a confirmation is overdue.
@@ -34,6 +40,9 @@ pub const DEFAULT_WINDOW: usize = 256;
 /// Why a publish did not get a positive confirmation.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// No connection to RabbitMQ could be opened.
+    #[error(transparent)]
+    Connect(crate::Error),
     /// The channel or connection failed (RabbitMQ down, channel closed).
     #[error("cannot publish to RabbitMQ: {0}")]
     Channel(#[from] lapin::Error),
@@ -66,9 +75,55 @@ impl PublishError {
     /// A short label for the `errors` metric.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Channel(_) => "amqp",
+            Self::Connect(_) | Self::Channel(_) => "amqp",
             Self::Nacked { .. } => "nack",
             Self::Unroutable { .. } => "unroutable",
+        }
+    }
+}
+
+/// A replica's AMQP connection, shared by its workers: reopened when it has
+/// died, and the source of their confirm-mode [`Publisher`]s.
+pub struct AmqpLink {
+    config: Arc<Config>,
+    name: String,
+    conn: tokio::sync::Mutex<Option<Connection>>,
+}
+
+impl AmqpLink {
+    /// Starts from an open connection; `name` is the connection name shown
+    /// by RabbitMQ (and used again when reconnecting).
+    pub fn new(config: Arc<Config>, name: String, conn: Connection) -> Self {
+        Self {
+            config,
+            name,
+            conn: tokio::sync::Mutex::new(Some(conn)),
+        }
+    }
+
+    /// A confirm-mode publisher to `exchange` with `window` outstanding
+    /// confirms, on the live connection — reconnecting first when it died.
+    pub async fn publisher<T>(
+        &self,
+        exchange: &str,
+        window: usize,
+    ) -> Result<Publisher<T>, PublishError> {
+        let mut guard = self.conn.lock().await;
+        if !guard.as_ref().is_some_and(|c| c.status().connected()) {
+            *guard = None;
+            let conn = crate::connect::amqp(&self.config, &self.name)
+                .await
+                .map_err(PublishError::Connect)?;
+            *guard = Some(conn);
+        }
+        let conn = guard.as_ref().expect("connection set above");
+        Publisher::open(conn, exchange, window).await
+    }
+
+    /// Closes the connection (at shutdown, after the workers stopped).
+    pub async fn close(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            let _ = c.close(200, "shutdown").await;
         }
     }
 }

@@ -70,9 +70,6 @@ pub enum FetchError {
     /// Publishing failed (RabbitMQ down, nack, unroutable).
     #[error(transparent)]
     Publish(#[from] PublishError),
-    /// RabbitMQ could not be reached.
-    #[error(transparent)]
-    Amqp(#[from] common::Error),
     /// Redis failed (checkpoint, oversized records).
     #[error("cannot {action} in Redis: {source}")]
     Redis {
@@ -101,7 +98,6 @@ impl FetchError {
             Self::Permission { .. } => "permission",
             Self::NoToken { .. } | Self::Token { .. } => "token",
             Self::Publish(e) => e.kind(),
-            Self::Amqp(_) => "amqp",
             Self::Redis { .. } => "redis",
             Self::LeaseLost(_) => "lease",
             Self::Folder(..) => "folder",

@@ -23,13 +23,14 @@ use std::time::Duration;
 
 use common::config::Protocol;
 use common::lease::{LeaseChange, LeaseHolder, Leases};
+use common::publish::AmqpLink;
 use common::service::{self, StartError};
 use common::shutdown::CancellationToken;
 use common::token::TokenClient;
 use common::{Component, Config};
 use tokio::task::JoinHandle;
 
-use crate::mailbox::{AmqpLink, Shared};
+use crate::mailbox::Shared;
 use crate::metrics::Metrics;
 
 /// How long a stopping worker may take to finish its batch (confirms, then

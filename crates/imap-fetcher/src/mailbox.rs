@@ -12,12 +12,11 @@ use common::config::{AfterFetch, Config, IncomingMail, MailAuth, StartFrom};
 use common::envelope::{dedupe_key, Envelope, MessageRef};
 use common::heartbeat::Heartbeat;
 use common::keys::Keys;
-use common::publish::{Confirmed, Publisher};
+use common::publish::{AmqpLink, Confirmed, Publisher};
 use common::token::{AccessToken, TokenClient};
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, Checkpoint};
@@ -58,45 +57,6 @@ pub struct Shared {
     pub heartbeat: Heartbeat,
     /// Reconnect backoff: first wait and cap.
     pub backoff: (Duration, Duration),
-}
-
-/// The AMQP connection, reopened when it has died.
-pub struct AmqpLink {
-    config: Arc<Config>,
-    name: String,
-    conn: Mutex<Option<lapin::Connection>>,
-}
-
-impl AmqpLink {
-    /// Starts from an open connection.
-    pub fn new(config: Arc<Config>, name: String, conn: lapin::Connection) -> Self {
-        Self {
-            config,
-            name,
-            conn: Mutex::new(Some(conn)),
-        }
-    }
-
-    /// A confirm-mode publisher on the live connection (reconnecting first
-    /// when it died).
-    pub async fn publisher<T>(&self, exchange: &str, window: usize) -> Result<Publisher<T>> {
-        let mut guard = self.conn.lock().await;
-        let alive = guard.as_ref().is_some_and(|c| c.status().connected());
-        if !alive {
-            *guard = None;
-            let conn = common::connect::amqp(&self.config, &self.name).await?;
-            *guard = Some(conn);
-        }
-        let conn = guard.as_ref().expect("connection set above");
-        Ok(Publisher::open(conn, exchange, window).await?)
-    }
-
-    /// Closes the connection.
-    pub async fn close(&self) {
-        if let Some(c) = self.conn.lock().await.take() {
-            let _ = c.close(200, "shutdown").await;
-        }
-    }
 }
 
 /// Runs the worker of `cfg` until `graceful` is cancelled (finishing the
