@@ -481,7 +481,10 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
     .await;
     let before = store.records(&Default::default()).await.unwrap().len();
     proxy.cut();
-    assert!(before < n, "the outage starts before the run ends ({before} records)");
+    assert!(
+        before < n,
+        "the outage starts before the run ends ({before} records)"
+    );
     // The outage lasts 10 s: the processor must wait and retry meanwhile.
     let outage_end = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < outage_end {

@@ -499,6 +499,16 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// How many root records exist.
+    pub async fn count_records(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM records WHERE parent_id IS NULL")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| Error::from_sqlx("count records", e))?;
+        row.try_get::<i64, _>(0)
+            .map_err(|e| Error::from_sqlx("count records", e))
+    }
+
     /// Root records with their children, oldest first.
     pub async fn records(&self, filter: &RecordFilter) -> Result<Vec<StoredRecord>> {
         let err = |e| Error::from_sqlx("list records", e);
