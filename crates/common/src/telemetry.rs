@@ -123,3 +123,12 @@ pub fn set_remote_parent(span: &tracing::Span, traceparent: &str) {
     let cx = TraceContextPropagator::new().extract(&carrier);
     span.set_parent(cx);
 }
+
+/// Opens the fetcher's span for one message handed over (`fetched message`,
+/// with its mail config and UID/UIDL) and returns its `traceparent`, so the
+/// form processor's spans continue the same trace.
+pub fn fetched_message_trace(mail_config: &str, reference: &str) -> Option<String> {
+    let span = tracing::info_span!("fetched message", mail_config, reference);
+    let _entered = span.enter();
+    current_traceparent()
+}

@@ -72,7 +72,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     use futures::FutureExt;
     let started = Instant::now();
     ctx.metrics.in_flight.inc();
-    let span = tracing::debug_span!("form", dedupe_key = tracing::field::Empty);
+    let span = tracing::info_span!("form", dedupe_key = tracing::field::Empty);
     if let Some(tp) = traceparent(&delivery) {
         common::telemetry::set_remote_parent(&span, &tp);
     }

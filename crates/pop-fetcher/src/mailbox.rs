@@ -424,7 +424,7 @@ impl Worker {
             },
             action: self.cfg.action,
             fetcher: self.shared.instance.clone(),
-            traceparent: common::telemetry::current_traceparent(),
+            traceparent: common::telemetry::fetched_message_trace(&self.cfg.name, uidl),
         }
     }
 
