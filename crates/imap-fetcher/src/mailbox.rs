@@ -581,7 +581,7 @@ impl Worker {
                     },
                     action: self.cfg.action,
                     fetcher: shared.instance.clone(),
-                    traceparent: common::telemetry::fetched_message_trace(&name, &uid.to_string()),
+                    traceparent: common::telemetry::fetched_message_trace(name, &uid.to_string()),
                 };
                 if let Err(e) = publisher
                     .publish(&envelope, (uid, body.len()), &mut confirmed)
