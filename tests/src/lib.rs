@@ -10,3 +10,5 @@ pub mod idp;
 pub mod imap_support;
 pub mod mailclient;
 pub mod pop_support;
+pub mod private_rabbit;
+pub mod relay;

@@ -1,0 +1,361 @@
+//! The IMAP fetcher when the world misbehaves (spec §4, issue 4 "Must
+//! show"): RabbitMQ down, publishers blocked by a resource alarm, a
+//! UIDVALIDITY change, a token that expired between two sessions. Against
+//! real Dovecot, RabbitMQ and Redis; outages are made with a per-test relay
+//! or a private RabbitMQ node, so parallel tests are not disturbed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use common::shutdown::CancellationToken;
+use imap_fetcher::Options;
+use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::private_rabbit::PrivateRabbit;
+use mailagent_tests::relay::Relay;
+use tokio::task::JoinHandle;
+
+fn options() -> Options {
+    Options {
+        lease_ttl: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(300),
+        backoff_max: Duration::from_secs(2),
+        ..Options::default()
+    }
+}
+
+fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        imap_fetcher::run_with(config, options(), s)
+            .await
+            .expect("fetcher run");
+    });
+    (shutdown, task)
+}
+
+async fn stop(shutdown: CancellationToken, task: JoinHandle<()>) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("fetcher stops within 15 s")
+        .expect("fetcher task");
+}
+
+async fn checkpoint_of(fx: &Fixture, config: &str) -> HashMap<String, String> {
+    use redis::AsyncCommands;
+    let mut r = fx.redis().await;
+    r.hgetall(fx.keys().checkpoint(config))
+        .await
+        .expect("hgetall")
+}
+
+/// Waits until the fetcher has written its first checkpoint (it is up and
+/// has looked at the folder once).
+async fn wait_started(fx: &Fixture, config: &str) {
+    let up = support::eventually(Duration::from_secs(30), || async {
+        checkpoint_of(fx, config).await.contains_key("last-uid")
+    })
+    .await;
+    assert!(up, "the fetcher did not start on {config}");
+}
+
+async fn last_error(fx: &Fixture) -> Option<String> {
+    let mut redis = fx.redis().await;
+    common::heartbeat::list_agents(&mut redis, &fx.keys())
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| a.component == "imap-fetcher")
+        .find_map(|a| a.last_error)
+}
+
+fn seed(fx: &Fixture, tag: &str, n: usize) -> BTreeSet<Vec<u8>> {
+    let msgs: Vec<Vec<u8>> = (0..n)
+        .map(|i| support::message(&format!("{}{tag}", fx.prefix), i, 1500))
+        .collect();
+    support::seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    msgs.into_iter().collect()
+}
+
+fn amqp_via(url: &str, addr: std::net::SocketAddr) -> common::secret::SecretUrl {
+    let mut u: url::Url = url.parse().expect("amqp url");
+    u.set_ip_host(addr.ip()).expect("host");
+    u.set_port(Some(addr.port())).expect("port");
+    common::secret::SecretUrl::new(u.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
+    let fx = Fixture::new("down");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let amqp: url::Url = fx.env.amqp_url().parse().unwrap();
+    let target = format!("{}:{}", amqp.host_str().unwrap(), amqp.port().unwrap())
+        .parse()
+        .unwrap();
+    let relay = Relay::start(target).await;
+    let (mut config, _) =
+        fx.config(&[fx.mail_table("dn", &fx.mailbox, "after-fetch = \"delete\"\nidle = false")]);
+    config.amqp.url = amqp_via(fx.env.amqp_url(), relay.addr);
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "dn").await;
+
+    relay.down();
+    let seeded = seed(&fx, "dn", 40);
+    let noticed = support::eventually(Duration::from_secs(20), || async {
+        last_error(&fx)
+            .await
+            .is_some_and(|e| e.contains("RabbitMQ"))
+    })
+    .await;
+    assert!(
+        noticed,
+        "the outage was not reported: {:?}",
+        last_error(&fx).await
+    );
+    // Several sessions fail meanwhile (backoff ≤ 2 s); nothing is deleted.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let inbox = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+    assert_eq!(inbox.len(), 40, "mail deleted while RabbitMQ was down");
+    assert!(
+        inbox.values().all(|f| !f.contains("\\Deleted")),
+        "mail flagged \\Deleted while RabbitMQ was down: {inbox:?}"
+    );
+
+    relay.up();
+    let got = support::drain(&channel, &fx.queue(), 40, Duration::from_secs(60)).await;
+    let bodies: BTreeSet<Vec<u8>> = got.iter().map(|e| e.body.clone()).collect();
+    assert!(bodies == seeded, "every message arrives after the outage");
+    let emptied = support::eventually(Duration::from_secs(20), || async {
+        support::flags(&fx.env, &fx.mailbox, "INBOX")
+            .await
+            .is_empty()
+    })
+    .await;
+    assert!(emptied, "delete applies once confirmed");
+    stop(shutdown, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_publishers_are_blocked_by_a_resource_alarm_nothing_is_flagged_then_each_arrives_once(
+) {
+    // A resource alarm blocks every publisher of a node: this test gets a
+    // node of its own, so the shared broker is never blocked.
+    let rabbit = PrivateRabbit::start().await;
+    let fx = Fixture::new("alarm");
+    fx.plant_token().await;
+    let (mut config, _) = fx.config(&[fx.mail_table("al", &fx.mailbox, "idle = false")]);
+    config.amqp.url = common::secret::SecretUrl::new(rabbit.url.clone());
+    let conn = lapin::Connection::connect(&rabbit.url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    common::topology::declare(&channel, &config.amqp, false)
+        .await
+        .expect("declare topology");
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "al").await;
+
+    rabbit.set_disk_alarm().await;
+    let seeded = seed(&fx, "al", 50);
+    // The fetcher fetched and published: RabbitMQ holds its connection
+    // blocked (it stops reading from publishers under an alarm).
+    let blocked = support::eventually(Duration::from_secs(20), || async {
+        rabbit
+            .connection_states()
+            .await
+            .iter()
+            .any(|s| s == "blocked")
+    })
+    .await;
+    assert!(
+        blocked,
+        "no blocked publisher: {:?}",
+        rabbit.connection_states().await
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let flags = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+    assert_eq!(flags.len(), 50);
+    assert!(
+        flags.values().all(|f| !f.contains("\\Seen")),
+        "mail flagged while the publisher was blocked: {flags:?}"
+    );
+    assert_eq!(support::depth(&channel, &fx.queue()).await, 0);
+    assert_eq!(
+        checkpoint_of(&fx, "al")
+            .await
+            .get("last-uid")
+            .map(String::as_str),
+        Some("0"),
+        "checkpoint advanced while blocked"
+    );
+
+    rabbit.clear_disk_alarm().await;
+    let got = support::drain(&channel, &fx.queue(), 50, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 50, "all arrive once the alarm clears");
+    let bodies: BTreeSet<Vec<u8>> = got.iter().map(|e| e.body.clone()).collect();
+    assert_eq!(bodies.len(), 50, "no duplicates");
+    assert!(bodies == seeded, "bodies equal the mailbox's bytes");
+    let seen = support::eventually(Duration::from_secs(20), || async {
+        support::flags(&fx.env, &fx.mailbox, "INBOX")
+            .await
+            .values()
+            .all(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(seen, "flagged once confirmed");
+    // Several more polls: nothing was republished.
+    let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(3)).await;
+    assert!(extra.is_empty(), "republished: exactly once each");
+    stop(shutdown, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uidvalidity_change_rescans_unseen_mail_without_replaying_handed_over_mail() {
+    let fx = Fixture::new("uv");
+    let old = seed(&fx, "old", 5);
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let (config, _) = fx.config(&[fx.mail_table("uv", &fx.mailbox, "idle = false")]);
+    let (shutdown, task) = start(config.clone());
+    let got = support::drain(&channel, &fx.queue(), 5, Duration::from_secs(30)).await;
+    let bodies: BTreeSet<Vec<u8>> = got.into_iter().map(|e| e.body).collect();
+    assert!(bodies == old);
+    let seen = support::eventually(Duration::from_secs(15), || async {
+        let f = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+        f.len() == 5 && f.values().all(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(seen);
+    let before = support::eventually(Duration::from_secs(10), || async {
+        checkpoint_of(&fx, "uv")
+            .await
+            .get("last-uid")
+            .map(String::as_str)
+            == Some("5")
+    })
+    .await;
+    assert!(before, "{:?}", checkpoint_of(&fx, "uv").await);
+    let old_validity = checkpoint_of(&fx, "uv").await["uidvalidity"].clone();
+    stop(shutdown, task).await;
+
+    // The mailbox is rebuilt (as after a restore or a server migration):
+    // Dovecot forgets its UID list and index and assigns a new UIDVALIDITY
+    // and new UIDs; the \Seen flags stay (Maildir keeps them in file names).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dir = support::maildir(&fx.env, &fx.mailbox);
+    for entry in std::fs::read_dir(&dir).expect("maildir") {
+        let path = entry.expect("entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name == "dovecot-uidlist" || name.starts_with("dovecot.index") {
+            std::fs::remove_file(&path).expect("remove");
+        }
+    }
+    let new = seed(&fx, "new", 2);
+
+    let (shutdown, task) = start(config);
+    let got = support::drain(&channel, &fx.queue(), 2, Duration::from_secs(30)).await;
+    let bodies: BTreeSet<Vec<u8>> = got.into_iter().map(|e| e.body).collect();
+    assert!(
+        bodies == new,
+        "the unseen mail is published after the change"
+    );
+    let changed = support::eventually(Duration::from_secs(15), || async {
+        let cp = checkpoint_of(&fx, "uv").await;
+        cp.get("uidvalidity") != Some(&old_validity)
+            && cp.get("scan-until").is_none_or(|s| s == "0")
+    })
+    .await;
+    assert!(
+        changed,
+        "checkpoint follows the new UIDVALIDITY (was {old_validity}): {:?}",
+        checkpoint_of(&fx, "uv").await
+    );
+    let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(3)).await;
+    assert!(
+        extra.is_empty(),
+        "mail handed over before the change is not replayed"
+    );
+    let flags = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+    assert_eq!(flags.len(), 7);
+    assert!(flags.values().all(|f| f.contains("\\Seen")), "{flags:?}");
+    stop(shutdown, task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succeeds() {
+    let fx = Fixture::new("exp");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let relay = Relay::start(fx.env.mail_addr("IMAPS")).await;
+    let table = fx.mail_table("exp", &fx.mailbox, "").replace(
+        &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
+        &format!("port = {}", relay.addr.port()),
+    );
+    let (config, _) = fx.config(&[table]);
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "exp").await;
+    let first = support::message(&fx.prefix, 1, 600);
+    support::append(&fx.env, &fx.mailbox, "INBOX", &first).await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "published with the first token");
+
+    // The token expires while the session idles: Redis still holds it as
+    // current (the broker has not refreshed yet) but the server refuses it.
+    let roles: Vec<String> = mailagent_tests::idp::ROLES
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    let expired = mailagent_tests::idp::Signer::trusted(&fx.env).mint(
+        &fx.app,
+        &roles,
+        Duration::from_secs(60),
+        -3600,
+    );
+    let tokens = fx.tokens().await;
+    let failed = tokens
+        .store(
+            support::PROFILE,
+            &expired,
+            common::heartbeat::now_secs() + 600,
+        )
+        .await
+        .expect("store");
+    let client = redis::Client::open(fx.env.redis_url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(fx.keys().token_refresh_channel())
+        .await
+        .expect("subscribe");
+    // The server drops the connection; the next session logs in again.
+    relay.cut();
+    let request: String = {
+        use futures::StreamExt;
+        let mut messages = pubsub.on_message();
+        let msg = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("a forced-refresh request within 30 s")
+            .expect("message");
+        msg.get_payload().expect("payload")
+    };
+    assert!(
+        request.contains(&failed.fingerprint),
+        "refresh of the refused token: {request}"
+    );
+    let second = support::message(&fx.prefix, 2, 600);
+    support::append(&fx.env, &fx.mailbox, "INBOX", &second).await;
+    // Act as the broker: the refreshed token.
+    tokens
+        .store(
+            support::PROFILE,
+            &fx.mint(Duration::from_secs(3600)),
+            common::heartbeat::now_secs() + 3500,
+        )
+        .await
+        .expect("store fresh");
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(40)).await;
+    assert_eq!(got.len(), 1, "published after the refresh");
+    assert_eq!(got[0].body, second);
+    stop(shutdown, task).await;
+}
