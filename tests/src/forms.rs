@@ -409,11 +409,7 @@ listen = "127.0.0.1:0"
 token-encryption = "none"
 [form-processor]
 store = "{store_url}"
-prefetch = 32
-trusted-authserv-ids = ["{TRUSTED_AUTHSERV}"]
-max-decompressed-bytes = 20000000
-max-workbook-bytes = 5000000
-{extra}
+{settings}
 
 [[topics]]
 subject = "{LEASE_SUBJECT}"
@@ -433,7 +429,7 @@ require-authenticated-sender = true
 "#,
             redis = env.redis_url(),
             amqp = env.amqp_url(),
-            extra = extra.join("\n"),
+            settings = form_processor_settings(extra),
         );
         let path: PathBuf = dir.path().join("mailagent.toml");
         std::fs::write(&path, toml).unwrap();
@@ -560,6 +556,30 @@ require-authenticated-sender = true
             .await
             .unwrap()
     }
+}
+
+/// The `[form-processor]` lines: the test defaults, overridden by `extra`.
+fn form_processor_settings(extra: &[&str]) -> String {
+    let defaults = [
+        "prefetch = 32".to_string(),
+        format!("trusted-authserv-ids = [\"{TRUSTED_AUTHSERV}\"]"),
+        "max-decompressed-bytes = 20000000".to_string(),
+        "max-workbook-bytes = 5000000".to_string(),
+    ];
+    let key = |line: &str| {
+        line.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let overridden: Vec<String> = extra.iter().map(|l| key(l)).collect();
+    defaults
+        .into_iter()
+        .filter(|d| !overridden.contains(&key(d)))
+        .chain(extra.iter().map(|l| l.to_string()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A processor running in this process.
