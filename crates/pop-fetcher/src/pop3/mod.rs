@@ -184,40 +184,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// Makes sure the read buffer holds bytes: reads from the stream only
+    /// when it is empty, and only then under the timeout (one timer per read
+    /// from the stream, not per line: a 10,000-message RETR run has over a
+    /// million lines). EOF is an error.
+    async fn fill(&mut self, action: &'static str) -> Result<()> {
+        if !self.io.buffer().is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.timeout, self.io.fill_buf()).await {
+            Ok(Ok([])) => Err(self.io_err(
+                action,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed by the server",
+                ),
+            )),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(self.io_err(action, source)),
+            Err(_) => Err(self.timeout_err(action)),
+        }
+    }
+
+    fn too_long(&self, action: &'static str, limit: usize) -> Error {
+        self.io_err(
+            action,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("line longer than {limit} bytes"),
+            ),
+        )
+    }
+
     /// Reads one line (with its line ending) into `self.line`, at most
-    /// `limit` bytes; EOF is an error.
+    /// `limit` bytes; EOF is an error. Each wait for bytes is bounded by
+    /// the timeout.
     async fn read_line(&mut self, action: &'static str, limit: usize) -> Result<()> {
         self.line.clear();
-        let timeout = self.timeout;
-        let read = async {
-            loop {
-                let buf = self.io.fill_buf().await?;
-                if buf.is_empty() {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "connection closed by the server",
-                    ));
-                }
-                let (used, done) = match memchr(b'\n', buf) {
-                    Some(i) => (i + 1, true),
-                    None => (buf.len(), false),
-                };
-                self.line.extend_from_slice(&buf[..used]);
-                self.io.consume(used);
-                if done {
-                    return Ok(());
-                }
-                if self.line.len() > limit {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("line longer than {limit} bytes"),
-                    ));
-                }
+        loop {
+            self.fill(action).await?;
+            let buf = self.io.buffer();
+            let (used, done) = match memchr(b'\n', buf) {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            self.line.extend_from_slice(&buf[..used]);
+            self.io.consume(used);
+            if done {
+                return Ok(());
             }
-        };
-        match tokio::time::timeout(timeout, read).await {
-            Ok(r) => r.map_err(|source| self.io_err(action, source)),
-            Err(_) => Err(self.timeout_err(action)),
+            if self.line.len() > limit {
+                return Err(self.too_long(action, limit));
+            }
         }
     }
 
@@ -254,16 +272,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Reads the body of a multi-line response into `out`, dot-unstuffed.
+    /// Lines are unstuffed straight from the read buffer; only a line split
+    /// across two reads is copied into `self.line` first.
     pub async fn read_multiline(
         &mut self,
         action: &'static str,
         out: &mut Vec<u8>,
         line_limit: usize,
     ) -> Result<()> {
+        self.line.clear();
         loop {
-            self.read_line(action, line_limit).await?;
-            if wire::push_multiline(out, &self.line) {
+            self.fill(action).await?;
+            let buf = self.io.buffer();
+            let mut pos = 0;
+            let mut finished = false;
+            while let Some(i) = memchr(b'\n', &buf[pos..]) {
+                let end = pos + i + 1;
+                let done = if self.line.is_empty() {
+                    wire::push_multiline(out, &buf[pos..end])
+                } else {
+                    self.line.extend_from_slice(&buf[pos..end]);
+                    let done = wire::push_multiline(out, &self.line);
+                    self.line.clear();
+                    done
+                };
+                pos = end;
+                if done {
+                    finished = true;
+                    break;
+                }
+            }
+            if !finished {
+                self.line.extend_from_slice(&buf[pos..]);
+                pos = buf.len();
+            }
+            self.io.consume(pos);
+            if finished {
                 return Ok(());
+            }
+            if self.line.len() > line_limit {
+                return Err(self.too_long(action, line_limit));
             }
         }
     }
