@@ -47,6 +47,7 @@ pub enum Mode {
 struct Stats {
     one_line_auths: AtomicUsize,
     two_step_auths: AtomicUsize,
+    no_xoauth2: std::sync::atomic::AtomicBool,
 }
 
 /// A running front.
@@ -116,6 +117,12 @@ impl ExchangeFront {
             stats,
             task,
         }
+    }
+
+    /// POP3: from now on CAPA offers `SASL PLAIN` only, as a server (or an
+    /// Exchange with OAuth for POP turned off) without XOAUTH2 would.
+    pub fn without_xoauth2(&self) {
+        self.stats.no_xoauth2.store(true, Ordering::SeqCst);
     }
 
     /// POP3: how many one-line `AUTH XOAUTH2 <payload>` commands clients
@@ -200,9 +207,16 @@ async fn serve_pop3<S: AsyncRead + AsyncWrite + Unpin>(
         let cmd = parts.next().unwrap_or("").to_ascii_uppercase();
         match cmd.as_str() {
             "CAPA" => {
+                let sasl = if stats.no_xoauth2.load(Ordering::SeqCst) {
+                    "PLAIN"
+                } else {
+                    "PLAIN XOAUTH2"
+                };
                 client
                     .get_mut()
-                    .write_all(b"+OK\r\nTOP\r\nUIDL\r\nSASL PLAIN XOAUTH2\r\nUSER\r\n.\r\n")
+                    .write_all(
+                        format!("+OK\r\nTOP\r\nUIDL\r\nSASL {sasl}\r\nUSER\r\n.\r\n").as_bytes(),
+                    )
                     .await?;
             }
             "AUTH" => {

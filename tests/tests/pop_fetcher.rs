@@ -395,3 +395,25 @@ async fn a_mailbox_without_permission_behind_the_exchange_front_is_reported_as_n
     assert_eq!(front.one_line_auths(), 0, "a one-line AUTH was sent");
     assert_eq!(fx.maildrop_len(), 3, "nothing deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_xoauth2_gets_a_clear_error_and_slow_retries() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("popnox");
+    let front = ExchangeFront::start(&fx.env, Mode::Pop3).await;
+    front.without_xoauth2();
+    seed(&fx, 2, "nox");
+    fx.plant_token().await;
+    let table = fx.mail_table_at("pnx", front.addr.port(), "pop3s", "");
+    let (err, attempts) = error_for(&fx, table).await;
+    assert!(
+        err.contains("does not offer SASL XOAUTH2 (CAPA SASL mechanisms: PLAIN)"),
+        "{err}"
+    );
+    assert!(
+        attempts <= 2,
+        "{attempts} attempts in 3 s: not the slow schedule"
+    );
+    assert_eq!(front.two_step_auths() + front.one_line_auths(), 0);
+    assert_eq!(fx.maildrop_len(), 2, "nothing deleted");
+}
