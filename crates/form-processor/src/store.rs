@@ -394,15 +394,29 @@ impl Store {
             Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
             Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
         };
-        migrator.run(&pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(source) => {
-                Error::from_sqlx("apply the schema", source)
+        // Several processes may start on one new store at once: the loser of
+        // that race fails ("table already exists", a lock) and, retried,
+        // finds the schema applied.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(error = %e, attempt, "applying the schema failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(sqlx::migrate::MigrateError::Execute(source)) => {
+                    return Err(Error::from_sqlx("apply the schema", source))
+                }
+                Err(other) => {
+                    return Err(Error::Permanent {
+                        action: "apply the schema",
+                        source: sqlx::Error::Migrate(Box::new(other)),
+                    })
+                }
             }
-            other => Error::Permanent {
-                action: "apply the schema",
-                source: sqlx::Error::Migrate(Box::new(other)),
-            },
-        })?;
+        }
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(writer(pool.clone(), rx, observe));
         Ok(Self {
