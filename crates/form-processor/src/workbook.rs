@@ -175,6 +175,17 @@ fn read_sheet<R: Read + std::io::Seek>(
 /// worksheets it refers to.
 pub fn read_form(bytes: &[u8], limits: &Limits) -> Checked<Form> {
     check_zip(bytes, limits)?;
+    // calamine 0.26 panics on some inconsistent workbooks (a shared-string
+    // index past the table indexes a Vec): that is a malformed workbook, not
+    // a crash to redeliver until the poison limit (tests/corpus).
+    std::panic::catch_unwind(|| read_cells(bytes, limits)).unwrap_or_else(|_| {
+        Err(malformed(
+            "the workbook is inconsistent (the xlsx reader panicked)",
+        ))
+    })
+}
+
+fn read_cells(bytes: &[u8], limits: &Limits) -> Checked<Form> {
     let mut xlsx: Xlsx<_> = Xlsx::new(Cursor::new(bytes)).map_err(malformed)?;
     let names = xlsx.sheet_names();
     if names.len() as u64 > u64::from(limits.max_sheets) {
