@@ -1,0 +1,425 @@
+//! No secret anywhere (spec §8, issue 8): the four binaries run as processes
+//! at `RUST_LOG=trace` through a demo-like cycle — the test IdP issues
+//! tokens, forms are mailed into an IMAP mailbox (XOAUTH2), a POP3 mailbox
+//! (XOAUTH2) and an IMAP mailbox reached with a password, records and a
+//! rejection are made — then every byte they left behind is scanned for the
+//! client secret, the token-encryption key (base64 and raw), the mail
+//! password and every access token the IdP issued: their output, every
+//! Redis value under the test's prefix, every AMQP message left (the
+//! dead-letter queue included) and the record store's files.
+//!
+//! The `Debug` of every exported config and error type holding a secret is
+//! checked the same way, without processes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use mailagent_tests::env::{bin_path, unique, Endpoints};
+use mailagent_tests::forms::{self, Attachment, Lease};
+use mailagent_tests::harness::{wait_for, TestConfig};
+use mailagent_tests::idp::TestIdp;
+use mailagent_tests::{imap_support, pop_support};
+
+/// What must never appear, by name.
+struct Secrets(Vec<(String, Vec<u8>)>);
+
+impl Secrets {
+    fn add(&mut self, name: &str, value: impl AsRef<[u8]>) {
+        let v = value.as_ref().to_vec();
+        assert!(v.len() >= 8, "{name} is too short to scan for");
+        self.0.push((name.to_string(), v));
+    }
+
+    /// The names of the secrets found in `hay`.
+    fn found_in(&self, hay: &[u8]) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(_, s)| hay.windows(s.len()).any(|w| w == s.as_slice()))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
+fn spawn(name: &str, config: &Path, logs: &Path) -> Child {
+    let out = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
+    Command::new(bin_path(name))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {name}: {e}"))
+}
+
+fn form(id: &str) -> Vec<u8> {
+    forms::mail(
+        forms::LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &[Attachment::xlsx(forms::lease_workbook(&Lease {
+            id,
+            ..Default::default()
+        }))],
+    )
+}
+
+/// Every Redis key under `prefix` with its value(s) as bytes.
+async fn redis_dump(env: &Endpoints, prefix: &str) -> BTreeMap<String, Vec<u8>> {
+    let client = redis::Client::open(env.redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&k)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap()],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap(),
+            "list" => redis::cmd("LRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .unwrap(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .unwrap(),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&k)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+                .unwrap(),
+            "stream" => {
+                let v: redis::Value = redis::cmd("XRANGE")
+                    .arg(&k)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                vec![format!("{v:?}").into_bytes()]
+            }
+            other => panic!("key {k} of unexpected type {other}"),
+        };
+        out.insert(format!("{k} ({kind})"), parts.concat());
+    }
+    out
+}
+
+/// Takes every message left in `queue`: body, then properties and headers in Debug form.
+async fn amqp_dump(channel: &lapin::Channel, queue: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue, BasicGetOptions::default())
+        .await
+        .unwrap()
+    {
+        let mut blob = m.data.clone();
+        blob.extend_from_slice(format!("{:?}", m.properties).as_bytes());
+        m.acker.ack(BasicAckOptions::default()).await.unwrap();
+        out.push(blob);
+    }
+    out
+}
+
+fn sigterm(children: Vec<(String, Child)>) {
+    for (_, c) in &children {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+    }
+    for (name, mut c) in children {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                assert!(status.success(), "{name} exited {status} on SIGTERM");
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("{name} did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trace_level_demo_cycle_leaves_no_secret_in_logs_redis_amqp_or_the_store() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let (app, client_secret) = idp.register_app();
+    let imap_mailbox = format!("{}@contoso.com", unique("scan-imap"));
+    let pop_mailbox = format!("{}@contoso.com", unique("scan-pop"));
+    let pw_mailbox = format!("{}@contoso.com", unique("scan-pw"));
+    env.grant(&app, &imap_mailbox);
+    env.grant(&app, &pop_mailbox);
+    let mail_password = env.get("MAILAGENT_TEST_MASTER_PASSWORD").to_string();
+    let login = format!(
+        "{pw_mailbox}{}{}",
+        env.get("MAILAGENT_TEST_MASTER_SEPARATOR"),
+        env.get("MAILAGENT_TEST_MASTER_USER")
+    );
+
+    let mut cfg = TestConfig::new(&env);
+    cfg.idp_profile("scan", &idp.token_url(), &app, &client_secret);
+    let store_dir = cfg.dir().join("store");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let imaps = env.mail_addr("IMAPS").port();
+    let pop3s = env.mail_addr("POP3S").port();
+    cfg.push(&format!(
+        r#"[form-processor]
+store = "sqlite://{store}/records.db"
+
+[[incoming-mail]]
+name = "scan-imap"
+host = "localhost"
+port = {imaps}
+mail-server-type = "imaps"
+username = "{imap_mailbox}"
+oauth-profile = "scan"
+after-fetch = "mark-seen"
+start-from = "all"
+poll-interval = 1
+
+[[incoming-mail]]
+name = "scan-pop"
+host = "localhost"
+port = {pop3s}
+mail-server-type = "pop3s"
+username = "{pop_mailbox}"
+oauth-profile = "scan"
+after-fetch = "delete"
+poll-interval = 1
+
+[[incoming-mail]]
+name = "scan-password"
+host = "localhost"
+port = {imaps}
+mail-server-type = "imaps"
+username = "{login}"
+password = "{mail_password}"
+after-fetch = "mark-seen"
+start-from = "all"
+poll-interval = 1
+
+[[topics]]
+subject = "{subject}"
+module = "triContract"
+business-object = "triLeaseAbstract"
+required = ["triIdTX"]
+unique = ["triIdTX"]
+senders = ["@contoso.com"]
+"#,
+        store = store_dir.display(),
+        subject = forms::LEASE_SUBJECT,
+    ));
+    let config_path = cfg.path();
+    let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
+    let key_raw = base64::engine::general_purpose::STANDARD
+        .decode(key_b64.trim())
+        .unwrap();
+
+    // Mail in: a valid form in each mailbox, and one rejected (no workbook).
+    imap_support::seed_maildir(&env, &imap_mailbox, &[form("S-IMAP")]);
+    pop_support::seed_maildir(
+        &env,
+        &pop_mailbox,
+        &[
+            form("S-POP"),
+            forms::mail(forms::LEASE_SUBJECT, "ann@contoso.com", &[], &[]),
+        ],
+    );
+    imap_support::seed_maildir(&env, &pw_mailbox, &[form("S-PASSWORD")]);
+
+    let logs = cfg.dir().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let children: Vec<(String, Child)> = [
+        "token-broker",
+        "imap-fetcher",
+        "pop-fetcher",
+        "form-processor",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), spawn(n, &config_path, &logs)))
+    .collect();
+
+    let store_url = format!("sqlite://{}/records.db", store_dir.display());
+    let outcome = tokio::time::timeout(Duration::from_secs(90), async {
+        wait_for(
+            "3 records and 1 rejection",
+            Duration::from_secs(90),
+            || async {
+                let store = form_processor::store::Store::open(&store_url, None)
+                    .await
+                    .ok()?;
+                let records = store.count_records().await.ok()?;
+                let failures = store.failures().await.ok()?;
+                store.close().await;
+                (records >= 3 && failures.iter().filter(|f| f.dead_lettered).count() >= 1)
+                    .then_some(())
+            },
+        )
+        .await
+    })
+    .await;
+    // Let one more token refresh cycle and heartbeat be logged either way.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sigterm(children);
+    if outcome.is_err() {
+        let tails: Vec<String> = files_under(&logs)
+            .iter()
+            .map(|p| {
+                let t = std::fs::read_to_string(p).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                format!(
+                    "== {}\n{}",
+                    p.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect();
+        panic!("the cycle did not complete:\n{}", tails.join("\n"));
+    }
+
+    let mut secrets = Secrets(Vec::new());
+    secrets.add("client secret", &client_secret);
+    secrets.add("token key (base64)", key_b64.trim());
+    secrets.add("token key (raw)", &key_raw);
+    secrets.add("mail password", &mail_password);
+    let tokens = idp.issued_tokens();
+    assert!(!tokens.is_empty(), "the IdP issued no token");
+    for (i, t) in tokens.iter().enumerate() {
+        secrets.add(&format!("access token {i}"), t);
+        secrets.add(
+            &format!("access token {i} signature"),
+            t.rsplit('.').next().unwrap(),
+        );
+    }
+
+    let mut leaks = Vec::new();
+    let mut scanned = 0usize;
+    // 1. Process output.
+    for p in files_under(&logs) {
+        let bytes = std::fs::read(&p).unwrap();
+        scanned += bytes.len();
+        for s in secrets.found_in(&bytes) {
+            leaks.push(format!("{s} in {}", p.display()));
+        }
+        // Show where (the secret masked), so a leak names its source.
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            let mut masked = line.to_string();
+            for (name, v) in &secrets.0 {
+                let v = String::from_utf8_lossy(v);
+                masked = masked.replace(v.as_ref(), &format!("<{name}>"));
+            }
+            if masked != line {
+                leaks.push(format!(
+                    "  {}",
+                    masked.chars().take(400).collect::<String>()
+                ));
+            }
+        }
+    }
+    for name in [
+        "token-broker",
+        "imap-fetcher",
+        "pop-fetcher",
+        "form-processor",
+    ] {
+        let verbose = std::fs::read_to_string(logs.join(format!("{name}.log")))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"level\":\"TRACE\"") || l.contains("\"level\":\"DEBUG\""))
+            .count();
+        assert!(
+            verbose > 0,
+            "{name} logged nothing below info: the scan proves nothing"
+        );
+    }
+    // 2. Redis.
+    let dump = redis_dump(&env, &cfg.redis_prefix).await;
+    assert!(
+        !dump.is_empty(),
+        "nothing in Redis under {}",
+        cfg.redis_prefix
+    );
+    for (k, v) in &dump {
+        scanned += v.len();
+        for s in secrets.found_in(v) {
+            leaks.push(format!("{s} in Redis key {k}"));
+        }
+    }
+    // 3. AMQP: the dead-letter queue and anything left in the create queue.
+    let conn = lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut dead_letters = 0;
+    for q in ["dead", "create"] {
+        let queue = format!("{}.{q}", cfg.amqp_prefix);
+        for m in amqp_dump(&channel, &queue).await {
+            if q == "dead" {
+                dead_letters += 1;
+            }
+            scanned += m.len();
+            for s in secrets.found_in(&m) {
+                leaks.push(format!("{s} in an AMQP message on {queue}"));
+            }
+        }
+    }
+    assert!(
+        dead_letters >= 1,
+        "the rejection is on the dead-letter queue"
+    );
+    // 4. The record store, every file of it (WAL included).
+    for p in files_under(&store_dir) {
+        let bytes = std::fs::read(&p).unwrap();
+        scanned += bytes.len();
+        for s in secrets.found_in(&bytes) {
+            leaks.push(format!("{s} in {}", p.display()));
+        }
+    }
+    eprintln!(
+        "scanned {scanned} bytes ({} Redis keys, {} secrets incl. {} tokens)",
+        dump.len(),
+        secrets.0.len(),
+        tokens.len()
+    );
+    assert!(leaks.is_empty(), "secrets found:\n{}", leaks.join("\n"));
+}
