@@ -9,7 +9,7 @@
 //! | `Association` | name, module, business object, `Sheet!FirstRow` |
 //! | `End` | closes the innermost open Association or root |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::reject::{Checked, Reason, Rejection};
 use crate::value::Value;
@@ -203,6 +203,10 @@ pub fn parse(sheet: &Sheet) -> Checked<ObjectMap> {
     let mut closed = false;
     let mut open: Option<OpenAssociation> = None;
     let mut root_row = 0;
+    // Field names seen in the root and in the open association: a set, not a
+    // scan of the fields so far (a 100,000-row map was quadratic; tests/corpus).
+    let mut root_names: HashSet<String> = HashSet::new();
+    let mut assoc_names: HashSet<String> = HashSet::new();
     for (r, cells) in rows {
         let line = r + 1;
         let (tag_col, tag_value) = cells[0];
@@ -247,7 +251,7 @@ pub fn parse(sheet: &Sheet) -> Checked<ObjectMap> {
                             "row {line}: bad column {target:?} for field {name}"
                         ))
                     })?;
-                    if assoc.map.fields.iter().any(|(n, _)| *n == name) {
+                    if !assoc_names.insert(name.clone()) {
                         return Err(malformed(format!("row {line}: field {name} mapped twice")));
                     }
                     assoc.map.fields.push((name, col));
@@ -257,7 +261,7 @@ pub fn parse(sheet: &Sheet) -> Checked<ObjectMap> {
                             "row {line}: bad cell reference {target:?} for field {name}"
                         ))
                     })?;
-                    if root.fields.iter().any(|f| f.name == name) {
+                    if !root_names.insert(name.clone()) {
                         return Err(malformed(format!("row {line}: field {name} mapped twice")));
                     }
                     root.fields.push(FieldRef {
@@ -292,6 +296,7 @@ pub fn parse(sheet: &Sheet) -> Checked<ObjectMap> {
                         "row {line}: bad cell reference {target:?} for association {name}"
                     ))
                 })?;
+                assoc_names.clear();
                 open = Some(OpenAssociation {
                     map: AssociationMap {
                         name,
