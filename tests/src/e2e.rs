@@ -27,6 +27,9 @@
 //! (Dovecot picks it up, IMAP through IDLE, POP3 at the next poll). A batch
 //! mixes valid forms with forms that must be rejected, so records *and*
 //! rejections are checked exactly: see [`Batch`] and [`Stack::verify`].
+//!
+//! Logs (one JSON file per process start) and the config are kept when a
+//! test fails, or always with `MAILAGENT_E2E_KEEP=1`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -1073,7 +1076,7 @@ impl Drop for Stack {
         for p in &self.procs {
             p.task.abort();
         }
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("MAILAGENT_E2E_KEEP").is_some() {
             if let Some(dir) = self.dir.take() {
                 let kept = dir.keep();
                 eprintln!("[e2e] logs and config kept in {}", kept.display());

@@ -52,7 +52,7 @@ enum Fault {
 }
 
 /// How long the processing of one batch may take.
-const BATCH_DEADLINE: Duration = Duration::from_secs(150);
+const BATCH_DEADLINE: Duration = Duration::from_secs(240);
 
 /// How long a relay stays cut.
 const OUTAGE: Duration = Duration::from_secs(10);
