@@ -423,3 +423,149 @@ senders = ["@contoso.com"]
     );
     assert!(leaks.is_empty(), "secrets found:\n{}", leaks.join("\n"));
 }
+
+const DBG_CLIENT_SECRET: &str = "Zq8~DebugClientSecret.NeverPrinted";
+const DBG_MAIL_PASSWORD: &str = "mail-DebugP4ss-never-printed";
+const DBG_REDIS_PASSWORD: &str = "redis-DebugPw-never-printed";
+const DBG_AMQP_PASSWORD: &str = "amqp-DebugPw-never-printed";
+const DBG_PG_PASSWORD: &str = "pg-DebugPw-never-printed";
+const DBG_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJkZWJ1ZyJ9.DebugTokenSignatureNeverPrinted";
+
+fn assert_clean(what: &str, text: &str, secrets: &[&str]) {
+    for s in secrets {
+        assert!(!text.contains(s), "{what} shows a secret:\n{text}");
+    }
+}
+
+/// `Debug` (and `Display` where there is one) of the exported config and
+/// error types, built from inputs that hold every kind of secret.
+#[tokio::test]
+async fn debug_of_configs_tokens_and_errors_shows_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let key: [u8; 32] = rand::random();
+    let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    std::fs::write(dir.path().join("token-key"), &key_b64).unwrap();
+    let toml = format!(
+        r#"[redis]
+url = "redis://agent:{DBG_REDIS_PASSWORD}@127.0.0.1:1/0"
+[amqp]
+url = "amqp://agent:{DBG_AMQP_PASSWORD}@127.0.0.1:1/%2f"
+[token-broker]
+encryption-key-file = "{key}"
+[form-processor]
+store = "postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records"
+[[oauth-profiles]]
+name = "contoso"
+provider = "azure"
+application-key = "00000000-0000-0000-0000-000000000000"
+application-secret = "{DBG_CLIENT_SECRET}"
+token-url = "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+[[incoming-mail]]
+name = "oauth"
+host = "outlook.office365.com"
+username = "forms@contoso.com"
+mail-server-type = "imaps"
+oauth-profile = "contoso"
+[[incoming-mail]]
+name = "legacy-pop"
+host = "pop.example.net"
+username = "forms@example.net"
+password = "{DBG_MAIL_PASSWORD}"
+mail-server-type = "pop3s"
+[[incoming-mail]]
+name = "legacy-imap"
+host = "imap.example.net"
+username = "forms@example.net"
+password = "{DBG_MAIL_PASSWORD}"
+mail-server-type = "imaps"
+[[topics]]
+subject = "LEASE ABSTRACT FORM"
+module = "triContract"
+business-object = "triLeaseAbstract"
+senders = ["@contoso.com"]
+"#,
+        key = dir.path().join("token-key").display(),
+    );
+    let path = dir.path().join("mailagent.toml");
+    std::fs::write(&path, toml).unwrap();
+    let key_text = String::from_utf8_lossy(&key).to_string();
+    let secrets = [
+        DBG_CLIENT_SECRET,
+        DBG_MAIL_PASSWORD,
+        DBG_REDIS_PASSWORD,
+        DBG_AMQP_PASSWORD,
+        DBG_PG_PASSWORD,
+        key_b64.as_str(),
+        DBG_TOKEN,
+        "DebugTokenSignatureNeverPrinted",
+    ];
+    use common::config::{load, Component, LoadOptions};
+    let mut last = None;
+    for component in [
+        Component::TokenBroker,
+        Component::ImapFetcher,
+        Component::PopFetcher,
+        Component::FormProcessor,
+        Component::Cli,
+    ] {
+        let config = load(
+            &LoadOptions {
+                path: Some(path.clone()),
+                env: vec![],
+            },
+            component,
+        )
+        .unwrap_or_else(|e| panic!("{component:?}: {e}"));
+        let text = format!("{config:?}\n{config:#?}");
+        assert_clean(&format!("Config for {component:?}"), &text, &secrets);
+        assert!(!text.contains(&key_text));
+        for (i, m) in config.incoming_mail.iter().enumerate() {
+            assert_clean(&format!("incoming-mail[{i}]"), &format!("{m:?}"), &secrets);
+        }
+        last = Some(config);
+    }
+    let config = last.unwrap();
+
+    // Tokens: the cipher, a sealed and an opened token, a failed open.
+    let broker = load(
+        &LoadOptions {
+            path: Some(path.clone()),
+            env: vec![],
+        },
+        Component::TokenBroker,
+    )
+    .unwrap();
+    let cipher = common::token::TokenCipher::from_config(&broker.token_broker.encryption);
+    let sealed = cipher.seal("contoso", DBG_TOKEN, 1, u64::MAX / 2);
+    let opened = cipher.open("contoso", &sealed).unwrap();
+    assert_eq!(opened.token.expose(), DBG_TOKEN);
+    let mut tampered = sealed.clone();
+    tampered.nonce = base64::engine::general_purpose::STANDARD.encode([0u8; 12]);
+    let failed = cipher.open("contoso", &tampered).unwrap_err();
+    for (what, text) in [
+        ("TokenCipher", format!("{cipher:?}")),
+        ("StoredToken", format!("{sealed:?}")),
+        ("AccessToken", format!("{opened:?}")),
+        ("TokenError", format!("{failed:?} {failed}")),
+    ] {
+        assert_clean(what, &text, &secrets);
+    }
+
+    // Errors from connecting with password-bearing URLs (nothing listens on port 1).
+    let within = Duration::from_secs(20);
+    if let Ok(Err(e)) = tokio::time::timeout(within, common::connect::amqp(&config, "scan")).await {
+        assert_clean("connect::amqp error", &format!("{e:?} {e} {e:#}"), &secrets);
+    } else {
+        panic!("connecting to AMQP on port 1 did not fail");
+    }
+    if let Ok(Err(e)) = tokio::time::timeout(within, common::connect::redis(&config)).await {
+        assert_clean("connect::redis error", &format!("{e:?} {e}"), &secrets);
+    } else {
+        panic!("connecting to Redis on port 1 did not fail");
+    }
+    let store_url = format!("postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records");
+    match tokio::time::timeout(within, form_processor::store::Store::open(&store_url, None)).await {
+        Ok(Err(e)) => assert_clean("store::Error", &format!("{e:?} {e}"), &secrets),
+        _ => panic!("opening a store on port 1 did not fail"),
+    }
+}
