@@ -1,5 +1,14 @@
 //! Connections to RabbitMQ and Redis from the configuration, with errors that
 //! name the (redacted) endpoint.
+//!
+//! `amqps://` and `rediss://` are verified against the platform roots plus
+//! `[tls] extra-ca-file`; verification cannot be turned off. When a
+//! connection fails, a trial TLS handshake ([`crate::tls::probe`]) tells the
+//! usual operator mistakes apart — an untrusted, expired or wrong-host
+//! certificate, `redis://` to a TLS-only port, `amqps://` to a plaintext
+//! one — and the error says which ([`Error::Connect`], not retried).
+
+use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
@@ -7,6 +16,17 @@ use redis::aio::ConnectionManager;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::tls::Probe;
+
+/// How long the diagnosing handshake may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The most a first Redis connection may take: TCP, TLS, AUTH and the
+/// connection manager's own retries. redis-rs's connection timeout covers
+/// only TCP, and a TLS-only Redis given plaintext waits silently for the
+/// rest of a TLS record, so without this bound `redis://` to a TLS port
+/// would hang for ever.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Opens an AMQP connection (`amqps://` verified against the platform roots
 /// plus `[tls] extra-ca-file`), driven by the current tokio runtime.
@@ -30,41 +50,150 @@ pub async fn amqp(config: &Config, connection_name: &str) -> Result<Connection> 
             None => None,
         },
     };
-    Connection::connect_with_config(config.amqp.url.expose(), props, tls)
-        .await
-        .map_err(|source| Error::Amqp {
-            action: "connect",
-            endpoint,
-            source,
-        })
+    match Connection::connect_with_config(config.amqp.url.expose(), props, tls).await {
+        Ok(conn) => Ok(conn),
+        Err(source) => {
+            let refused = matches!(&source, lapin::Error::IOError(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused);
+            let known = if refused {
+                None
+            } else {
+                diagnose(config, config.amqp.url.expose(), "amqps", 5671, 5672).await
+            };
+            Err(match known {
+                Some(problem) => Error::Connect {
+                    service: "RabbitMQ",
+                    endpoint,
+                    problem,
+                    detail: source.to_string(),
+                },
+                None => Error::Amqp {
+                    action: "connect",
+                    endpoint,
+                    source,
+                },
+            })
+        }
+    }
 }
 
 /// Opens a Redis connection manager (reconnects by itself after errors).
 pub async fn redis(config: &Config) -> Result<ConnectionManager> {
     let endpoint = config.redis.url.redacted();
-    let client = redis::Client::open(config.redis.url.expose()).map_err(|source| Error::Redis {
-        action: "open client",
-        endpoint: endpoint.clone(),
-        source,
-    })?;
+    let client = redis_client(config)?;
     let mgr_config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(std::time::Duration::from_secs(10))
-        .set_response_timeout(std::time::Duration::from_secs(10))
+        .set_connection_timeout(Duration::from_secs(10))
+        .set_response_timeout(Duration::from_secs(10))
         .set_number_of_retries(3);
-    ConnectionManager::new_with_config(client, mgr_config)
-        .await
-        .map_err(|source| Error::Redis {
-            action: "connect",
-            endpoint,
-            source,
-        })
+    // One plain attempt first: the manager retries a refused handshake with
+    // backoff until its budget is spent, which hides a certificate error
+    // behind a timeout. This connection is dropped once it has answered.
+    let first = client.clone();
+    let attempt = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, async move {
+        let probe_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(REDIS_CONNECT_TIMEOUT)
+            .set_response_timeout(REDIS_CONNECT_TIMEOUT);
+        drop(
+            first
+                .get_multiplexed_async_connection_with_config(&probe_config)
+                .await?,
+        );
+        ConnectionManager::new_with_config(client, mgr_config).await
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer within {} s (connect, TLS, AUTH)",
+                REDIS_CONNECT_TIMEOUT.as_secs()
+            ),
+        )))
+    });
+    match attempt {
+        Ok(mgr) => Ok(mgr),
+        Err(source) => {
+            let known = if source.is_connection_refusal() {
+                None
+            } else {
+                diagnose(config, config.redis.url.expose(), "rediss", 6379, 6379).await
+            };
+            Err(match known {
+                Some(problem) => Error::Connect {
+                    service: "Redis",
+                    endpoint,
+                    problem,
+                    detail: source.to_string(),
+                },
+                None => Error::Redis {
+                    action: "connect",
+                    endpoint,
+                    source,
+                },
+            })
+        }
+    }
 }
 
 /// A dedicated Redis client (for pub/sub, which needs its own connection).
+/// `rediss://` trusts the platform roots, plus `[tls] extra-ca-file` when set.
 pub fn redis_client(config: &Config) -> Result<redis::Client> {
-    redis::Client::open(config.redis.url.expose()).map_err(|source| Error::Redis {
+    let url = config.redis.url.expose();
+    let open_err = |source| Error::Redis {
         action: "open client",
         endpoint: config.redis.url.redacted(),
         source,
-    })
+    };
+    match (&config.tls.extra_ca_file, url.starts_with("rediss:")) {
+        (Some(ca), true) => {
+            let root_cert = crate::tls::roots_pem(ca)?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(open_err)
+        }
+        _ => redis::Client::open(url).map_err(open_err),
+    }
+}
+
+/// Explains a failed connection to `url` with a trial handshake, or `None`
+/// when the handshake tells nothing (the server is down, say: retry).
+async fn diagnose(
+    config: &Config,
+    url: &str,
+    tls_scheme: &str,
+    tls_port: u16,
+    plain_port: u16,
+) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed
+        .host_str()?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let tls = parsed.scheme() == tls_scheme;
+    let port = parsed
+        .port()
+        .unwrap_or(if tls { tls_port } else { plain_port });
+    let probe = crate::tls::probe(
+        host,
+        port,
+        config.tls.extra_ca_file.as_deref(),
+        PROBE_TIMEOUT,
+    )
+    .await;
+    let plain_scheme = tls_scheme.strip_suffix('s').unwrap_or(tls_scheme);
+    match (tls, probe) {
+        (true, Probe::Refused(cause)) => Some(cause),
+        (true, Probe::NotTls) => Some(format!(
+            "the server does not speak TLS on port {port}: use {plain_scheme}:// or the server's TLS port"
+        )),
+        (false, Probe::Verified | Probe::Refused(_)) => Some(format!(
+            "port {port} speaks TLS: use {tls_scheme}:// (plaintext {plain_scheme}:// cannot work there)"
+        )),
+        _ => None,
+    }
 }

@@ -25,6 +25,20 @@ pub enum Error {
         #[source]
         source: redis::RedisError,
     },
+    /// A connection to Redis or RabbitMQ failed for a known reason that
+    /// retrying will not cure: a refused certificate, or TLS on one side
+    /// only (`redis://` to a TLS port, `amqps://` to a plaintext one).
+    #[error("cannot connect to {service} at {endpoint}: {problem} ({detail})")]
+    Connect {
+        /// `Redis` or `RabbitMQ`.
+        service: &'static str,
+        /// The redacted endpoint.
+        endpoint: String,
+        /// What went wrong and what to do, in an operator's words.
+        problem: String,
+        /// The client library's own error text.
+        detail: String,
+    },
     /// A TLS setting could not be applied.
     #[error("cannot set up TLS: {0}")]
     Tls(String),
@@ -48,7 +62,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Amqp { .. } | Self::Redis { .. } | Self::Io { .. } => true,
-            Self::Tls(_) | Self::Envelope(_) => false,
+            Self::Tls(_) | Self::Envelope(_) | Self::Connect { .. } => false,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod fetch_metrics;
 pub mod heartbeat;
 pub mod keys;
 pub mod lease;
+pub mod least_privilege;
 pub mod publish;
 pub mod secret;
 pub mod service;

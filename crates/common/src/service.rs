@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState};
 use crate::backoff::Backoff;
-use crate::config::{Component, Config};
+use crate::config::{Component, Config, Declare};
 use crate::heartbeat::Heartbeat;
 use crate::keys::Keys;
 use crate::topology::Topology;
@@ -117,18 +117,25 @@ pub async fn start(
     })
 }
 
-/// Declares the topology on a fresh channel of `conn`.
+/// Declares the topology on a fresh channel of `conn` — or, with
+/// `[amqp] declare = "passive"`, checks that `mailagent setup` declared it
+/// (a user without configure permission).
 pub async fn declare_topology(
     conn: &lapin::Connection,
     config: &Config,
 ) -> crate::Result<Topology> {
+    let passive = config.amqp_declare == Declare::Passive;
     let err = |source| crate::Error::Amqp {
-        action: "declare the topology",
+        action: if passive {
+            "find the topology (declare = \"passive\": run `mailagent setup` first)"
+        } else {
+            "declare the topology (a user without configure permission needs declare = \"passive\")"
+        },
         endpoint: config.amqp.url.redacted(),
         source,
     };
     let channel = conn.create_channel().await.map_err(err)?;
-    let topology = crate::topology::declare(&channel, &config.amqp, false)
+    let topology = crate::topology::declare(&channel, &config.amqp, passive)
         .await
         .map_err(err)?;
     let _ = channel.close(200, "topology declared").await;

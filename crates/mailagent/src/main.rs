@@ -1,6 +1,7 @@
 //! `mailagent`: the operator CLI (§7).
 
 mod records;
+mod setup;
 mod status;
 mod test_connection;
 
@@ -34,6 +35,10 @@ enum Command {
         /// The incoming-mail config name.
         name: String,
     },
+    /// Declare the AMQP topology once, print the RabbitMQ permissions of
+    /// each component, and print or apply their Redis ACL users (least
+    /// privilege: the services then run with `[amqp] declare = "passive"`).
+    Setup(setup::SetupArgs),
     /// List the records created from forms (`--json`: one object a line).
     Records(records::RecordsArgs),
     /// List rejected messages, or replay one from the dead-letter queue.
@@ -71,6 +76,9 @@ fn main() -> ExitCode {
                 code
             }
         }
+        Command::Setup(ref s) => with_config(&args.config, |config| async move {
+            setup::setup(&config, s).await
+        }),
         Command::Records(ref r) => with_config(&args.config, |config| async move {
             records::records(&config, r).await
         }),

@@ -289,22 +289,6 @@ async fn connect(cfg: &IncomingMail) -> Result<((), String), Diagnosis> {
     }
 }
 
-/// Finds a certificate problem inside an I/O error from the TLS handshake.
-fn tls_cause(e: &std::io::Error) -> Option<String> {
-    use rustls::CertificateError;
-    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
-    Some(match inner {
-        rustls::Error::InvalidCertificate(CertificateError::Expired) => "the server's certificate has expired".into(),
-        rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
-            "the server's certificate is not valid for this host name (wrong host?)".into()
-        }
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-            "untrusted certificate: self-signed or signed by a CA not in the trust store (add the CA with [tls] extra-ca-file)".into()
-        }
-        other => format!("TLS failed: {other}"),
-    })
-}
-
 fn refused_login_cause(oauth: bool, app: &str) -> String {
     if oauth {
         format!(
@@ -318,7 +302,7 @@ fn refused_login_cause(oauth: bool, app: &str) -> String {
 fn diagnose_imap(e: &imap_fetcher::error::FetchError, cfg: &IncomingMail, app: &str) -> Diagnosis {
     use imap_fetcher::error::FetchError;
     let cause = match e {
-        FetchError::Connect { source, .. } => tls_cause(source).unwrap_or_else(|| "the connection failed during TLS or the greeting".into()),
+        FetchError::Connect { source, .. } => common::tls::handshake_cause(source).unwrap_or_else(|| "the connection failed during TLS or the greeting".into()),
         FetchError::AuthFailed { .. } => refused_login_cause(matches!(cfg.auth, MailAuth::OAuth { .. }), app),
         FetchError::Permission { .. } => format!("app {app} has no permission on mailbox {} (Add-MailboxPermission -AccessRights FullAccess)", cfg.username),
         FetchError::Unsupported(_) => "the server lacks STARTTLS or a required capability; IMAP may be disabled".into(),
@@ -331,7 +315,7 @@ fn diagnose_imap(e: &imap_fetcher::error::FetchError, cfg: &IncomingMail, app: &
 fn diagnose_pop(e: &pop_fetcher::error::Error) -> Diagnosis {
     use pop_fetcher::error::Error;
     let cause = match e {
-        Error::Connect { source, .. } => tls_cause(source).unwrap_or_else(|| "the connection failed during TLS".into()),
+        Error::Connect { source, .. } => common::tls::handshake_cause(source).unwrap_or_else(|| "the connection failed during TLS".into()),
         Error::Unsupported(_) => "the server does not offer what the config needs (SASL XOAUTH2 or STLS); POP may be disabled".into(),
         Error::ProtocolClosed { .. } => "Exchange Online closed the connection on a malformed command".into(),
         _ => "see the error".into(),

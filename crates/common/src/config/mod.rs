@@ -79,6 +79,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// `[amqp]`
     pub amqp: AmqpConfig,
+    /// `[amqp] declare`: how the services declare the topology at start.
+    pub amqp_declare: Declare,
     /// `[tls]`
     pub tls: TlsConfig,
     /// `[admin]`
@@ -115,10 +117,11 @@ impl Config {
             self.redis.url, self.redis.prefix
         ));
         out.push_str(&format!(
-            "amqp: {} (prefix {}, queue type {})\n",
+            "amqp: {} (prefix {}, queue type {}, declare {})\n",
             self.amqp.url,
             self.amqp.prefix,
-            self.amqp.queue_type.as_str()
+            self.amqp.queue_type.as_str(),
+            self.amqp_declare.as_str()
         ));
         if let Some(ca) = &self.tls.extra_ca_file {
             out.push_str(&format!("tls: extra CA {}\n", ca.display()));
@@ -197,6 +200,28 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Quorum queues only: deliveries before RabbitMQ dead-letters a message.
     pub delivery_limit: u32,
+}
+
+/// `[amqp] declare`: what a service does with the topology at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Declare {
+    /// Declare exchanges, queues and bindings (idempotent); needs configure
+    /// permission on them. The default.
+    Full,
+    /// Only check that they exist (`mailagent setup` declared them), so the
+    /// RabbitMQ user needs no configure permission (least privilege).
+    Passive,
+}
+
+impl Declare {
+    /// Config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Passive => "passive",
+        }
+    }
 }
 
 /// RabbitMQ queue type.

@@ -95,7 +95,14 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         w.unknown_keys(
             t,
             "amqp",
-            &["url", "url-file", "prefix", "queue-type", "delivery-limit"],
+            &[
+                "url",
+                "url-file",
+                "prefix",
+                "queue-type",
+                "delivery-limit",
+                "declare",
+            ],
         );
         let url = w.secret_url(
             t,
@@ -119,13 +126,28 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
             }
         };
         let delivery_limit = w.int_in(t, "amqp", "delivery-limit", 1, 1000, 5) as u32;
-        AmqpConfig {
-            url,
-            prefix,
-            queue_type,
-            delivery_limit,
-        }
+        let declare = match w.string(t, "amqp", "declare").as_deref() {
+            None | Some("full") => Declare::Full,
+            Some("passive") => Declare::Passive,
+            Some(other) => {
+                w.err(
+                    "amqp.declare",
+                    format!("unknown mode {other:?}: expected \"full\" (default) or \"passive\""),
+                );
+                Declare::Full
+            }
+        };
+        (
+            AmqpConfig {
+                url,
+                prefix,
+                queue_type,
+                delivery_limit,
+            },
+            declare,
+        )
     };
+    let (amqp, amqp_declare) = amqp;
     let tls = {
         let t = w.section(tree, "tls").unwrap_or(&empty);
         w.unknown_keys(t, "tls", &["extra-ca-file"]);
@@ -283,6 +305,7 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         Ok(Config {
             redis,
             amqp,
+            amqp_declare,
             tls,
             admin,
             token_broker,
@@ -1210,6 +1233,12 @@ impl Walker {
         };
         let url = SecretUrl::new(value);
         match url::Url::parse(url.expose()) {
+            // redis-rs reads `rediss://…/#insecure` as "skip certificate
+            // verification"; TLS is always verified here (spec §8).
+            Ok(u) if u.fragment() == Some("insecure") => self.err(
+                join(path, key),
+                "#insecure would turn certificate verification off, which is not supported: remove it and trust the server's CA with [tls] extra-ca-file",
+            ),
             Ok(u) if schemes.contains(&u.scheme()) => {}
             Ok(u) => self.err(
                 join(path, key),
