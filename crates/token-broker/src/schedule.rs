@@ -25,12 +25,17 @@ mod tests {
     use super::*;
 
     fn cfg(min: u64, fraction: f64, max: f64) -> TokenBrokerConfig {
-        let mut c = common::config::load(
-            &common::config::LoadOptions::default(),
-            common::Component::FormProcessor,
-        )
-        .map(|c| c.token_broker)
-        .unwrap_or_else(|_| panic!("defaults load"));
+        // The defaults, with tokens in clear so no key file is needed.
+        let options = common::config::LoadOptions {
+            path: None,
+            env: vec![(
+                "MAILAGENT_TOKEN_BROKER__TOKEN_ENCRYPTION".into(),
+                "none".into(),
+            )],
+        };
+        let mut c = common::config::load(&options, common::Component::FormProcessor)
+            .map(|c| c.token_broker)
+            .unwrap_or_else(|e| panic!("defaults load: {e}"));
         c.refresh_lead_min = Duration::from_secs(min);
         c.refresh_lead_fraction = fraction;
         c.refresh_max_fraction = max;
