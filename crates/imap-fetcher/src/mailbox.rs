@@ -177,6 +177,12 @@ impl Worker {
                 let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
                 return Ok(());
             }
+            if new_mail_reported(&session) {
+                // Mail that arrived during the pass was announced then; IDLE
+                // would not announce it again.
+                tracing::debug!(config = %self.cfg.name, "new mail announced during the pass; passing again");
+                continue;
+            }
             session = if self.cfg.idle && caps.idle {
                 self.idle(session).await?
             } else {
@@ -761,6 +767,24 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Drains the responses the server sent unasked (async-imap queues them in
+/// a bounded channel and drops them once it is full) and tells whether one
+/// announced new mail (`EXISTS`, `RECENT`). A message appended while a pass
+/// runs is announced during one of its commands, after its `UID SEARCH`;
+/// a following IDLE would wait for the *next* change, so the caller passes
+/// again instead.
+fn new_mail_reported(session: &ImapSession) -> bool {
+    use async_imap::types::UnsolicitedResponse;
+    let mut announced = false;
+    while let Ok(r) = session.unsolicited_responses.try_recv() {
+        announced |= matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        );
+    }
+    announced
 }
 
 /// A quoted IMAP string.
