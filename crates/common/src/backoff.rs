@@ -82,7 +82,9 @@ mod tests {
     #[test]
     fn full_jitter_ceilings_grow_and_cap() {
         let (i, cap) = (Duration::from_millis(300), Duration::from_secs(1));
-        let ceilings: Vec<u128> = (0..4).map(|a| full_jitter(i, cap, a).0.as_millis()).collect();
+        let ceilings: Vec<u128> = (0..4)
+            .map(|a| full_jitter(i, cap, a).0.as_millis())
+            .collect();
         assert_eq!(ceilings, vec![300, 600, 1000, 1000]);
         for a in 0..10 {
             let (ceiling, wait) = full_jitter(i, cap, a);
