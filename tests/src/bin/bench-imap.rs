@@ -1,0 +1,535 @@
+//! The IMAP fetcher's benchmark (issue 4), against the servers of
+//! `scripts/services`. In one run, on N messages of S bytes in one INBOX:
+//!
+//! - F: a raw single-connection `UID FETCH 1:* (BODY.PEEK[])` over IMAPS,
+//!   the response read without parsing (only the tagged OK is looked for);
+//! - P: a raw confirmed, persistent publish of the same bytes (lapin,
+//!   confirm mode, a window of outstanding confirms) with the fetcher's
+//!   envelope properties, to the exchange and durable queue it uses;
+//! - R: imap-fetcher (in process) fetching, publishing with confirms and
+//!   marking them `\Seen`, timed from its start until all N are in the
+//!   queue and its checkpoint (written after the flags) is at the last UID;
+//! - IDLE append→publish latency: one config in IDLE, M appends one after
+//!   the other, each timed from sending APPEND to its arrival at a consumer;
+//! - RSS of one `imap-fetcher` process (the release binary) holding K idle
+//!   mail configs, each its own mailbox and TLS session.
+//!
+//! R is reported as a ratio of the serialized ceiling 1/(1/F + 1/P).
+//!
+//! ```sh
+//! scripts/services up
+//! cargo build --release -p imap-fetcher -p mailagent-tests --bin imap-fetcher --bin bench-imap
+//! target/release/bench-imap --messages 10000 --size 8192
+//! ```
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::Parser;
+use common::envelope::{dedupe_key, Envelope, MessageRef};
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
+};
+use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::mailclient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Measures F, P, R, IDLE latency and RSS (see the module documentation).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Messages in the mailbox.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// Size of each message in bytes.
+    #[arg(long, default_value_t = 8192)]
+    size: usize,
+    /// Outstanding publisher confirms in P (the fetcher's default window).
+    #[arg(long, default_value_t = common::publish::DEFAULT_WINDOW)]
+    window: usize,
+    /// The fetcher's `batch-size` in R.
+    #[arg(long, default_value_t = 200)]
+    batch_size: u32,
+    /// Appends for the IDLE latency (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    appends: usize,
+    /// Skip F, P and R (e.g. to measure only the RSS).
+    #[arg(long)]
+    skip_throughput: bool,
+    /// Idle mail configs for the RSS figure (0 skips it).
+    #[arg(long, default_value_t = 1000)]
+    idle_configs: usize,
+}
+
+/// One measured phase.
+struct Figure {
+    name: &'static str,
+    messages: usize,
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Figure {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn mb_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<58} {:>6} msgs {:>8.2} s {:>9.0} msg/s {:>8.1} MB/s",
+            self.name,
+            self.messages,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            self.mb_s()
+        );
+    }
+}
+
+/// A master-user IMAPS session (any mailbox, no token needed).
+async fn master(
+    fx: &Fixture,
+    mailbox: &str,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let c = support::master(&fx.env, mailbox).await;
+    Ok(c.into_inner())
+}
+
+/// Sends `tag command` and reads raw bytes until the tagged completion;
+/// returns the bytes read.
+async fn raw_command<S>(io: &mut S, tag: &str, command: &str) -> anyhow::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    io.write_all(format!("{tag} {command}\r\n").as_bytes())
+        .await?;
+    io.flush().await?;
+    let done_ok = format!("\r\n{tag} OK");
+    let done_other = [format!("\r\n{tag} NO"), format!("\r\n{tag} BAD")];
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = io.read(&mut buf).await?;
+        if n == 0 {
+            bail!("connection closed during {command}");
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.ends_with(b"\r\n") {
+            let tail_start = out.len().saturating_sub(n + 64);
+            let tail = &out[tail_start..];
+            let text = String::from_utf8_lossy(tail);
+            // The tagged line is the last line of the response.
+            let last_line_start = text[..text.len() - 2].rfind("\r\n");
+            if let Some(i) = last_line_start {
+                let last = &text[i..];
+                if last.starts_with(&done_ok) {
+                    return Ok(out);
+                }
+                if done_other.iter().any(|d| last.starts_with(d.as_str())) {
+                    bail!("{command} failed: {}", last.trim());
+                }
+            } else if out.len() < 512 && text.starts_with(&format!("{tag} ")) {
+                if text.starts_with(&format!("{tag} OK")) {
+                    return Ok(out);
+                }
+                bail!("{command} failed: {}", text.trim());
+            }
+        }
+    }
+}
+
+/// F: one connection, one `UID FETCH 1:* (BODY.PEEK[])`, read raw.
+async fn measure_fetch(fx: &Fixture, n: usize) -> anyhow::Result<Figure> {
+    let mut io = master(fx, &fx.mailbox).await?;
+    raw_command(&mut io, "f0", "EXAMINE INBOX").await?;
+    let started = Instant::now();
+    let bytes = raw_command(&mut io, "f1", "UID FETCH 1:* (BODY.PEEK[])").await?;
+    let elapsed = started.elapsed();
+    let fetched = bytes.windows(8).filter(|w| w == b" FETCH (").count();
+    ensure!(fetched == n, "F fetched {fetched} messages, expected {n}");
+    Ok(Figure {
+        name: "F  raw UID FETCH 1:* (BODY.PEEK[]), one connection",
+        messages: n,
+        bytes: bytes.len() as u64,
+        elapsed,
+    })
+}
+
+/// P: confirmed persistent publish with a window, the fetcher's envelope.
+async fn measure_publish(
+    fx: &Fixture,
+    config: &common::Config,
+    bodies: &[Vec<u8>],
+    window: usize,
+) -> anyhow::Result<Figure> {
+    let conn = common::connect::amqp(config, "bench-imap-p").await?;
+    let channel = conn.create_channel().await?;
+    let topology = common::topology::declare(&channel, &config.amqp, false).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let envelopes: Vec<Envelope> = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Envelope {
+            dedupe_key: dedupe_key(&fx.mailbox, b),
+            body: b.clone(),
+            timestamp: common::heartbeat::now_secs(),
+            mail_config: "bench".into(),
+            mailbox: fx.mailbox.clone(),
+            message_ref: MessageRef::Imap {
+                uid: i as u32 + 1,
+                uidvalidity: 1,
+            },
+            action: common::config::Action::Create,
+            fetcher: "bench".into(),
+            traceparent: None,
+        })
+        .collect();
+    let started = Instant::now();
+    let mut pending = VecDeque::with_capacity(window);
+    let mut bytes = 0u64;
+    for e in &envelopes {
+        if pending.len() >= window {
+            let c: lapin::publisher_confirm::PublisherConfirm =
+                pending.pop_front().expect("pending");
+            ensure!(c.await?.is_ack(), "P: nacked");
+        }
+        let confirm = channel
+            .basic_publish(
+                &topology.exchange,
+                e.routing_key(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                &e.body,
+                e.properties(),
+            )
+            .await?;
+        pending.push_back(confirm);
+        bytes += e.body.len() as u64;
+    }
+    while let Some(c) = pending.pop_front() {
+        ensure!(c.await?.is_ack(), "P: nacked");
+    }
+    let elapsed = started.elapsed();
+    channel
+        .queue_purge(&fx.queue(), QueuePurgeOptions::default())
+        .await?;
+    let _ = conn.close(200, "done").await;
+    Ok(Figure {
+        name: "P  raw confirmed persistent publish, window",
+        messages: envelopes.len(),
+        bytes,
+        elapsed,
+    })
+}
+
+/// R: the fetcher, in process, until everything is published, flagged and
+/// checkpointed.
+async fn measure_fetcher(
+    fx: &Fixture,
+    config: common::Config,
+    n: usize,
+    bytes: u64,
+    last_uid: u32,
+) -> anyhow::Result<Figure> {
+    use redis::AsyncCommands;
+    let channel = fx.channel().await;
+    let mut redis = fx.redis().await;
+    let key = fx.keys().checkpoint("bench-r");
+    let shutdown = common::shutdown::CancellationToken::new();
+    let started = Instant::now();
+    let task = tokio::spawn(imap_fetcher::run_with(
+        config,
+        imap_fetcher::Options::default(),
+        shutdown.clone(),
+    ));
+    let deadline = started + Duration::from_secs(600);
+    let mut published_at = None;
+    loop {
+        ensure!(Instant::now() < deadline, "R did not finish in 10 min");
+        if published_at.is_none() && support::depth(&channel, &fx.queue()).await as usize >= n {
+            published_at = Some(started.elapsed());
+        }
+        let last: Option<String> = redis.hget(&key, "last-uid").await?;
+        if published_at.is_some() && last == Some(last_uid.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "   (R: all {n} in the queue after {:.2} s; flagged and checkpointed after {:.2} s)",
+        published_at.unwrap_or_default().as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    let depth = support::depth(&channel, &fx.queue()).await as usize;
+    ensure!(depth == n, "R published {depth} messages, expected {n}");
+    support::purge(&channel, &fx.queue()).await;
+    Ok(Figure {
+        name: "R  imap-fetcher: fetch, publish+confirm, \\Seen, checkpoint",
+        messages: n,
+        bytes,
+        elapsed,
+    })
+}
+
+/// IDLE append→publish latency over `appends` appends.
+async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Duration>> {
+    let mailbox = format!("idle-{}", fx.mailbox);
+    fx.env.grant(&fx.app, &mailbox);
+    // Create the mailbox (first login) before the fetcher starts.
+    support::append(
+        &fx.env,
+        &mailbox,
+        "INBOX",
+        &support::message("idle-warm", 0, 300),
+    )
+    .await;
+    let (config, _) = fx.config(&[fx.mail_table(
+        "bench-idle",
+        &mailbox,
+        "start-from = \"now\"\npoll-interval = 3600",
+    )]);
+    let channel = fx.channel().await;
+    support::purge(&channel, &fx.queue()).await;
+    let mut consumer = channel
+        .basic_consume(
+            &fx.queue(),
+            "bench-idle",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await?;
+    let shutdown = common::shutdown::CancellationToken::new();
+    let task = tokio::spawn(imap_fetcher::run_with(
+        config,
+        imap_fetcher::Options::default(),
+        shutdown.clone(),
+    ));
+    let redis = fx.redis().await;
+    let key = fx.keys().checkpoint("bench-idle");
+    let up = support::eventually(Duration::from_secs(30), || async {
+        redis::AsyncCommands::hexists(&mut redis.clone(), &key, "last-uid")
+            .await
+            .unwrap_or(false)
+    })
+    .await;
+    ensure!(up, "IDLE fetcher did not start");
+    // Let the first pass end and IDLE begin.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = support::master(&fx.env, &mailbox).await;
+    let mut latencies = Vec::with_capacity(appends);
+    for i in 0..appends {
+        let m = support::message("idle", i + 1, 2048);
+        let t0 = Instant::now();
+        mailclient::imap_append(&mut conn, &format!("a{i}"), "INBOX", &m).await?;
+        let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .context("no publish within 30 s of an append")?
+            .context("consumer ended")??;
+        latencies.push(t0.elapsed());
+        ensure!(delivery.data == m, "IDLE: unexpected message");
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    latencies.sort();
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn rss_kb(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// RSS of the release binary holding `k` idle configs.
+async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Duration)> {
+    let mailboxes: Vec<String> = (0..k).map(|i| format!("rss{i}-{}", fx.mailbox)).collect();
+    // One write for all grants (Env::grant waits a second per line).
+    {
+        let path = fx.env.get("MAILAGENT_TEST_GRANTS");
+        let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
+        let lines: String = mailboxes
+            .iter()
+            .map(|m| format!("{}|{}\n", fx.app.to_lowercase(), m.to_lowercase()))
+            .collect();
+        f.write_all(lines.as_bytes())?;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let tables: Vec<String> = mailboxes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| fx.mail_table(&format!("rss{i}"), m, "poll-interval = 3600"))
+        .collect();
+    let (_, path) = fx.config(&tables);
+    let log = std::fs::File::create(fx.dir.path().join("rss.log"))?;
+    // The release binary next to this one (target/release/).
+    let exe = std::env::current_exe()?;
+    let fetcher = exe.with_file_name("imap-fetcher");
+    ensure!(
+        fetcher.exists(),
+        "{} is not built: cargo build --release -p imap-fetcher",
+        fetcher.display()
+    );
+    let mut child = tokio::process::Command::new(fetcher)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn imap-fetcher")?;
+    let pid = child.id().context("pid")?;
+    let started = Instant::now();
+    let mut redis = fx.redis().await;
+    let keys = fx.keys();
+    let names: Vec<String> = (0..k)
+        .map(|i| keys.checkpoint(&format!("rss{i}")))
+        .collect();
+    loop {
+        let mut pipe = redis::pipe();
+        for n in &names {
+            pipe.exists(n);
+        }
+        let present: Vec<bool> = pipe.query_async(&mut redis).await?;
+        let up = present.iter().filter(|p| **p).count();
+        if up == k {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("only {up} of {k} configs came up in 5 min");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ready = started.elapsed();
+    // Settled: every config in IDLE.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rss, hwm) = rss_kb(pid).context("read /proc status")?;
+    // SIGTERM to this one positive pid, then wait for the graceful exit.
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "TERM", "--", &pid.to_string()])
+        .status();
+    if tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .is_err()
+    {
+        child.kill().await?;
+    }
+    Ok((rss, hwm, ready))
+}
+
+/// F, P and R, and R's ratio to the serialized ceiling.
+async fn throughput(
+    fx: &Fixture,
+    args: &Args,
+    bodies: &[Vec<u8>],
+    total: u64,
+) -> anyhow::Result<()> {
+    support::seed_maildir(&fx.env, &fx.mailbox, bodies);
+    // Warm-up: Dovecot indexes the new Maildir files once (not measured as F).
+    let t = Instant::now();
+    let mut io = master(fx, &fx.mailbox).await?;
+    raw_command(&mut io, "w0", "EXAMINE INBOX").await?;
+    raw_command(&mut io, "w1", "UID FETCH 1:* (UID RFC822.SIZE)").await?;
+    drop(io);
+    println!(
+        "   (Dovecot indexed the mailbox in {:.2} s)",
+        t.elapsed().as_secs_f64()
+    );
+
+    let f = measure_fetch(fx, args.messages).await?;
+    f.print();
+    let (config, _) = fx.config(&[fx.mail_table(
+        "bench-r",
+        &fx.mailbox,
+        &format!("batch-size = {}\npoll-interval = 3600", args.batch_size),
+    )]);
+    let p = measure_publish(fx, &config, bodies, args.window).await?;
+    p.print();
+    let r = measure_fetcher(fx, config, args.messages, total, args.messages as u32).await?;
+    r.print();
+    let ceiling = 1.0 / (1.0 / f.rate() + 1.0 / p.rate());
+    println!(
+        "ceiling 1/(1/F+1/P) = {:.0} msg/s; R = {:.0} msg/s = {:.0} % of the ceiling (goal ≥ 80 %)",
+        ceiling,
+        r.rate(),
+        100.0 * r.rate() / ceiling
+    );
+
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Logs only when asked for (RUST_LOG=imap_fetcher=debug …).
+    let _telemetry = std::env::var_os("RUST_LOG").map(|_| common::telemetry::init("bench-imap"));
+    let fx = Fixture::new("bench");
+    println!(
+        "bench-imap: {} messages of {} bytes, window {}, batch-size {}; mailbox {}",
+        args.messages, args.size, args.window, args.batch_size, fx.mailbox
+    );
+    let bodies: Vec<Vec<u8>> = (0..args.messages)
+        .map(|i| {
+            let mut m = support::message(&fx.prefix, i, args.size);
+            m.truncate(args.size.max(200));
+            m
+        })
+        .collect();
+    let total: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+    fx.plant_token().await;
+    if !args.skip_throughput {
+        throughput(&fx, &args, &bodies, total).await?;
+    }
+
+    if args.appends > 0 {
+        let l = measure_idle(&fx, args.appends).await?;
+        println!(
+            "IDLE append→publish over {} appends: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 < 1 s)",
+            l.len(),
+            percentile(&l, 0.50).as_secs_f64() * 1e3,
+            percentile(&l, 0.99).as_secs_f64() * 1e3,
+            l.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        );
+    }
+    if args.idle_configs > 0 {
+        let (rss, hwm, ready) = measure_rss(&fx, args.idle_configs).await?;
+        println!(
+            "RSS of one imap-fetcher holding {} idle configs: {:.1} MB (peak {:.1} MB); all up after {:.1} s (goal < 100 MB)",
+            args.idle_configs,
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0,
+            ready.as_secs_f64()
+        );
+    }
+    Ok(())
+}
