@@ -210,14 +210,17 @@ async fn identity_provider_down_30_s_during_a_batch_loses_nothing_and_creates_no
 /// are handing over the earlier chunks: with IDLE, every message must still
 /// arrive promptly.
 ///
-/// It does not today: Dovecot announces mail that arrives during a pass
-/// with an untagged `* n EXISTS` inside the pass's own commands; async-imap
-/// puts it on the session's unsolicited-responses channel, which
-/// imap-fetcher never reads, and the IDLE that follows waits for a *further*
-/// change. The mail stays until the next new mail or the IDLE renewal
-/// (25 min): delayed, not lost.
+/// It did not: Dovecot announced mail arriving during a pass with an untagged
+/// `* n EXISTS` that async-imap put on its unsolicited-responses channel,
+/// which imap-fetcher never read, so the following IDLE waited for a
+/// further change. Commit 46f19af makes the fetcher drain that channel and
+/// pass again; this test still times out (1,000 not settled within 60 s)
+/// and the remaining cause is not found yet. A suspect: the mail is written
+/// straight into the Maildirs, and with this machine's
+/// `fs.inotify.max_user_instances = 128` Dovecot falls back to checking
+/// every 30 s when many IDLE sessions are open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "imap-fetcher bug: mail announced by an untagged EXISTS during a pass waits for the next change or the 25-min IDLE renewal (unsolicited responses are never read before IDLE)"]
+#[ignore = "still times out after the pass-again fix (46f19af); cause under investigation (Dovecot IDLE notification with Maildir writes and the inotify limit?)"]
 async fn imap_idle_hands_over_mail_that_arrives_during_a_pass() {
     let stack = Stack::start("e2eidle", true).await;
     let forms = batch("I", BATCH, &stack.mailboxes);
