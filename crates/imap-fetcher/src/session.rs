@@ -7,18 +7,13 @@
 //! error challenge (`+ <base64 json>`); [`XOAuth2`] answers it with an empty
 //! line, as SASL requires, and keeps the decoded challenge for the error.
 
-use std::fmt;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_imap::{Client, Session};
 use common::config::{IncomingMail, ServerType};
 use common::xoauth2::ErrorChallenge;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::error::{FetchError, Result};
@@ -26,62 +21,8 @@ use crate::error::{FetchError, Result};
 /// Time allowed for connect + TLS + greeting + login.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The transport under the IMAP session.
-pub enum MailStream {
-    /// Plaintext (only with `allow-insecure`, or before STARTTLS).
-    Plain(TcpStream),
-    /// TLS.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl fmt::Debug for MailStream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Plain(_) => f.write_str("MailStream::Plain"),
-            Self::Tls(_) => f.write_str("MailStream::Tls"),
-        }
-    }
-}
-
-impl AsyncRead for MailStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for MailStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// The transport under the IMAP session (shared with the POP3 client).
+pub use common::tls::MailStream;
 
 /// A logged-in IMAP session.
 pub type ImapSession = Session<MailStream>;
