@@ -4,9 +4,8 @@
 //! prefix and store (a SQLite file or a fresh PostgreSQL database), and
 //! polling helpers with deadlines.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use common::config::{Action, Component, Config, LoadOptions};
@@ -623,24 +622,8 @@ pub async fn create_database(admin_url: &str, prefix: &str) -> String {
     url.to_string()
 }
 
-/// Polls `check` until it returns `Some`, or panics with `what` after `within`.
-pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// Polls `check` until it returns `Some`, or panics after the deadline.
+pub use crate::harness::wait_for;
 
 /// Waits until the store holds `n` root records, and returns them.
 pub async fn wait_records(store: &Store, n: usize, within: Duration) -> Vec<StoredRecord> {

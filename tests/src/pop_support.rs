@@ -373,23 +373,8 @@ pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
         .unwrap_or(0)
 }
 
-/// Polls `check` every 100 ms until it returns true or `deadline` passes.
-pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+/// Polls `check` every 100 ms until it returns true or the deadline passes.
+pub use crate::imap_support::eventually;
 
 /// The last error in this prefix's pop-fetcher heartbeats, if any.
 pub async fn last_error(fx: &Fixture) -> Option<String> {

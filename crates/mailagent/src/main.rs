@@ -62,20 +62,13 @@ fn main() -> ExitCode {
         Command::Status(ref s) => with_config(&args.config, |config| async move {
             status::status(&config, s).await
         }),
-        Command::TestConnection { ref name } => {
-            let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let flag = failed.clone();
-            let code = with_config(&args.config, |config| async move {
-                let ok = test_connection::test_connection(&config, name).await?;
-                flag.store(!ok, std::sync::atomic::Ordering::SeqCst);
+        Command::TestConnection { ref name } => with_config(&args.config, |config| async move {
+            if test_connection::test_connection(&config, name).await? {
                 Ok(())
-            });
-            if failed.load(std::sync::atomic::Ordering::SeqCst) {
-                ExitCode::FAILURE
             } else {
-                code
+                anyhow::bail!("connection test failed")
             }
-        }
+        }),
         Command::Setup(ref s) => with_config(&args.config, |config| async move {
             setup::setup(&config, s).await
         }),
