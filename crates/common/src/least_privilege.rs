@@ -227,4 +227,36 @@ mod tests {
             assert_eq!(&line[start.len()..], rules, "{role:?}");
         }
     }
+
+    #[test]
+    fn deploy_rabbitmq_definitions_grant_the_same_permissions() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/rabbitmq/definitions.json"
+        );
+        let text = std::fs::read_to_string(path).expect("deploy/rabbitmq/definitions.json");
+        let defs: serde_json::Value = serde_json::from_str(&text).expect("definitions.json");
+        let permissions = defs["permissions"].as_array().expect("permissions");
+        for role in Role::ALL {
+            let user = role.user("mailagent");
+            let granted = permissions
+                .iter()
+                .find(|p| p["user"] == user.as_str())
+                .unwrap_or_else(|| panic!("no permissions for {user} in {path}"));
+            let want = amqp_permissions(role, "mailagent");
+            assert_eq!(
+                (
+                    granted["configure"].as_str(),
+                    granted["write"].as_str(),
+                    granted["read"].as_str()
+                ),
+                (
+                    Some(want.configure.as_str()),
+                    Some(want.write.as_str()),
+                    Some(want.read.as_str())
+                ),
+                "{user}"
+            );
+        }
+    }
 }

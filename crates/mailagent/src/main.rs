@@ -59,38 +59,43 @@ fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Status(ref s) => with_config(&args.config, |config| async move {
+        Command::Status(ref s) => with_config(&args.config, Component::Cli, |config| async move {
             status::status(&config, s).await
         }),
-        Command::TestConnection { ref name } => with_config(&args.config, |config| async move {
-            if test_connection::test_connection(&config, name).await? {
-                Ok(())
-            } else {
-                anyhow::bail!("connection test failed")
-            }
-        }),
-        Command::Setup(ref s) => with_config(&args.config, |config| async move {
+        Command::TestConnection { ref name } => {
+            with_config(&args.config, Component::Cli, |config| async move {
+                if test_connection::test_connection(&config, name).await? {
+                    Ok(())
+                } else {
+                    anyhow::bail!("connection test failed")
+                }
+            })
+        }
+        Command::Setup(ref s) => with_config(&args.config, Component::Setup, |config| async move {
             setup::setup(&config, s).await
         }),
-        Command::Records(ref r) => with_config(&args.config, |config| async move {
+        Command::Records(ref r) => with_config(&args.config, Component::Cli, |config| async move {
             records::records(&config, r).await
         }),
-        Command::DeadLetters { ref command } => with_config(&args.config, |config| async move {
-            let command = command
-                .as_ref()
-                .unwrap_or(&records::DeadLettersCommand::List);
-            records::dead_letters(&config, command).await
-        }),
+        Command::DeadLetters { ref command } => {
+            with_config(&args.config, Component::Cli, |config| async move {
+                let command = command
+                    .as_ref()
+                    .unwrap_or(&records::DeadLettersCommand::List);
+                records::dead_letters(&config, command).await
+            })
+        }
     }
 }
 
-/// Loads the configuration and runs `f` on a runtime; errors exit 1.
-fn with_config<F, Fut>(args: &ConfigArgs, f: F) -> ExitCode
+/// Loads the configuration as `component` reads it and runs `f` on a
+/// runtime; errors exit 1.
+fn with_config<F, Fut>(args: &ConfigArgs, component: Component, f: F) -> ExitCode
 where
     F: FnOnce(common::Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let config = match cli::load(args, Component::Cli) {
+    let config = match cli::load(args, component) {
         Ok(config) => config,
         Err(code) => return code,
     };

@@ -36,6 +36,10 @@ pub enum Component {
     FormProcessor,
     /// `mailagent`, the operator CLI: reads every secret.
     Cli,
+    /// `mailagent setup`: declares the topology and prints or applies the
+    /// users' rights; reads no mail or OAuth secret, so a deployment's
+    /// one-off setup job needs none of them.
+    Setup,
 }
 
 impl Component {
@@ -46,7 +50,7 @@ impl Component {
             Self::ImapFetcher => "imap-fetcher",
             Self::PopFetcher => "pop-fetcher",
             Self::FormProcessor => "form-processor",
-            Self::Cli => "mailagent",
+            Self::Cli | Self::Setup => "mailagent",
         }
     }
 
