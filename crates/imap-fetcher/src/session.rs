@@ -178,8 +178,12 @@ async fn open_inner(
     }
 }
 
-/// Reads the greeting: `* OK` goes on, `* BYE` is a refusal.
-async fn greeting(client: &mut Client<MailStream>, ep: &str) -> Result<()> {
+/// Reads the greeting: `* OK` goes on, `* BYE` is a refusal. Generic over
+/// the stream so the `imap_response` fuzz target drives it in memory.
+pub async fn greeting<T>(client: &mut Client<T>, ep: &str) -> Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug,
+{
     let first = client.read_response().await;
     match first {
         Some(Ok(resp)) => {

@@ -54,34 +54,61 @@ impl LoadOptions {
 /// Loads, applies defaults and validates the configuration for `component`.
 /// Every problem found is returned at once.
 pub fn load(options: &LoadOptions, component: Component) -> Result<Config, ConfigErrors> {
-    let mut errors = Vec::new();
-    let mut figment = Figment::new();
-    if let Some(path) = &options.path {
-        match std::fs::read_to_string(path) {
-            Ok(text) => figment = figment.merge(Toml::string(&text)),
-            Err(e) => errors.push(ConfigError::new(
-                path.display().to_string(),
-                format!("cannot read config file: {e}"),
-            )),
+    let source = options
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "config".to_string());
+    let (text, read_error) = match &options.path {
+        None => (None, None),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => (Some(text), None),
+            Err(e) => (
+                None,
+                Some(ConfigError::new(
+                    source.clone(),
+                    format!("cannot read config file: {e}"),
+                )),
+            ),
+        },
+    };
+    let loaded = load_text(text.as_deref(), &source, &options.env, component);
+    match read_error {
+        None => loaded,
+        Some(e) => {
+            let mut errors = vec![e];
+            if let Err(more) = loaded {
+                errors.extend(more.0);
+            }
+            Err(ConfigErrors(errors))
         }
     }
-    let (env_tree, env_errors) = env_overrides(&options.env);
-    errors.extend(env_errors);
+}
+
+/// [`load`] from TOML text already read (`None`: defaults and environment
+/// only); `source` names the text in errors. Also the entry point of the
+/// `config` fuzz target.
+pub fn load_text(
+    text: Option<&str>,
+    source: &str,
+    env: &[(String, String)],
+    component: Component,
+) -> Result<Config, ConfigErrors> {
+    let mut figment = Figment::new();
+    if let Some(text) = text {
+        figment = figment.merge(Toml::string(text));
+    }
+    let (env_tree, mut errors) = env_overrides(env);
     figment = figment.merge(Serialized::globals(env_tree));
 
     let tree = match figment.extract::<Dict>() {
         Ok(tree) => tree,
         Err(e) => {
-            let file = options
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "config".to_string());
             // figment's message names the TOML position; it never echoes secrets
             // because a parse error quotes at most the offending token.
             for err in e {
                 errors.push(ConfigError::new(
-                    file.clone(),
+                    source.to_string(),
                     format!("cannot parse: {}", err.kind),
                 ));
             }

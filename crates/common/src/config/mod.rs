@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::secret::SecretUrl;
 
-pub use load::{load, LoadOptions, CONFIG_ENV};
+pub use load::{load, load_text, LoadOptions, CONFIG_ENV};
 pub use parse::parse;
 
 /// Which binary is loading the configuration. It decides which secret files
@@ -671,6 +671,20 @@ impl Default for SubjectMatcher {
 }
 
 impl SubjectMatcher {
+    /// The matcher of a configured subject: `/regex/` (case-insensitive,
+    /// compiled within a size limit) or exact text.
+    pub fn from_subject(subject: &str) -> Result<Self, regex::Error> {
+        if subject.len() >= 2 && subject.starts_with('/') && subject.ends_with('/') {
+            regex::RegexBuilder::new(&subject[1..subject.len() - 1])
+                .case_insensitive(true)
+                .size_limit(1 << 20)
+                .build()
+                .map(Self::Regex)
+        } else {
+            Ok(Self::Exact(subject.trim().to_lowercase()))
+        }
+    }
+
     /// True when the subject matches.
     pub fn matches(&self, subject: &str) -> bool {
         match self {

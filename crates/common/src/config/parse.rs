@@ -820,13 +820,9 @@ fn parse_topic(w: &mut Walker, path: &str, t: &Dict) -> Option<Topic> {
             "missing: the subject of the form's mails",
         );
         None
-    } else if subject.len() >= 2 && subject.starts_with('/') && subject.ends_with('/') {
-        match regex::RegexBuilder::new(&subject[1..subject.len() - 1])
-            .case_insensitive(true)
-            .size_limit(1 << 20)
-            .build()
-        {
-            Ok(re) => Some(SubjectMatcher::Regex(re)),
+    } else {
+        match SubjectMatcher::from_subject(&subject) {
+            Ok(m) => Some(m),
             Err(e) => {
                 w.err(
                     format!("{path}.subject"),
@@ -835,8 +831,6 @@ fn parse_topic(w: &mut Walker, path: &str, t: &Dict) -> Option<Topic> {
                 None
             }
         }
-    } else {
-        Some(SubjectMatcher::Exact(subject.trim().to_lowercase()))
     };
     let module = w.string(t, path, "module").unwrap_or_default();
     if module.trim().is_empty() {
