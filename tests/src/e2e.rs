@@ -86,6 +86,16 @@ impl Bin {
             Self::FormProcessor => "form-processor",
         }
     }
+
+    /// The component the binary loads its configuration as.
+    pub fn component(self) -> common::Component {
+        match self {
+            Self::TokenBroker => common::Component::TokenBroker,
+            Self::ImapFetcher => common::Component::ImapFetcher,
+            Self::PopFetcher => common::Component::PopFetcher,
+            Self::FormProcessor => common::Component::FormProcessor,
+        }
+    }
 }
 
 /// What the supervisor does after the process exits.
@@ -571,8 +581,8 @@ required = ["triIdTX"]
 unique = ["triIdTX"]
 senders = ["@contoso.com"]
 "#,
-            redis = via(redis_url, &redis_relay),
-            amqp = via(amqp_url, &amqp_relay),
+            redis = via(redis_url.clone(), &redis_relay),
+            amqp = via(amqp_url.clone(), &amqp_relay),
             ca = env.ca_file().display(),
             key = key_file.display(),
             secret = secret_file.display(),
@@ -627,12 +637,32 @@ poll-interval = 1
             .await
             .expect("declare topology");
 
+        // Each binary runs as its least-privilege users (crate::restricted),
+        // through the same relays.
+        let redis_via = via(redis_url, &redis_relay);
+        let amqp_via = via(amqp_url, &amqp_relay);
+        let bin_config = |bin: Bin| {
+            let path = dir.path().join(format!("{}.toml", bin.name()));
+            let toml =
+                crate::restricted::restrict_via(&toml, bin.component(), &redis_via, &amqp_via);
+            std::fs::write(&path, toml).expect("config file");
+            path
+        };
+        let configs_by_bin: HashMap<&'static str, PathBuf> = [
+            Bin::TokenBroker,
+            Bin::ImapFetcher,
+            Bin::PopFetcher,
+            Bin::FormProcessor,
+        ]
+        .into_iter()
+        .map(|bin| (bin.name(), bin_config(bin)))
+        .collect();
         let mut procs = Vec::new();
         let mut add = |bin: Bin, name: &str| {
             procs.push(Supervised::start(
                 bin,
                 name.to_string(),
-                config_path.clone(),
+                configs_by_bin[bin.name()].clone(),
                 logs.clone(),
             ));
         };

@@ -431,6 +431,7 @@ require-authenticated-sender = true
             settings = form_processor_settings(extra),
         );
         let path: PathBuf = dir.path().join("mailagent.toml");
+        let toml = crate::restricted::restrict(&toml, Component::FormProcessor);
         std::fs::write(&path, toml).unwrap();
         let options = LoadOptions {
             path: Some(path.clone()),

@@ -110,10 +110,20 @@ allow-insecure = true
         self.file("config.toml", &self.toml)
     }
 
-    /// Loads and validates it for `component`.
+    /// The config file `component` runs with: this one with the
+    /// component's least-privilege users (`crate::restricted`).
+    pub fn path_for(&self, component: Component) -> PathBuf {
+        self.file(
+            &format!("config-{}.toml", component.name()),
+            &crate::restricted::restrict(&self.toml, component),
+        )
+    }
+
+    /// Loads and validates it for `component`, with the component's
+    /// least-privilege users.
     pub fn load(&self, component: Component) -> Config {
         let options = LoadOptions {
-            path: Some(self.path()),
+            path: Some(self.path_for(component)),
             env: vec![],
         };
         load(&options, component)

@@ -138,10 +138,12 @@ allow-insecure = true
         )
     }
 
-    /// Writes a config file and loads it as the fetcher would.
+    /// Writes a config file, with the fetcher's least-privilege users
+    /// (`crate::restricted`), and loads it as the fetcher would.
     pub fn config(&self, mail: &[String]) -> (Config, PathBuf) {
         let path = self.dir.path().join(format!("{}.toml", unique("cfg")));
-        std::fs::write(&path, self.config_toml(mail)).expect("write config");
+        let toml = crate::restricted::restrict(&self.config_toml(mail), Component::ImapFetcher);
+        std::fs::write(&path, toml).expect("write config");
         let config = common::config::load(
             &LoadOptions {
                 path: Some(path.clone()),

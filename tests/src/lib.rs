@@ -14,3 +14,4 @@ pub mod mailclient;
 pub mod pop_support;
 pub mod private_rabbit;
 pub mod relay;
+pub mod restricted;

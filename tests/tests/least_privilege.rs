@@ -347,8 +347,12 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
     support::seed_maildir(&env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let toml = fx.config_toml(&[fx.mail_table("m", &fx.mailbox, "")]);
-    let users = setup(&env, &fx.prefix, &toml);
+    // The observer first: the fixture's config (which it loads) makes the
+    // suite's restricted users for the prefix; `setup` then replaces them
+    // with those of `mailagent setup --redis-acl --apply`, which this test
+    // is about.
     let observer = fx.channel().await;
+    let users = setup(&env, &fx.prefix, &toml);
 
     let shutdown = CancellationToken::new();
     let fetcher = load(

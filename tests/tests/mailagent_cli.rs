@@ -15,7 +15,7 @@ use mailagent_tests::idp::TestIdp;
 async fn mailagent(cfg: &TestConfig, args: &[&str]) -> (Output, String) {
     let out = tokio::process::Command::new(bin_path("mailagent"))
         .arg("--config")
-        .arg(cfg.path())
+        .arg(cfg.path_for(Component::Cli))
         .args(args)
         .env_remove("MAILAGENT_CONFIG")
         .output()

@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
+use common::Component;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use mailagent_tests::env::{bin_path, unique, Endpoints};
 use mailagent_tests::forms::{self, Attachment, Lease};
@@ -249,7 +250,6 @@ senders = ["@contoso.com"]
         store = store_dir.display(),
         subject = forms::LEASE_SUBJECT,
     ));
-    let config_path = cfg.path();
     let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
     let key_raw = base64::engine::general_purpose::STANDARD
         .decode(key_b64.trim())
@@ -269,14 +269,19 @@ senders = ["@contoso.com"]
 
     let logs = cfg.dir().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
+    // Each binary with its least-privilege Redis and RabbitMQ users, whose
+    // passwords are scanned for too.
     let children: Vec<(String, Child)> = [
-        "token-broker",
-        "imap-fetcher",
-        "pop-fetcher",
-        "form-processor",
+        Component::TokenBroker,
+        Component::ImapFetcher,
+        Component::PopFetcher,
+        Component::FormProcessor,
     ]
-    .iter()
-    .map(|n| (n.to_string(), spawn(n, &config_path, &logs)))
+    .into_iter()
+    .map(|c| {
+        let name = c.name();
+        (name.to_string(), spawn(name, &cfg.path_for(c), &logs))
+    })
     .collect();
 
     let store_url = format!("sqlite://{}/records.db", store_dir.display());
@@ -322,6 +327,18 @@ senders = ["@contoso.com"]
     secrets.add("token key (base64)", key_b64.trim());
     secrets.add("token key (raw)", &key_raw);
     secrets.add("mail password", &mail_password);
+    secrets.add(
+        "restricted Redis users' password",
+        mailagent_tests::restricted::redis_password(),
+    );
+    let amqp_user: url::Url = env
+        .get("MAILAGENT_TEST_AMQP_URL_IMAP_FETCHER")
+        .parse()
+        .unwrap();
+    secrets.add(
+        "restricted RabbitMQ users' password",
+        amqp_user.password().unwrap(),
+    );
     let tokens = idp.issued_tokens();
     assert!(!tokens.is_empty(), "the IdP issued no token");
     for (i, t) in tokens.iter().enumerate() {

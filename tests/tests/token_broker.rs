@@ -482,7 +482,7 @@ async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
     let out = std::fs::File::create(&log).unwrap();
     let mut child = std::process::Command::new(bin_path("token-broker"))
         .arg("--config")
-        .arg(cfg.path())
+        .arg(cfg.path_for(Component::TokenBroker))
         .env("RUST_LOG", "debug")
         .stdout(Stdio::from(out.try_clone().unwrap()))
         .stderr(Stdio::from(out))

@@ -133,19 +133,20 @@ pub fn redis_rules(role: Role, prefix: &str) -> Option<String> {
         ]
         .join(" "),
         Role::ImapFetcher => fetcher("imap-fetcher", "imap", ""),
-        Role::PopFetcher => fetcher("pop-fetcher", "pop3", "+smembers +sadd +srem "),
+        Role::PopFetcher => fetcher("pop-fetcher", "pop3", "+smembers +sadd +srem +hkeys "),
         Role::FormProcessor => [
             format!("~{}", k.deliveries("*")),
             heartbeat("form-processor"),
             agents,
-            "+ping +incr +expire +del +setex +zadd +zrem".into(),
+            // The delivery count is INCRBY + EXPIRE in one MULTI/EXEC.
+            "+ping +multi +exec +incrby +expire +del +setex +zadd +zrem".into(),
         ]
         .join(" "),
         // Reads every key of the deployment; may only prune stale agents.
         Role::Cli => [
             format!("%R~{prefix}:*"),
             agents,
-            "+ping +get +mget +hget +hgetall +scard +smembers +zrange +zrangebyscore +zcard +exists +ttl +pttl +type +zrem".into(),
+            "+ping +get +mget +hget +hgetall +hlen +scard +smembers +zrange +zrangebyscore +zcard +exists +ttl +pttl +type +zrem".into(),
         ]
         .join(" "),
     };
