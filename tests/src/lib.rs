@@ -2,6 +2,7 @@
 //! that `scripts/services` starts, the test identity provider standing in for
 //! Microsoft Entra ID, and small protocol clients used to check servers.
 
+pub mod bench;
 pub mod corpus;
 pub mod e2e;
 pub mod env;

@@ -22,20 +22,15 @@
 //! target/release/bench-imap --messages 10000 --size 8192
 //! ```
 
-use std::collections::VecDeque;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
-use common::envelope::{dedupe_key, Envelope, MessageRef};
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueuePurgeOptions,
-};
+use lapin::options::BasicConsumeOptions;
+use mailagent_tests::bench::{self, percentile, rss_kb, Figure};
 use mailagent_tests::imap_support::{self as support, Fixture};
 use mailagent_tests::mailclient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Measures F, P, R, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
@@ -61,175 +56,6 @@ struct Args {
     /// Idle mail configs for the RSS figure (0 skips it).
     #[arg(long, default_value_t = 1000)]
     idle_configs: usize,
-}
-
-/// One measured phase.
-struct Figure {
-    name: &'static str,
-    messages: usize,
-    bytes: u64,
-    elapsed: Duration,
-}
-
-impl Figure {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn mb_s(&self) -> f64 {
-        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
-    }
-
-    fn print(&self) {
-        println!(
-            "{:<58} {:>6} msgs {:>8.2} s {:>9.0} msg/s {:>8.1} MB/s",
-            self.name,
-            self.messages,
-            self.elapsed.as_secs_f64(),
-            self.rate(),
-            self.mb_s()
-        );
-    }
-}
-
-/// A master-user IMAPS session (any mailbox, no token needed).
-async fn master(
-    fx: &Fixture,
-    mailbox: &str,
-) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let c = support::master(&fx.env, mailbox).await;
-    Ok(c.into_inner())
-}
-
-/// Sends `tag command` and reads raw bytes until the tagged completion;
-/// returns the bytes read.
-async fn raw_command<S>(io: &mut S, tag: &str, command: &str) -> anyhow::Result<Vec<u8>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    io.write_all(format!("{tag} {command}\r\n").as_bytes())
-        .await?;
-    io.flush().await?;
-    let done_ok = format!("\r\n{tag} OK");
-    let done_other = [format!("\r\n{tag} NO"), format!("\r\n{tag} BAD")];
-    let mut out = Vec::with_capacity(1 << 20);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = io.read(&mut buf).await?;
-        if n == 0 {
-            bail!("connection closed during {command}");
-        }
-        out.extend_from_slice(&buf[..n]);
-        if out.ends_with(b"\r\n") {
-            let tail_start = out.len().saturating_sub(n + 64);
-            let tail = &out[tail_start..];
-            let text = String::from_utf8_lossy(tail);
-            // The tagged line is the last line of the response.
-            let last_line_start = text[..text.len() - 2].rfind("\r\n");
-            if let Some(i) = last_line_start {
-                let last = &text[i..];
-                if last.starts_with(&done_ok) {
-                    return Ok(out);
-                }
-                if done_other.iter().any(|d| last.starts_with(d.as_str())) {
-                    bail!("{command} failed: {}", last.trim());
-                }
-            } else if out.len() < 512 && text.starts_with(&format!("{tag} ")) {
-                if text.starts_with(&format!("{tag} OK")) {
-                    return Ok(out);
-                }
-                bail!("{command} failed: {}", text.trim());
-            }
-        }
-    }
-}
-
-/// F: one connection, one `UID FETCH 1:* (BODY.PEEK[])`, read raw.
-async fn measure_fetch(fx: &Fixture, n: usize) -> anyhow::Result<Figure> {
-    let mut io = master(fx, &fx.mailbox).await?;
-    raw_command(&mut io, "f0", "EXAMINE INBOX").await?;
-    let started = Instant::now();
-    let bytes = raw_command(&mut io, "f1", "UID FETCH 1:* (BODY.PEEK[])").await?;
-    let elapsed = started.elapsed();
-    let fetched = bytes.windows(8).filter(|w| w == b" FETCH (").count();
-    ensure!(fetched == n, "F fetched {fetched} messages, expected {n}");
-    Ok(Figure {
-        name: "F  raw UID FETCH 1:* (BODY.PEEK[]), one connection",
-        messages: n,
-        bytes: bytes.len() as u64,
-        elapsed,
-    })
-}
-
-/// P: confirmed persistent publish with a window, the fetcher's envelope.
-async fn measure_publish(
-    fx: &Fixture,
-    config: &common::Config,
-    bodies: &[Vec<u8>],
-    window: usize,
-) -> anyhow::Result<Figure> {
-    let conn = common::connect::amqp(config, "bench-imap-p").await?;
-    let channel = conn.create_channel().await?;
-    let topology = common::topology::declare(&channel, &config.amqp, false).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let envelopes: Vec<Envelope> = bodies
-        .iter()
-        .enumerate()
-        .map(|(i, b)| Envelope {
-            dedupe_key: dedupe_key(&fx.mailbox, b),
-            body: b.clone(),
-            timestamp: common::heartbeat::now_secs(),
-            mail_config: "bench".into(),
-            mailbox: fx.mailbox.clone(),
-            message_ref: MessageRef::Imap {
-                uid: i as u32 + 1,
-                uidvalidity: 1,
-            },
-            action: common::config::Action::Create,
-            fetcher: "bench".into(),
-            traceparent: None,
-        })
-        .collect();
-    let started = Instant::now();
-    let mut pending = VecDeque::with_capacity(window);
-    let mut bytes = 0u64;
-    for e in &envelopes {
-        if pending.len() >= window {
-            let c: lapin::publisher_confirm::PublisherConfirm =
-                pending.pop_front().expect("pending");
-            ensure!(c.await?.is_ack(), "P: nacked");
-        }
-        let confirm = channel
-            .basic_publish(
-                &topology.exchange,
-                e.routing_key(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &e.body,
-                e.properties(),
-            )
-            .await?;
-        pending.push_back(confirm);
-        bytes += e.body.len() as u64;
-    }
-    while let Some(c) = pending.pop_front() {
-        ensure!(c.await?.is_ack(), "P: nacked");
-    }
-    let elapsed = started.elapsed();
-    channel
-        .queue_purge(&fx.queue(), QueuePurgeOptions::default())
-        .await?;
-    let _ = conn.close(200, "done").await;
-    Ok(Figure {
-        name: "P  raw confirmed persistent publish, window",
-        messages: envelopes.len(),
-        bytes,
-        elapsed,
-    })
 }
 
 /// R: the fetcher, in process, until everything is published, flagged and
@@ -350,40 +176,11 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
     Ok(latencies)
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
-}
-
-fn rss_kb(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
 /// RSS of the release binary holding `k` idle configs.
 async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Duration)> {
     let mailboxes: Vec<String> = (0..k).map(|i| format!("rss{i}-{}", fx.mailbox)).collect();
     // One write for all grants (Env::grant waits a second per line).
-    {
-        let path = fx.env.get("MAILAGENT_TEST_GRANTS");
-        let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
-        let lines: String = mailboxes
-            .iter()
-            .map(|m| format!("{}|{}\n", fx.app.to_lowercase(), m.to_lowercase()))
-            .collect();
-        f.write_all(lines.as_bytes())?;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    bench::grant_all(&fx.env, &fx.app, &mailboxes)?;
     let tables: Vec<String> = mailboxes
         .iter()
         .enumerate()
@@ -435,9 +232,7 @@ async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Durati
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, hwm) = rss_kb(pid).context("read /proc status")?;
     // SIGTERM to this one positive pid, then wait for the graceful exit.
-    let _ = std::process::Command::new("kill")
-        .args(["-s", "TERM", "--", &pid.to_string()])
-        .status();
+    bench::sigterm(pid);
     if tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .is_err()
@@ -456,28 +251,28 @@ async fn throughput(
 ) -> anyhow::Result<()> {
     support::seed_maildir(&fx.env, &fx.mailbox, bodies);
     // Warm-up: Dovecot indexes the new Maildir files once (not measured as F).
-    let t = Instant::now();
-    let mut io = master(fx, &fx.mailbox).await?;
-    raw_command(&mut io, "w0", "EXAMINE INBOX").await?;
-    raw_command(&mut io, "w1", "UID FETCH 1:* (UID RFC822.SIZE)").await?;
-    drop(io);
+    let warm = bench::warm_up(&fx.env, &fx.mailbox).await?;
     println!(
         "   (Dovecot indexed the mailbox in {:.2} s)",
-        t.elapsed().as_secs_f64()
+        warm.as_secs_f64()
     );
 
-    let f = measure_fetch(fx, args.messages).await?;
+    let f = bench::raw_fetch(&fx.env, &fx.mailbox, args.messages).await?;
     f.print();
     let (config, _) = fx.config(&[fx.mail_table(
         "bench-r",
         &fx.mailbox,
         &format!("batch-size = {}\npoll-interval = 3600", args.batch_size),
     )]);
-    let p = measure_publish(fx, &config, bodies, args.window).await?;
+    // P declares the topology, which the fetcher's least-privilege user (if
+    // the fixture gives it one) may not do: P connects as the servers' admin.
+    let mut p_config = config.clone();
+    p_config.amqp.url = common::secret::SecretUrl::new(fx.env.amqp_url().to_string());
+    let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.window).await?;
     p.print();
     let r = measure_fetcher(fx, config, args.messages, total, args.messages as u32).await?;
     r.print();
-    let ceiling = 1.0 / (1.0 / f.rate() + 1.0 / p.rate());
+    let ceiling = bench::ceiling(&[&f, &p]);
     println!(
         "ceiling 1/(1/F+1/P) = {:.0} msg/s; R = {:.0} msg/s = {:.0} % of the ceiling (goal ≥ 80 %)",
         ceiling,

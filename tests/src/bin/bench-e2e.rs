@@ -1,0 +1,922 @@
+//! The end-to-end benchmark (issue 7), against the servers of
+//! `scripts/services`. In one run, on N valid, distinct form mails of about
+//! S bytes (a lease workbook of 8 typed fields and 3 payment rows each, the
+//! mail padded with a text body up to S) seeded into one fresh IMAP mailbox:
+//!
+//! - **F**: a raw single-connection `UID FETCH 1:* (BODY.PEEK[])` of that
+//!   mailbox over IMAPS, read without parsing (after a warm-up so Dovecot
+//!   has indexed the new Maildir files);
+//! - **P**: a raw confirmed, persistent publish of the same bytes with the
+//!   fetcher's envelope properties, to a private exchange and queue;
+//! - **X**: the form-processor's own checks, `analyze::analyze` (MIME
+//!   parse, routing, sender check, workbook and object map, validation —
+//!   the call its consumer makes for each delivery), on every mail, one
+//!   thread, in memory, no I/O;
+//! - **E**: the release binaries as processes — `token-broker`,
+//!   `form-processor` (SQLite) and `pop-fetcher` (with a small POP3 maildrop,
+//!   so its RSS can be read too) started first and proven working, then
+//!   `imap-fetcher` — on a fresh Redis prefix, AMQP prefix and SQLite file.
+//!   E is timed from the first fetch — the instant the fetcher logs
+//!   `selected folder` for the mailbox, right before its first `UID SEARCH`
+//!   and `UID FETCH` — to the moment the SQLite store holds all N records
+//!   (polled every 50 ms). The time from the fetcher's process spawn is
+//!   printed too. E is reported as a ratio of the serialized ceiling
+//!   1/(1/F + 1/P + 1/X);
+//! - **IDLE** append→record latency: M form mails appended one after the
+//!   other (master-user APPEND) to a second mailbox the same fetcher watches
+//!   with IDLE, each timed from sending APPEND until its record is
+//!   committed (its dedupe key found in the store, polled every 2 ms);
+//! - peak RSS (`VmHWM`) and CPU time of each of the four binaries, read
+//!   before they are stopped, and the CPU time every process on the host
+//!   used during E (to see where E's time goes).
+//!
+//! ```sh
+//! scripts/services up
+//! cargo build --release --bins
+//! target/release/bench-e2e --messages 10000 --size 8192 --appends 200
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context};
+use base64::Engine;
+use clap::Parser;
+use common::config::{Component, LoadOptions};
+use common::envelope::dedupe_key;
+use common::keys::Keys;
+use form_processor::analyze;
+use form_processor::store::{Known, Store};
+use lapin::options::QueueDeleteOptions;
+use mailagent_tests::bench::{self, percentile, Figure};
+use mailagent_tests::env::{unique, Endpoints};
+use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use mailagent_tests::idp::TestIdp;
+use mailagent_tests::{imap_support, mailclient, pop_support};
+use tokio::process::{Child, Command};
+
+/// Measures F, P, X, E, IDLE latency and RSS (see the module documentation).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Form mails in the IMAP mailbox.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// Size of each form mail in bytes (a text body pads the mail to it;
+    /// a mail whose workbook alone is larger stays larger).
+    #[arg(long, default_value_t = 8192)]
+    size: usize,
+    /// Appends for the IDLE latency (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    appends: usize,
+    /// Form mails in the POP3 maildrop (processed before E starts).
+    #[arg(long, default_value_t = 20)]
+    pop_messages: usize,
+    /// Outstanding publisher confirms in P (the fetcher's default window).
+    #[arg(long, default_value_t = common::publish::DEFAULT_WINDOW)]
+    window: usize,
+    /// Keep the config, the logs, the metrics and the SQLite file.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The OAuth profile of the config.
+const PROFILE: &str = "bench";
+/// Mail config names.
+const BULK: &str = "bulk";
+const IDLE: &str = "idle";
+const POP: &str = "pop";
+
+/// The four binaries, in start order.
+const BINARIES: [&str; 4] = [
+    "token-broker",
+    "form-processor",
+    "pop-fetcher",
+    "imap-fetcher",
+];
+
+/// A form mail: lease `<tag>-<i>` (8 typed fields, 3 payment rows), a
+/// Message-ID of its own, padded with a text body to `size` bytes.
+fn form_mail(tag: &str, i: usize, size: usize) -> Vec<u8> {
+    let id = format!("{tag}-{i}");
+    let name = format!("Lease {tag} {i}");
+    let notes = format!("benchmark form {i}");
+    let workbook = lease_workbook(&Lease {
+        id: &id,
+        name: &name,
+        rent: 1000.0 + i as f64,
+        area: 100.0 + (i % 997) as f64,
+        active: i % 2 == 0,
+        notes: &notes,
+        ..Default::default()
+    });
+    let raw = mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &[Attachment::xlsx(workbook)],
+    );
+    let mut text = String::from_utf8(raw).expect("the test mail is ASCII");
+    // A Message-ID that is unique by construction (forms::mail draws a
+    // random 32-bit one: among 10,000 mails a collision is likely enough to
+    // lose a record to deduplication).
+    let start = text.find("Message-ID: ").expect("Message-ID") + "Message-ID: ".len();
+    let end = start + text[start..].find("\r\n").expect("header line");
+    text.replace_range(start..end, &format!("<{tag}.{i}@bench.contoso.com>"));
+    let body = "Please find the form attached.\r\n";
+    let at = text.find(body).expect("text part") + body.len();
+    let mut padding = String::new();
+    let line = format!("This lease form ({id}) was filled in offline and sent for processing.\r\n");
+    while text.len() + padding.len() < size {
+        padding.push_str(&line);
+    }
+    text.insert_str(at, &padding);
+    text.into_bytes()
+}
+
+/// Builds `n` form mails on every core.
+fn form_mails(tag: &str, n: usize, size: usize) -> Vec<Vec<u8>> {
+    let threads = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(2);
+    let chunk = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|from| {
+                s.spawn(move || {
+                    (from..(from + chunk).min(n))
+                        .map(|i| form_mail(tag, i, size))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("mail builder"))
+            .collect()
+    })
+}
+
+/// X: the form-processor's checks on every mail, on this one thread.
+fn parse_all(mails: &[Vec<u8>], config: &common::Config) -> anyhow::Result<Figure> {
+    let started = Instant::now();
+    let mut accepted = Vec::with_capacity(mails.len());
+    for (i, m) in mails.iter().enumerate() {
+        let (_, result) = analyze::analyze(m, &config.form_processor, &config.topics);
+        match result {
+            Ok(a) => accepted.push(a),
+            Err(r) => bail!("X: mail {i} rejected: {r:?}"),
+        }
+    }
+    let elapsed = started.elapsed();
+    let first = accepted.first().context("X: no mail")?;
+    ensure!(
+        first.form.fields.len() == 8 && first.form.children.len() == 3,
+        "X: expected 8 fields and 3 children, got {} and {}",
+        first.form.fields.len(),
+        first.form.children.len()
+    );
+    Ok(Figure {
+        name: "X  analyze (MIME, route, workbook, map, validate), 1 thread",
+        messages: mails.len(),
+        bytes: mails.iter().map(|m| m.len() as u64).sum(),
+        elapsed,
+    })
+}
+
+/// A free loopback port (bound, then released) for an admin endpoint.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One of the release binaries, running.
+struct Proc {
+    name: &'static str,
+    pid: u32,
+    child: Child,
+    admin: u16,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `target/release/<name> --config <config>`, logging to `dir`.
+    fn start(name: &'static str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?.with_file_name(name);
+        ensure!(
+            exe.exists(),
+            "{} is not built: cargo build --release --bins",
+            exe.display()
+        );
+        let admin = free_port()?;
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(&exe)
+            .arg("--config")
+            .arg(config)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("MAILAGENT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", exe.display()))?;
+        let pid = child.id().context("pid")?;
+        Ok(Self {
+            name,
+            pid,
+            child,
+            admin,
+            log,
+        })
+    }
+
+    /// Fails when the process has exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); see {}",
+                self.name,
+                self.log.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Its Prometheus metrics, as text.
+    async fn metrics(&self, http: &reqwest::Client) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
+        match http.get(url).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// SIGTERM by pid, then waits (SIGKILL after 20 s).
+    async fn stop(mut self) -> Option<std::process::ExitStatus> {
+        bench::sigterm(self.pid);
+        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                eprintln!(
+                    "{} did not stop within 20 s of SIGTERM; killing it",
+                    self.name
+                );
+                let _ = self.child.kill().await;
+                None
+            }
+        }
+    }
+}
+
+/// Polls `check` every `every` until it returns true; fails naming `what`
+/// after `within`, or as soon as one of `procs` has exited.
+async fn wait_for<F, Fut>(
+    what: &str,
+    within: Duration,
+    every: Duration,
+    procs: &mut [Proc],
+    mut check: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing's JSON
+/// logs write it (`2026-11-28T17:01:02.345678Z`).
+fn rfc3339_secs(ts: &str) -> Option<f64> {
+    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
+    let mut d = date.split('-').map(|v| v.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let s: f64 = t.next()?.parse().ok()?;
+    // Days from 1970-01-01 of a proleptic Gregorian date (Howard Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+/// When the fetcher logged `selected folder` for config `name` (epoch s).
+fn selected_at(log: &Path, name: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        let fields = v.get("fields")?;
+        if fields.get("message")?.as_str()? != "selected folder"
+            || fields.get("config")?.as_str()? != name
+        {
+            return None;
+        }
+        rfc3339_secs(v.get("timestamp")?.as_str()?)
+    })
+}
+
+fn epoch_secs(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The 1-minute load average, sampled every second while the run lasts.
+#[derive(Clone, Default)]
+struct LoadSamples(Arc<Mutex<Vec<f64>>>);
+
+impl LoadSamples {
+    fn start(&self) -> tokio::task::JoinHandle<()> {
+        let samples = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(one) = bench::load_average()
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                {
+                    samples.lock().unwrap_or_else(|e| e.into_inner()).push(one);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    }
+
+    /// (min, mean, max) of the samples since index `from`.
+    fn summary(&self, from: usize) -> (f64, f64, f64) {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &s[from.min(s.len())..];
+        if s.is_empty() {
+            return (0.0, 0.0, 0.0);
+        }
+        let min = s.iter().copied().fold(f64::MAX, f64::min);
+        let max = s.iter().copied().fold(f64::MIN, f64::max);
+        (min, s.iter().sum::<f64>() / s.len() as f64, max)
+    }
+
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The configuration every process reads.
+#[allow(clippy::too_many_arguments)]
+fn config_toml(
+    env: &Endpoints,
+    prefix: &str,
+    dir: &Path,
+    app: &str,
+    token_url: &str,
+    bulk: &str,
+    idle: &str,
+    pop: &str,
+) -> String {
+    let imaps = env.mail_addr("IMAPS").port();
+    let pop3s = env.mail_addr("POP3S").port();
+    format!(
+        r#"[redis]
+url = "{redis}"
+prefix = "{prefix}"
+[amqp]
+url = "{amqp}"
+prefix = "{prefix}"
+[tls]
+extra-ca-file = "{ca}"
+[admin]
+listen = "127.0.0.1:0"
+heartbeat-interval = 1
+[token-broker]
+encryption-key-file = "{dir}/token-key"
+[form-processor]
+store = "sqlite://{dir}/records.db"
+
+[[oauth-profiles]]
+name = "{PROFILE}"
+provider = "azure"
+access-type = "application"
+application-key = "{app}"
+application-secret-file = "{dir}/client-secret"
+token-url = "{token_url}"
+scope = "https://outlook.office365.com/.default"
+allow-insecure = true
+
+[[topics]]
+subject = "{LEASE_SUBJECT}"
+module = "triContract"
+business-object = "triLeaseAbstract"
+required = ["triIdTX"]
+unique = ["triIdTX"]
+senders = ["@contoso.com"]
+
+[[incoming-mail]]
+name = "{BULK}"
+host = "localhost"
+port = {imaps}
+mail-server-type = "imaps"
+username = "{bulk}"
+oauth-profile = "{PROFILE}"
+
+[[incoming-mail]]
+name = "{IDLE}"
+host = "localhost"
+port = {imaps}
+mail-server-type = "imaps"
+username = "{idle}"
+oauth-profile = "{PROFILE}"
+start-from = "now"
+
+[[incoming-mail]]
+name = "{POP}"
+host = "localhost"
+port = {pop3s}
+mail-server-type = "pop3s"
+username = "{pop}"
+oauth-profile = "{PROFILE}"
+after-fetch = "delete"
+poll-interval = 1
+"#,
+        redis = env.redis_url(),
+        amqp = env.amqp_url(),
+        ca = env.ca_file().display(),
+        dir = dir.display(),
+    )
+}
+
+fn load_config(path: &Path, component: Component) -> anyhow::Result<common::Config> {
+    common::config::load(
+        &LoadOptions {
+            path: Some(path.to_path_buf()),
+            env: vec![],
+        },
+        component,
+    )
+    .map_err(|e| anyhow::anyhow!("config: {e}"))
+}
+
+/// What the end-to-end phase measured.
+struct EndToEnd {
+    /// From the fetcher's first fetch to the last commit.
+    from_fetch: Figure,
+    /// From the fetcher's process spawn to the last commit.
+    from_spawn: Duration,
+    /// From spawn to the first fetch.
+    startup: Duration,
+    /// From spawn to the first of the N records.
+    first_record: Duration,
+    /// CPU seconds used during E, by command name.
+    cpu: Vec<(String, f64)>,
+}
+
+/// E: starts the imap-fetcher and waits for every record.
+async fn end_to_end(
+    procs: &mut Vec<Proc>,
+    store: &Store,
+    config_path: &Path,
+    dir: &Path,
+    already: usize,
+    n: usize,
+    bytes: u64,
+) -> anyhow::Result<EndToEnd> {
+    let before = bench::cpu_snapshot();
+    let spawned_wall = SystemTime::now();
+    let spawned = Instant::now();
+    procs.push(Proc::start("imap-fetcher", config_path, dir)?);
+    let target = (already + n) as i64;
+    let first_record = std::cell::Cell::new(None);
+    let within = Duration::from_secs(600.max(n as u64 / 10));
+    wait_for(
+        &format!("{n} records from the IMAP mailbox"),
+        within,
+        Duration::from_millis(50),
+        procs,
+        || async {
+            let count = store.count_records().await.unwrap_or(0);
+            if first_record.get().is_none() && count > already as i64 {
+                first_record.set(Some(spawned.elapsed()));
+            }
+            count >= target
+        },
+    )
+    .await?;
+    let from_spawn = spawned.elapsed();
+    let done_wall = SystemTime::now();
+    let after = bench::cpu_snapshot();
+    let fetcher = procs.last().context("fetcher")?;
+    let selected = selected_at(&fetcher.log, BULK)
+        .context("the fetcher's `selected folder` log line for the bulk mailbox")?;
+    let spawn_s = epoch_secs(spawned_wall);
+    let startup = Duration::from_secs_f64((selected - spawn_s).max(0.0));
+    let from_fetch = Duration::from_secs_f64(epoch_secs(done_wall) - selected);
+    Ok(EndToEnd {
+        from_fetch: Figure {
+            name: "E  imap-fetcher → RabbitMQ → form-processor → SQLite",
+            messages: n,
+            bytes,
+            elapsed: from_fetch,
+        },
+        from_spawn,
+        startup,
+        first_record: first_record.get().unwrap_or_default(),
+        cpu: bench::cpu_between(&before, &after),
+    })
+}
+
+/// IDLE: `appends` form mails appended one after the other; each timed from
+/// sending APPEND until its record is committed.
+async fn idle_latency(
+    env: &Endpoints,
+    store: &Store,
+    redis: &redis::aio::ConnectionManager,
+    keys: &Keys,
+    procs: &mut [Proc],
+    mailbox: &str,
+    args: &Args,
+) -> anyhow::Result<Vec<Duration>> {
+    let (appends, size) = (args.appends, args.size);
+    let checkpoint = keys.checkpoint(IDLE);
+    wait_for(
+        "the IDLE config's first pass",
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        procs,
+        || async {
+            redis::AsyncCommands::hexists(&mut redis.clone(), &checkpoint, "last-uid")
+                .await
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    // The checkpoint is written at the end of the first pass; IDLE follows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = imap_support::master(env, mailbox).await;
+    let mut latencies = Vec::with_capacity(appends);
+    for i in 0..appends {
+        let m = form_mail("idle", i, size);
+        let key = dedupe_key(mailbox, &m);
+        let t0 = Instant::now();
+        mailclient::imap_append(&mut conn, &format!("a{i}"), "INBOX", &m).await?;
+        let deadline = t0 + Duration::from_secs(30);
+        loop {
+            match store.lookup(&key).await? {
+                Some(Known::Record(_)) => break,
+                Some(Known::Failure { reason, detail, .. }) => {
+                    bail!("IDLE: append {i} was rejected: {reason} ({detail})")
+                }
+                None => {}
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "IDLE: no record within 30 s of append {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(t0.elapsed());
+    }
+    latencies.sort();
+    Ok(latencies)
+}
+
+/// Removes what the run left in the shared servers.
+async fn clean_up(env: &Endpoints, prefixes: &[&str], mailboxes: &[&str]) {
+    if let Ok(conn) =
+        lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default()).await
+    {
+        if let Ok(channel) = conn.create_channel().await {
+            for p in prefixes {
+                for q in ["create", "dead"] {
+                    let _ = channel
+                        .queue_delete(&format!("{p}.{q}"), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+        }
+        let _ = conn.close(200, "done").await;
+    }
+    if let Ok(client) = redis::Client::open(env.redis_url()) {
+        if let Ok(mut r) = client.get_multiplexed_async_connection().await {
+            for p in prefixes {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{p}:*"))
+                    .query_async(&mut r)
+                    .await
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: redis::RedisResult<i64> =
+                        redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
+                }
+            }
+        }
+    }
+    for m in mailboxes {
+        let maildir = imap_support::maildir(env, m);
+        if let Some(home) = maildir.parent() {
+            let _ = std::fs::remove_dir_all(home);
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let env = Endpoints::load();
+    let prefix = unique("e2eb");
+    let private = unique("e2ep");
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("bench-e2e-{prefix}-"))
+        .tempdir()?;
+    let dir = tmp.path().to_path_buf();
+    let load = LoadSamples::default();
+    let sampler = load.start();
+    let started_at = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let bulk = format!("{prefix}-bulk@contoso.com");
+    let idle = format!("{prefix}-idle@contoso.com");
+    let pop = format!("{prefix}-pop@contoso.com");
+
+    let result = run(
+        &args,
+        &env,
+        &prefix,
+        &private,
+        &dir,
+        &load,
+        [&bulk, &idle, &pop],
+    )
+    .await;
+    sampler.abort();
+    if !args.keep {
+        clean_up(&env, &[&prefix, &private], &[&bulk, &idle, &pop]).await;
+    }
+    match result {
+        Ok(()) => {
+            println!(
+                "run started {started_at}; load average at the end {}",
+                bench::load_average()
+            );
+            if args.keep {
+                println!(
+                    "config, logs, metrics and records.db kept in {}",
+                    tmp.keep().display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("logs and config kept in {}", tmp.keep().display());
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    args: &Args,
+    env: &Endpoints,
+    prefix: &str,
+    private: &str,
+    dir: &Path,
+    load: &LoadSamples,
+    [bulk, idle, pop]: [&String; 3],
+) -> anyhow::Result<()> {
+    println!(
+        "bench-e2e: {} form mails of ~{} bytes, {} appends, {} POP3 mails; prefix {prefix}; load average {}",
+        args.messages,
+        args.size,
+        args.appends,
+        args.pop_messages,
+        bench::load_average()
+    );
+
+    // The identity provider, the app and its grants, the config.
+    let idp = TestIdp::start(env).await;
+    let (app, secret) = idp.register_app();
+    bench::grant_all(
+        env,
+        &app,
+        &[bulk.to_string(), idle.to_string(), pop.to_string()],
+    )?;
+    let key: [u8; 32] = rand::random();
+    std::fs::write(
+        dir.join("token-key"),
+        base64::engine::general_purpose::STANDARD.encode(key),
+    )?;
+    std::fs::write(dir.join("client-secret"), &secret)?;
+    let config_path = dir.join("mailagent.toml");
+    std::fs::write(
+        &config_path,
+        config_toml(env, prefix, dir, &app, &idp.token_url(), bulk, idle, pop),
+    )?;
+    let processor_config = load_config(&config_path, Component::FormProcessor)?;
+    let mut publish_config = load_config(&config_path, Component::ImapFetcher)?;
+    publish_config.amqp.prefix = private.to_string();
+
+    // The mails.
+    let t = Instant::now();
+    let mails = form_mails(prefix, args.messages, args.size);
+    let bytes: u64 = mails.iter().map(|m| m.len() as u64).sum();
+    let workbook = lease_workbook(&Lease::default()).len();
+    println!(
+        "   (built {} form mails in {:.1} s; {:.0} bytes on average, {} to {}; the workbook alone {workbook} bytes)",
+        mails.len(),
+        t.elapsed().as_secs_f64(),
+        bytes as f64 / mails.len().max(1) as f64,
+        mails.iter().map(Vec::len).min().unwrap_or(0),
+        mails.iter().map(Vec::len).max().unwrap_or(0),
+    );
+    imap_support::seed_maildir(env, bulk, &mails);
+    let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.size);
+    pop_support::seed_maildir(env, pop, &pop_mails);
+    // The IDLE mailbox exists before the fetcher logs in; this message is
+    // not a form and is skipped (`start-from = "now"`).
+    imap_support::append(
+        env,
+        idle,
+        "INBOX",
+        &imap_support::message("idle-warm", 0, 300),
+    )
+    .await;
+    let warm = bench::warm_up(env, bulk).await?;
+    println!(
+        "   (Dovecot indexed the mailbox in {:.2} s)",
+        warm.as_secs_f64()
+    );
+
+    // F, P, X.
+    let f = bench::raw_fetch(env, bulk, args.messages).await?;
+    f.print();
+    let p = bench::raw_publish(&publish_config, bulk, &mails, args.window).await?;
+    p.print();
+    let x = {
+        let mails = &mails;
+        let config = &processor_config;
+        std::thread::scope(|s| s.spawn(|| parse_all(mails, config)).join())
+            .map_err(|_| anyhow::anyhow!("X panicked"))??
+    };
+    x.print();
+    let ceiling = bench::ceiling(&[&f, &p, &x]);
+    println!("ceiling 1/(1/F+1/P+1/X) = {ceiling:.0} msg/s");
+
+    // The agent: broker, processor, POP3 fetcher first, proven working.
+    let store = Store::open(processor_config.form_processor.store.expose(), None)
+        .await
+        .context("open the record store")?;
+    let redis_client = redis::Client::open(env.redis_url())?;
+    let redis = redis::aio::ConnectionManager::new(redis_client).await?;
+    let keys = Keys::new(prefix.to_string());
+    let http = reqwest::Client::new();
+    let mut procs: Vec<Proc> = Vec::new();
+    let outcome = async {
+        procs.push(Proc::start("token-broker", &config_path, dir)?);
+        let token_key = keys.token(PROFILE);
+        wait_for(
+            "a token in Redis",
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            &mut procs,
+            || async {
+                redis::AsyncCommands::exists(&mut redis.clone(), &token_key)
+                    .await
+                    .unwrap_or(false)
+            },
+        )
+        .await?;
+        procs.push(Proc::start("form-processor", &config_path, dir)?);
+        procs.push(Proc::start("pop-fetcher", &config_path, dir)?);
+        let pop_n = args.pop_messages as i64;
+        wait_for(
+            "the POP3 mails' records",
+            Duration::from_secs(120),
+            Duration::from_millis(100),
+            &mut procs,
+            || async { store.count_records().await.unwrap_or(0) >= pop_n },
+        )
+        .await?;
+
+        let load_from = load.len();
+        let e = end_to_end(
+            &mut procs,
+            &store,
+            &config_path,
+            dir,
+            args.pop_messages,
+            args.messages,
+            bytes,
+        )
+        .await?;
+        let e_load = load.summary(load_from);
+        let failures = store.failures().await.map(|f| f.len()).unwrap_or(0);
+        e.from_fetch.print();
+        println!(
+            "   (from the fetcher's spawn: {:.2} s = {:.0} msg/s; its first fetch {:.0} ms after spawn; first record {:.2} s after spawn; {failures} rejections)",
+            e.from_spawn.as_secs_f64(),
+            args.messages as f64 / e.from_spawn.as_secs_f64(),
+            e.startup.as_secs_f64() * 1e3,
+            e.first_record.as_secs_f64(),
+        );
+        let ratio = e.from_fetch.rate() / ceiling;
+        println!(
+            "E / ceiling = {:.0} / {ceiling:.0} = {:.0} % (goal ≥ 60 %: {})",
+            e.from_fetch.rate(),
+            100.0 * ratio,
+            if ratio >= 0.6 { "met" } else { "NOT met" }
+        );
+        println!(
+            "   load average (1 min) during E: min {:.2}, mean {:.2}, max {:.2}",
+            e_load.0, e_load.1, e_load.2
+        );
+        println!("   CPU seconds used during E ({:.2} s wall), by command:", e.from_spawn.as_secs_f64());
+        for (comm, secs) in e.cpu.iter().take(12) {
+            println!("     {comm:<28} {secs:>7.2} s");
+        }
+        let cores = std::thread::available_parallelism().map(|c| c.get()).unwrap_or(2);
+        println!(
+            "     {:<28} {:>7.2} s of {:.2} s available on {cores} cores",
+            "all processes",
+            e.cpu.iter().map(|c| c.1).sum::<f64>(),
+            e.from_spawn.as_secs_f64() * cores as f64
+        );
+
+        if args.appends > 0 {
+            let l = idle_latency(
+                env,
+                &store,
+                &redis,
+                &keys,
+                &mut procs,
+                idle,
+                args,
+            )
+            .await?;
+            let p99 = percentile(&l, 0.99);
+            println!(
+                "IDLE append→record over {} appends: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (goal p99 < 1 s: {})",
+                l.len(),
+                percentile(&l, 0.50).as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+                l.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+                if p99 < Duration::from_secs(1) { "met" } else { "NOT met" }
+            );
+        }
+
+        println!("{:<16} {:>12} {:>12} {:>14}", "binary", "peak RSS", "RSS now", "CPU total");
+        for p in procs.iter_mut() {
+            p.check_alive()?;
+            let (rss, hwm) = bench::rss_kb(p.pid).context("read /proc/<pid>/status")?;
+            let cpu = bench::cpu_ticks(p.pid).map(|c| c.1).unwrap_or(0);
+            println!(
+                "{:<16} {:>9.1} MB {:>9.1} MB {:>12.2} s",
+                p.name,
+                hwm as f64 / 1024.0,
+                rss as f64 / 1024.0,
+                cpu as f64 / bench::TICKS_PER_SEC
+            );
+            let metrics = p.metrics(&http).await;
+            std::fs::write(dir.join(format!("{}.metrics", p.name)), metrics)?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    // Stop every child (SIGTERM by pid), the fetchers first.
+    for name in BINARIES.iter().rev() {
+        if let Some(i) = procs.iter().position(|p| p.name == *name) {
+            let p = procs.remove(i);
+            let status = p.stop().await;
+            if outcome.is_ok() && !status.is_some_and(|s| s.success()) {
+                eprintln!("{name} stopped with {status:?}");
+            }
+        }
+    }
+    store.close().await;
+    drop(idp);
+    outcome
+}
