@@ -99,6 +99,26 @@ async fn scenario(label: &str, fault: Fault) {
     stack
         .wait_mailboxes_done([BATCH / 2, BATCH / 2], Duration::from_secs(60))
         .await;
+    if matches!(
+        fault,
+        Fault::RestartRabbitMq | Fault::RestartRedis | Fault::IdentityProviderDown
+    ) {
+        // An outage of a server is ridden out in process: no binary exited
+        // (the supervisor would have started it again).
+        let restarted: Vec<String> = [
+            "token-broker",
+            "imap-fetcher-0",
+            "imap-fetcher-1",
+            "imap-fetcher-2",
+            "pop-fetcher",
+            "form-processor",
+        ]
+        .iter()
+        .filter(|n| stack.starts(n) != 1)
+        .map(|n| format!("{n} started {} times", stack.starts(n)))
+        .collect();
+        assert!(restarted.is_empty(), "{fault:?}: {restarted:?}");
+    }
     stack.shutdown().await;
     eprintln!("[e2e] {label}: done in {:?}", started.elapsed());
 }

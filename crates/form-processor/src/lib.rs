@@ -42,6 +42,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Runs until `shutdown` is cancelled: connects, opens the store, consumes
 /// `<prefix>.create`, and on shutdown stops consuming, lets in-flight
 /// messages finish and closes the channel so unacked ones are redelivered.
+/// A lost RabbitMQ connection ends only the consuming session: the service
+/// reconnects with backoff and goes on.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     run_with(config, shutdown, Hooks::default()).await
 }
@@ -86,90 +88,185 @@ pub async fn run_with(
     };
     tracing::info!(store = %store_url, "record store open");
 
-    let channel = service.amqp.create_channel().await?;
-    channel
-        .basic_qos(config.form_processor.prefetch, BasicQosOptions::default())
-        .await?;
-    let dead =
-        deadletter::DeadLetters::open(&service.amqp, &service.topology.dead_exchange).await?;
-    let tag = format!("form-processor:{}", service.instance);
-    let mut consumer = channel
-        .basic_consume(
-            &service.topology.create_queue,
-            &tag,
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
-    let ctx = Arc::new(consumer::Context {
-        config: config.form_processor.clone(),
-        topics: config.topics.clone(),
-        store: store.clone(),
-        dead,
-        redis: service.redis.clone(),
-        keys: service.keys.clone(),
-        metrics,
-        parsing: tokio::sync::Semaphore::new(cores),
-        shutdown: shutdown.clone(),
-        heartbeat: service.heartbeat.clone(),
-        hooks,
-    });
-    service.admin.set_ready(true);
-    tracing::info!(queue = %service.topology.create_queue, prefetch = config.form_processor.prefetch, "consuming");
-
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut failure: Option<anyhow::Error> = None;
+    let common::service::Service {
+        instance,
+        keys,
+        redis,
+        amqp,
+        topology,
+        admin,
+        admin_server,
+        heartbeat,
+    } = service;
+    let session = Session {
+        config: &config,
+        topology: &topology,
+        store: &store,
+        redis: &redis,
+        keys: &keys,
+        metrics: &metrics,
+        heartbeat: &heartbeat,
+        admin: &admin,
+        instance: &instance,
+        hooks: &hooks,
+        shutdown: &shutdown,
+    };
+    // One consuming session per AMQP connection. A lost connection (a
+    // RabbitMQ restart, a network cut) ends the session: its in-flight
+    // messages go back to the queue, and a new connection is made with
+    // backoff, as at start; only shutdown ends the loop.
+    let mut conn = amqp;
+    let mut outcome;
+    // Between sessions, so that a session that fails at once (a consumer
+    // refused, say) does not spin; reset after a session that lasted.
+    let mut backoff =
+        common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
+        let started = tokio::time::Instant::now();
+        outcome = session.consume(&conn).await;
+        let _ = conn.close(200, "session over").await;
+        let lost = match &outcome {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff.reset();
+        }
+        let wait = backoff.next_delay();
+        tracing::warn!(error = %format!("{lost:#}"), retry_in_ms = wait.as_millis() as u64, "lost the RabbitMQ session; reconnecting");
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
-                    tasks.spawn(consumer::handle(ctx.clone(), delivery));
-                }
-                Some(Err(e)) => {
-                    failure = Some(anyhow::anyhow!("the AMQP consumer failed: {e}"));
-                    break;
-                }
-                None => {
-                    failure = Some(anyhow::anyhow!("the AMQP consumer was cancelled by the broker"));
-                    break;
+            _ = shutdown.cancelled() => {
+                outcome = Ok(());
+                break;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let name = format!("{}:{instance}", Component::FormProcessor.name());
+        conn = match service::retry_transient("reconnect to RabbitMQ", &shutdown, || async {
+            let conn = common::connect::amqp(&config, &name).await?;
+            service::declare_topology(&conn, &config).await?;
+            Ok(conn)
+        })
+        .await
+        {
+            Ok(conn) => conn,
+            Err(StartError::Cancelled) => {
+                outcome = Ok(());
+                break;
+            }
+            Err(StartError::Fatal(e)) => {
+                outcome = Err(e.into());
+                break;
+            }
+        };
+        tracing::info!("reconnected to RabbitMQ");
+    }
+
+    store.close().await;
+    shutdown.cancel();
+    let _ = admin_server.task.await;
+    outcome
+}
+
+/// What one consuming session shares with the service.
+struct Session<'a> {
+    config: &'a Config,
+    topology: &'a common::topology::Topology,
+    store: &'a store::Store,
+    redis: &'a redis::aio::ConnectionManager,
+    keys: &'a common::keys::Keys,
+    metrics: &'a metrics::Metrics,
+    heartbeat: &'a common::heartbeat::Heartbeat,
+    admin: &'a common::admin::AdminState,
+    instance: &'a str,
+    hooks: &'a Hooks,
+    shutdown: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    /// Consumes on `conn` until shutdown (`Ok`) or until the connection or
+    /// the consumer fails (`Err`). Either way it stops taking work, lets
+    /// in-flight messages finish (those whose channel is gone are
+    /// redelivered) and closes the channel.
+    async fn consume(&self, conn: &lapin::Connection) -> anyhow::Result<()> {
+        let config = self.config;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(config.form_processor.prefetch, BasicQosOptions::default())
+            .await?;
+        let dead = deadletter::DeadLetters::open(conn, &self.topology.dead_exchange).await?;
+        let tag = format!("form-processor:{}", self.instance);
+        let mut consumer = channel
+            .basic_consume(
+                &self.topology.create_queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
+        let ctx = Arc::new(consumer::Context {
+            config: config.form_processor.clone(),
+            topics: config.topics.clone(),
+            store: self.store.clone(),
+            dead,
+            redis: self.redis.clone(),
+            keys: self.keys.clone(),
+            metrics: self.metrics.clone(),
+            parsing: tokio::sync::Semaphore::new(cores),
+            shutdown: self.shutdown.clone(),
+            heartbeat: self.heartbeat.clone(),
+            hooks: self.hooks.clone(),
+        });
+        self.admin.set_ready(true);
+        tracing::info!(queue = %self.topology.create_queue, prefetch = config.form_processor.prefetch, "consuming");
+
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut failure: Option<anyhow::Error> = None;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(consumer::handle(ctx.clone(), delivery));
+                    }
+                    Some(Err(e)) => {
+                        failure = Some(anyhow::anyhow!("the AMQP consumer failed: {e}"));
+                        break;
+                    }
+                    None => {
+                        failure = Some(anyhow::anyhow!("the AMQP consumer was cancelled by the broker"));
+                        break;
+                    }
                 }
             }
         }
-    }
 
-    // Stop taking work, finish what is in flight, then close: unacked
-    // messages go back to the queue.
-    service.admin.set_ready(false);
-    let _ = channel
-        .basic_cancel(&tag, BasicCancelOptions::default())
+        // Stop taking work, finish what is in flight, then close: unacked
+        // messages go back to the queue.
+        self.admin.set_ready(false);
+        let _ = channel
+            .basic_cancel(&tag, BasicCancelOptions::default())
+            .await;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while tasks.join_next().await.is_some() {}
+        })
         .await;
-    if failure.is_some() {
-        shutdown.cancel();
-    }
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = tasks.len(),
-            "in-flight messages did not finish in time; they will be redelivered"
-        );
-        tasks.abort_all();
-    }
-    let _ = channel.close(200, "shutdown").await;
-    ctx.dead.close().await;
-    let _ = service.amqp.close(200, "shutdown").await;
-    store.close().await;
-    shutdown.cancel();
-    let _ = service.admin_server.task.await;
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
+        if drained.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "in-flight messages did not finish in time; they will be redelivered"
+            );
+            tasks.abort_all();
+        }
+        let _ = channel.close(200, "shutdown").await;
+        ctx.dead.close().await;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 }
