@@ -178,11 +178,41 @@ pub fn read_form(bytes: &[u8], limits: &Limits) -> Checked<Form> {
     // calamine 0.26 panics on some inconsistent workbooks (a shared-string
     // index past the table indexes a Vec): that is a malformed workbook, not
     // a crash to redeliver until the poison limit (tests/corpus).
-    std::panic::catch_unwind(|| read_cells(bytes, limits)).unwrap_or_else(|_| {
+    // The panic is expected and answered, so the panic hook stays quiet:
+    // no stderr line per hostile mail, and no backtrace symbolized (with
+    // RUST_BACKTRACE set that alone loads the debug info, 200+ MB).
+    let read = quiet_panics(|| std::panic::catch_unwind(|| read_cells(bytes, limits)));
+    read.unwrap_or_else(|_| {
         Err(malformed(
             "the workbook is inconsistent (the xlsx reader panicked)",
         ))
     })
+}
+
+thread_local! {
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the panic hook silenced on this thread; other threads'
+/// panics are reported as before (the previous hook is kept and called).
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            QUIET_PANICS.with(|q| q.set(self.0));
+        }
+    }
+    let _reset = Reset(QUIET_PANICS.with(|q| q.replace(true)));
+    f()
 }
 
 fn read_cells(bytes: &[u8], limits: &Limits) -> Checked<Form> {
