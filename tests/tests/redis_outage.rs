@@ -33,9 +33,7 @@ async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
     proxy.cut();
     // Commands during the outage, as the agents' heartbeats and leases send
     // them: they fail, and start the manager's reconnect.
-    let during: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(ping(redis.clone())))
-        .collect();
+    let during: Vec<_> = (0..4).map(|_| tokio::spawn(ping(redis.clone()))).collect();
     tokio::time::sleep(Duration::from_secs(10)).await; // the outage itself
     proxy.restore();
     let back = Instant::now();
@@ -57,7 +55,10 @@ async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
         Ok("PONG"),
         "no PONG within {deadline:?} after Redis came back"
     );
-    eprintln!("Redis answered again {:?} after it came back", back.elapsed());
+    eprintln!(
+        "Redis answered again {:?} after it came back",
+        back.elapsed()
+    );
     for d in during {
         let _ = tokio::time::timeout(Duration::from_secs(30), d).await;
     }
