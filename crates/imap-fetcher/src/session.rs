@@ -151,21 +151,7 @@ async fn open_inner(
     };
     let _ = &mut client;
     match credentials {
-        Credentials::XOAuth2 { token } => {
-            let mut auth = XOAuth2::new(&cfg.username, token);
-            match client.authenticate("XOAUTH2", &mut auth).await {
-                Ok(s) => Ok(s),
-                Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
-                    mailbox: cfg.username.clone(),
-                    mechanism: "XOAUTH2",
-                    detail: match &auth.challenge {
-                        Some(c) => format!("{} (status {})", m.trim(), c.status),
-                        None => m.trim().to_string(),
-                    },
-                }),
-                Err((e, _)) => Err(imap_err("authenticate", e)),
-            }
-        }
+        Credentials::XOAuth2 { token } => xoauth2_login(client, &cfg.username, token, &ep).await,
         Credentials::Password { password } => match client.login(&cfg.username, password).await {
             Ok(s) => Ok(s),
             Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
@@ -175,6 +161,38 @@ async fn open_inner(
             }),
             Err((e, _)) => Err(imap_err("log in", e)),
         },
+    }
+}
+
+/// `AUTHENTICATE XOAUTH2` as `user` with `token`: the payload on the
+/// server's first (empty) challenge; an error challenge (RFC 7628: base64
+/// JSON with `status`, `scope`) is answered with an empty line, and its
+/// status goes into the [`FetchError::AuthFailed`] the tagged `NO` becomes.
+pub async fn xoauth2_login<T>(
+    client: Client<T>,
+    user: &str,
+    token: &str,
+    ep: &str,
+) -> Result<Session<T>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + std::fmt::Debug + Send,
+{
+    let mut auth = XOAuth2::new(user, token);
+    match client.authenticate("XOAUTH2", &mut auth).await {
+        Ok(s) => Ok(s),
+        Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
+            mailbox: user.to_string(),
+            mechanism: "XOAUTH2",
+            detail: match &auth.challenge {
+                Some(c) => format!("{} (status {})", m.trim(), c.status),
+                None => m.trim().to_string(),
+            },
+        }),
+        Err((source, _)) => Err(FetchError::Imap {
+            action: "authenticate",
+            endpoint: ep.to_string(),
+            source,
+        }),
     }
 }
 
@@ -239,5 +257,79 @@ pub fn after_login_error(
         action,
         endpoint: endpoint(cfg),
         source: e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A server that greets, takes the XOAUTH2 payload, sends `challenge`
+    /// and refuses; returns the three lines the client sent.
+    async fn refusing_server(io: tokio::io::DuplexStream, challenge: String) -> Vec<String> {
+        let (r, mut w) = tokio::io::split(io);
+        let mut r = BufReader::new(r);
+        w.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=XOAUTH2] ready\r\n")
+            .await
+            .unwrap();
+        let mut sent = Vec::new();
+        for reply in ["+ \r\n".to_string(), format!("+ {challenge}\r\n")] {
+            let mut line = String::new();
+            r.read_line(&mut line).await.unwrap();
+            sent.push(line);
+            w.write_all(reply.as_bytes()).await.unwrap();
+        }
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        sent.push(line);
+        let tag = sent[0].split(' ').next().unwrap().to_string();
+        w.write_all(format!("{tag} NO [AUTHENTICATIONFAILED] Invalid credentials\r\n").as_bytes())
+            .await
+            .unwrap();
+        sent
+    }
+
+    #[tokio::test]
+    async fn an_xoauth2_error_challenge_is_answered_with_an_empty_line_and_named() {
+        let (client_io, server_io) = tokio::io::duplex(8192);
+        let challenge = base64::engine::general_purpose::STANDARD.encode(
+            r#"{"status":"401","schemes":"bearer","scope":"https://outlook.office365.com/.default"}"#,
+        );
+        let server = tokio::spawn(refusing_server(server_io, challenge));
+        let mut client = Client::new(client_io);
+        greeting(&mut client, "test:993").await.unwrap();
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            xoauth2_login(client, "ann@contoso.com", "the-token", "test:993"),
+        )
+        .await
+        .expect("the client answers the challenge instead of waiting");
+        let sent = server.await.unwrap();
+        assert!(sent[0].ends_with(" AUTHENTICATE XOAUTH2\r\n"), "{sent:?}");
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(sent[1].trim_end())
+            .unwrap();
+        assert_eq!(
+            payload,
+            b"user=ann@contoso.com\x01auth=Bearer the-token\x01\x01".to_vec()
+        );
+        assert_eq!(sent[2], "\r\n", "the error challenge gets an empty answer");
+        match result {
+            Err(FetchError::AuthFailed {
+                mailbox,
+                mechanism,
+                detail,
+            }) => {
+                assert_eq!(
+                    (mailbox.as_str(), mechanism),
+                    ("ann@contoso.com", "XOAUTH2")
+                );
+                assert!(detail.contains("status 401"), "{detail}");
+                assert!(detail.contains("Invalid credentials"), "{detail}");
+            }
+            other => panic!("expected AuthFailed, got {other:?}"),
+        }
     }
 }
