@@ -128,7 +128,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     fn protocol_err(&self, action: &'static str, line: &[u8]) -> Error {
         let mut reply = String::from_utf8_lossy(wire::trim_crlf(line)).into_owned();
-        reply.truncate(200);
+        // At most 200 bytes, cut on a character boundary: the line is the
+        // server's, and truncate() panics inside a multi-byte character.
+        let mut end = reply.len().min(200);
+        while !reply.is_char_boundary(end) {
+            end -= 1;
+        }
+        reply.truncate(end);
         Error::Protocol {
             action,
             endpoint: self.endpoint.clone(),

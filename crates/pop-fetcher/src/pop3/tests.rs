@@ -317,6 +317,24 @@ async fn garbage_greeting_is_a_protocol_error() {
     assert_eq!(s.greeting().await.unwrap_err().kind(), "pop3");
 }
 
+/// Found by the `pop3_response` fuzz target: the error quotes the line cut
+/// to 200 bytes, and bytes that are not UTF-8 become 3-byte U+FFFD, so the
+/// cut fell inside a character and `truncate` panicked.
+#[tokio::test]
+async fn garbage_greeting_with_invalid_utf8_past_200_bytes_is_an_error_not_a_panic() {
+    let mut line = vec![0xffu8; 82];
+    line.extend_from_slice(b"+$OK POP3 ready\r\n");
+    let stream = tokio::io::join(std::io::Cursor::new(line), tokio::io::sink());
+    let mut s = Session::new(stream, "scripted:110", Duration::from_millis(500));
+    match s.greeting().await.unwrap_err() {
+        Error::Protocol { reply, .. } => {
+            assert_eq!(reply.len(), 198);
+            assert!(reply.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+        }
+        other => panic!("expected a protocol error, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn retr_bodies_split_at_every_byte_are_unstuffed_the_same() {
     // Every message line split across reads at every offset: the lines
