@@ -133,7 +133,10 @@ pub async fn run_with(
             backoff.reset();
         }
         let wait = backoff.next_delay();
-        tracing::warn!(error = %format!("{lost:#}"), retry_in_ms = wait.as_millis() as u64, "lost the RabbitMQ session; reconnecting");
+        let lost = format!("{lost:#}");
+        tracing::warn!(error = %lost, retry_in_ms = wait.as_millis() as u64, "lost the RabbitMQ session; reconnecting");
+        // `mailagent status` shows it until the next session starts.
+        heartbeat.update(|s| s.last_error = Some(format!("RabbitMQ session lost: {lost}")));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 outcome = Ok(());
@@ -160,6 +163,7 @@ pub async fn run_with(
             }
         };
         tracing::info!("reconnected to RabbitMQ");
+        heartbeat.update(|s| s.last_error = None);
     }
 
     store.close().await;
