@@ -48,9 +48,9 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::env::{bin_path, unique, Endpoints};
-pub use crate::forms::TcpProxy as Relay;
 use crate::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
 use crate::idp::TestIdp;
+pub use crate::relay::Relay;
 
 /// Form mails per batch (the figure).
 pub const BATCH: usize = 1000;

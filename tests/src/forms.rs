@@ -18,6 +18,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
 
 use crate::env::{unique, Endpoints};
+use crate::relay::Relay;
 
 /// The object-map sheet name.
 pub const MAP: &str = "Tririga Object Map";
@@ -35,66 +36,9 @@ pub enum StoreKind {
     Sqlite,
     /// A fresh database on the test PostgreSQL server.
     Postgres,
-    /// A fresh PostgreSQL database reached through a [`TcpProxy`] the test
+    /// A fresh PostgreSQL database reached through a [`Relay`] the test
     /// can cut, to simulate a store outage.
     PostgresViaProxy,
-}
-
-/// A TCP proxy that can be cut (every connection reset, new ones refused)
-/// and restored.
-pub struct TcpProxy {
-    /// Where clients connect.
-    pub addr: std::net::SocketAddr,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    generation: std::sync::Arc<std::sync::Mutex<CancellationToken>>,
-}
-
-impl TcpProxy {
-    /// Proxies a new loopback port to `target`.
-    pub async fn start(target: std::net::SocketAddr) -> Self {
-        use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let generation = std::sync::Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let (up2, gen2) = (up.clone(), generation.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !up2.load(Ordering::SeqCst) {
-                    drop(client); // refused, as by a stopped server
-                    continue;
-                }
-                let cut = gen2.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.cancelled() => {}
-                    }
-                });
-            }
-        });
-        Self {
-            addr,
-            up,
-            generation,
-        }
-    }
-
-    /// Cuts every connection and refuses new ones.
-    pub fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
-        let mut g = self.generation.lock().unwrap();
-        g.cancel();
-        *g = CancellationToken::new();
-    }
-
-    /// Accepts connections again.
-    pub fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
-    }
 }
 
 /// The lease form's root fields: 8 fields of every type.
@@ -367,7 +311,7 @@ pub struct Harness {
     /// The configuration file (for the binaries).
     pub config_path: PathBuf,
     /// The proxy in front of the store ([`StoreKind::PostgresViaProxy`]).
-    pub proxy: Option<TcpProxy>,
+    pub proxy: Option<Relay>,
     _dir: tempfile::TempDir,
 }
 
@@ -388,7 +332,7 @@ impl Harness {
                 let direct = create_database(env.postgres_url(), &prefix).await;
                 let mut url = url::Url::parse(&direct).unwrap();
                 let target = url.socket_addrs(|| Some(5432)).unwrap()[0];
-                let p = TcpProxy::start(target).await;
+                let p = Relay::start(target).await;
                 url.set_port(Some(p.addr.port())).unwrap();
                 proxy = Some(p);
                 url.to_string()

@@ -1,6 +1,8 @@
 //! A loopback TCP relay that a test can cut and restore, to simulate an
-//! outage of a shared server (RabbitMQ, Dovecot) without stopping it for
-//! the other tests. TLS passes through untouched.
+//! outage of a shared server (RabbitMQ, Redis, PostgreSQL, Dovecot) without
+//! stopping it for the other tests. TLS passes through untouched. The only
+//! relay in test support: the e2e stack, the form-processor harness and the
+//! fetcher tests all use it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

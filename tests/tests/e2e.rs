@@ -167,14 +167,14 @@ async fn inject(stack: &Stack, fault: Fault) {
         Fault::KillPopFetcher => stack.kill_9("pop-fetcher", Some(Duration::from_secs(3))),
         Fault::KillFormProcessor => stack.kill_9("form-processor", Some(Duration::from_secs(1))),
         Fault::RestartRabbitMq => {
-            stack.amqp_relay.cut();
+            stack.amqp_relay.down();
             tokio::time::sleep(OUTAGE).await; // the outage itself, not a wait for a condition
-            stack.amqp_relay.restore();
+            stack.amqp_relay.up();
         }
         Fault::RestartRedis => {
-            stack.redis_relay.cut();
+            stack.redis_relay.down();
             tokio::time::sleep(OUTAGE).await; // the outage itself
-            stack.redis_relay.restore();
+            stack.redis_relay.up();
         }
         Fault::IdentityProviderDown => {
             stack.idp_front.fail();

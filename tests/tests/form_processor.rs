@@ -486,7 +486,7 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
     })
     .await;
     let before = store.records(&Default::default()).await.unwrap().len();
-    proxy.cut();
+    proxy.down();
     assert!(
         before < n,
         "the outage starts before the run ends ({before} records)"
@@ -501,7 +501,7 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
         assert!(p.running());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    proxy.restore();
+    proxy.up();
     let records = wait_records(&store, n, Duration::from_secs(90)).await;
     let mut ids: Vec<String> = records
         .iter()

@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use mailagent_tests::env::Endpoints;
-use mailagent_tests::forms::TcpProxy;
 use mailagent_tests::harness::TestConfig;
+use mailagent_tests::relay::Relay;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
@@ -18,7 +18,7 @@ async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
     let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap())
         .parse()
         .unwrap();
-    let proxy = TcpProxy::start(target).await;
+    let proxy = Relay::start(target).await;
     let mut via_proxy = url.clone();
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();
     let mut cfg = TestConfig::new(&env);
@@ -30,12 +30,12 @@ async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
     };
     assert_eq!(ping(redis.clone()).await.unwrap(), "PONG");
 
-    proxy.cut();
+    proxy.down();
     // Commands during the outage, as the agents' heartbeats and leases send
     // them: they fail, and start the manager's reconnect.
     let during: Vec<_> = (0..4).map(|_| tokio::spawn(ping(redis.clone()))).collect();
     tokio::time::sleep(Duration::from_secs(10)).await; // the outage itself
-    proxy.restore();
+    proxy.up();
     let back = Instant::now();
 
     let deadline = Duration::from_secs(20);
