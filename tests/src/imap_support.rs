@@ -57,6 +57,31 @@ impl Fixture {
         Signer::trusted(&self.env).mint(&self.app, &roles, lifetime, 0)
     }
 
+    /// Plants a token whose JWT expired an hour ago while Redis still holds
+    /// it as current (as when it expires between polls); returns it as
+    /// stored, the one a forced-refresh request names.
+    pub async fn plant_expired_token(&self) -> common::token::AccessToken {
+        let roles: Vec<String> = crate::idp::ROLES.iter().map(|r| r.to_string()).collect();
+        let expired =
+            Signer::trusted(&self.env).mint(&self.app, &roles, Duration::from_secs(60), -3600);
+        self.tokens()
+            .await
+            .store(PROFILE, &expired, common::heartbeat::now_secs() + 600)
+            .await
+            .expect("store token")
+    }
+
+    /// Subscribed to the fetchers' forced-refresh requests, as the broker is.
+    pub async fn refresh_requests(&self) -> redis::aio::PubSub {
+        let client = redis::Client::open(self.env.redis_url()).expect("redis url");
+        let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+        pubsub
+            .subscribe(self.keys().token_refresh_channel())
+            .await
+            .expect("subscribe");
+        pubsub
+    }
+
     /// A Redis connection.
     pub async fn redis(&self) -> redis::aio::ConnectionManager {
         let client = redis::Client::open(self.env.redis_url()).expect("redis url");

@@ -242,33 +242,10 @@ async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     );
     // A token whose JWT has expired although Redis still holds it as current
     // (it expired between polls).
-    let roles: Vec<String> = mailagent_tests::idp::ROLES
-        .iter()
-        .map(|r| r.to_string())
-        .collect();
-    let expired = mailagent_tests::idp::Signer::trusted(&fx.env).mint(
-        &fx.app,
-        &roles,
-        Duration::from_secs(60),
-        -3600,
-    );
-    let tokens = fx.tokens().await;
-    let failed = tokens
-        .store(
-            support::PROFILE,
-            &expired,
-            common::heartbeat::now_secs() + 600,
-        )
-        .await
-        .expect("store");
+    let failed = fx.plant_expired_token().await;
     // Act as the broker: wait for the fetcher's forced-refresh request for
     // exactly that token, then store a fresh one.
-    let client = redis::Client::open(fx.env.redis_url()).expect("client");
-    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-    pubsub
-        .subscribe(fx.keys().token_refresh_channel())
-        .await
-        .expect("subscribe");
+    let mut pubsub = fx.refresh_requests().await;
     let (config, _) = fx.config(&[fx.mail_table("tok", &fx.mailbox, "")]);
     let (shutdown, task) = start(config, options());
     let request: String = {
@@ -282,15 +259,7 @@ async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     };
     assert!(request.contains(&failed.fingerprint), "{request}");
     assert!(!request.contains("eyJ"), "no token in the request");
-    let fresh = fx.mint(Duration::from_secs(3600));
-    tokens
-        .store(
-            support::PROFILE,
-            &fresh,
-            common::heartbeat::now_secs() + 3500,
-        )
-        .await
-        .expect("store fresh");
+    fx.plant_token().await;
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(40)).await;
     assert_eq!(got.len(), 1, "published after the refresh");

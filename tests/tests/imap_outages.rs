@@ -303,31 +303,8 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
 
     // The token expires while the session idles: Redis still holds it as
     // current (the broker has not refreshed yet) but the server refuses it.
-    let roles: Vec<String> = mailagent_tests::idp::ROLES
-        .iter()
-        .map(|r| r.to_string())
-        .collect();
-    let expired = mailagent_tests::idp::Signer::trusted(&fx.env).mint(
-        &fx.app,
-        &roles,
-        Duration::from_secs(60),
-        -3600,
-    );
-    let tokens = fx.tokens().await;
-    let failed = tokens
-        .store(
-            support::PROFILE,
-            &expired,
-            common::heartbeat::now_secs() + 600,
-        )
-        .await
-        .expect("store");
-    let client = redis::Client::open(fx.env.redis_url()).expect("client");
-    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
-    pubsub
-        .subscribe(fx.keys().token_refresh_channel())
-        .await
-        .expect("subscribe");
+    let failed = fx.plant_expired_token().await;
+    let mut pubsub = fx.refresh_requests().await;
     // The server drops the connection; the next session logs in again.
     relay.cut();
     let request: String = {
@@ -346,14 +323,7 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
     let second = support::message(&fx.prefix, 2, 600);
     support::append(&fx.env, &fx.mailbox, "INBOX", &second).await;
     // Act as the broker: the refreshed token.
-    tokens
-        .store(
-            support::PROFILE,
-            &fx.mint(Duration::from_secs(3600)),
-            common::heartbeat::now_secs() + 3500,
-        )
-        .await
-        .expect("store fresh");
+    fx.plant_token().await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(40)).await;
     assert_eq!(got.len(), 1, "published after the refresh");
     assert_eq!(got[0].body, second);
