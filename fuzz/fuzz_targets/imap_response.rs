@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use common::envelope::dedupe_key;
 use futures::StreamExt;
-use imap_fetcher::mailbox::uid_set;
+use imap_fetcher::after_fetch::uid_set;
 use imap_fetcher::session::{self, XOAuth2};
 use imap_fetcher::utf7;
 use libfuzzer_sys::fuzz_target;

@@ -432,7 +432,7 @@ mod tests {
 
     #[test]
     fn xoauth2_user_is_read_from_the_payload() {
-        let p = common::xoauth2::encoded_response("Box@Example.com", "tok");
+        let p = common::fetch::xoauth2::encoded_response("Box@Example.com", "tok");
         assert_eq!(xoauth2_user(&p).as_deref(), Some("box@example.com"));
         assert_eq!(xoauth2_user("not base64"), None);
     }

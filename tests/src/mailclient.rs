@@ -109,7 +109,7 @@ pub enum AuthOutcome {
     /// the client answered with an empty line) and the final line.
     Refused {
         /// The XOAUTH2 error challenge.
-        challenge: Option<common::xoauth2::ErrorChallenge>,
+        challenge: Option<common::fetch::xoauth2::ErrorChallenge>,
         /// The tagged NO / `-ERR` line.
         final_line: String,
     },
@@ -157,14 +157,14 @@ pub async fn imap_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
     user: &str,
     token: &str,
 ) -> anyhow::Result<AuthOutcome> {
-    let payload = common::xoauth2::encoded_response(user, token);
+    let payload = common::fetch::xoauth2::encoded_response(user, token);
     conn.send(&format!("a1 AUTHENTICATE XOAUTH2 {payload}"))
         .await?;
     let mut challenge = None;
     loop {
         let line = conn.read_line().await?;
         if let Some(rest) = line.strip_prefix("+") {
-            challenge = common::xoauth2::decode_error_challenge(rest.trim());
+            challenge = common::fetch::xoauth2::decode_error_challenge(rest.trim());
             conn.send("").await?;
             continue;
         }
@@ -192,7 +192,7 @@ pub async fn pop3_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
     if !first.starts_with('+') {
         bail!("server did not answer AUTH XOAUTH2 with a continuation: {first:?}");
     }
-    conn.send(&common::xoauth2::encoded_response(user, token))
+    conn.send(&common::fetch::xoauth2::encoded_response(user, token))
         .await?;
     let mut challenge = None;
     loop {
@@ -207,7 +207,7 @@ pub async fn pop3_xoauth2<S: AsyncRead + AsyncWrite + Unpin>(
             });
         }
         if let Some(rest) = line.strip_prefix('+') {
-            challenge = common::xoauth2::decode_error_challenge(rest.trim());
+            challenge = common::fetch::xoauth2::decode_error_challenge(rest.trim());
             conn.send("").await?;
         }
     }

@@ -227,7 +227,7 @@ pub struct InProcess {
 }
 
 impl InProcess {
-    /// Starts `pop_fetcher::run_with` with short backoffs.
+    /// Starts `pop_fetcher::run` with short backoffs.
     pub fn start(config: Config) -> Self {
         let options = pop_fetcher::Options {
             lease_ttl: Duration::from_secs(3),
@@ -242,7 +242,7 @@ impl InProcess {
     /// Starts it with `options`.
     pub fn start_with(config: Config, options: pop_fetcher::Options) -> Self {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pop_fetcher::run_with(config, options, shutdown.clone()));
+        let task = tokio::spawn(pop_fetcher::run(config, options, shutdown.clone()));
         Self {
             shutdown,
             task: Some(task),

@@ -27,7 +27,7 @@ fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
-        imap_fetcher::run_with(config, options(), s)
+        imap_fetcher::run(config, options(), s)
             .await
             .expect("fetcher run");
     });

@@ -360,7 +360,11 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
         &restricted(&toml, &env, &users, Role::ImapFetcher),
         Component::ImapFetcher,
     );
-    let fetch = tokio::spawn(imap_fetcher::run(fetcher, shutdown.clone()));
+    let fetch = tokio::spawn(imap_fetcher::run(
+        fetcher,
+        imap_fetcher::Options::default(),
+        shutdown.clone(),
+    ));
     assert!(
         support::eventually(Duration::from_secs(30), || async {
             support::depth(&observer, &fx.queue()).await == 5

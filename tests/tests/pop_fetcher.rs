@@ -336,7 +336,7 @@ async fn through_the_exchange_front_the_two_step_auth_works_and_no_one_line_auth
         .await
         .unwrap();
     assert!(raw.read_line().await.unwrap().starts_with("+OK"));
-    let payload = common::xoauth2::encoded_response(&fx.mailbox, "not-a-token");
+    let payload = common::fetch::xoauth2::encoded_response(&fx.mailbox, "not-a-token");
     raw.send(&format!("AUTH XOAUTH2 {payload}")).await.unwrap();
     assert_eq!(raw.read_line().await.unwrap(), POP3_PROTOCOL_ERROR);
     assert!(raw.read_line().await.is_err(), "connection left open");

@@ -390,7 +390,7 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
         .await
         .err()
         .unwrap_or_else(|| panic!("{name}: logged in"));
-        let imap_fetcher::error::FetchError::Connect { source, .. } = &err else {
+        let imap_fetcher::error::Error::Connect { source, .. } = &err else {
             panic!("{name}: expected a connect error, got {err}");
         };
         let said = common::tls::handshake_cause(source)

@@ -1,6 +1,7 @@
 //! What the Incoming Mail Agent's binaries share: the configuration (§2), the
 //! message envelope and AMQP topology (§5), Redis key names (§7a), TLS,
-//! telemetry, shutdown, the admin HTTP server and heartbeats (§7).
+//! telemetry, shutdown, the admin HTTP server and heartbeats (§7), and the
+//! fetch kit both fetchers are built on ([`fetch`]).
 
 pub mod admin;
 pub mod backoff;
@@ -9,12 +10,10 @@ pub mod config;
 pub mod connect;
 pub mod envelope;
 pub mod error;
-pub mod fetch_metrics;
+pub mod fetch;
 pub mod heartbeat;
 pub mod keys;
-pub mod lease;
 pub mod least_privilege;
-pub mod publish;
 pub mod secret;
 pub mod service;
 pub mod shutdown;
@@ -22,7 +21,6 @@ pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod topology;
-pub mod xoauth2;
 
 pub use config::{Component, Config};
 pub use error::{Error, Result};

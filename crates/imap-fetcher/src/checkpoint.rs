@@ -23,7 +23,7 @@ use common::keys::Keys;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::error::{FetchError, Result};
+use common::fetch::FetchError;
 
 /// Write only while we hold the lease: `KEYS[1]` lease, `KEYS[2]` checkpoint,
 /// `ARGV[1]` owner, then field/value pairs.
@@ -85,7 +85,7 @@ pub async fn load(
     redis: &mut ConnectionManager,
     keys: &Keys,
     config: &str,
-) -> Result<Option<Checkpoint>> {
+) -> Result<Option<Checkpoint>, FetchError> {
     let map: HashMap<String, String> =
         redis
             .hgetall(keys.checkpoint(config))
@@ -105,7 +105,7 @@ pub async fn save(
     config: &str,
     owner: &str,
     checkpoint: &Checkpoint,
-) -> Result<()> {
+) -> Result<(), FetchError> {
     let mut cp = checkpoint.clone();
     cp.saved_at = common::heartbeat::now_secs();
     let script = redis::Script::new(FENCED_WRITE);

@@ -1,11 +1,12 @@
-//! Errors of the IMAP fetcher, classified at the boundary (see
-//! [`FetchError::kind`] and [`FetchError::is_auth`]).
+//! Errors of the IMAP fetcher: the protocol's own failures beside the
+//! shared ones of the fetch kit ([`common::fetch::FetchError`]), classified
+//! through [`Failure`].
 
-use common::publish::PublishError;
+use common::fetch::{Failure, FetchError};
 
 /// Why a mailbox session failed.
 #[derive(Debug, thiserror::Error)]
-pub enum FetchError {
+pub enum Error {
     /// TCP connect, TLS handshake or a read/write failed.
     #[error("cannot reach {endpoint}: {source}")]
     Connect {
@@ -41,82 +42,51 @@ pub enum FetchError {
         /// The server's answer (never the token).
         detail: String,
     },
-    /// Logged in, but the app may not use the mailbox (Exchange's "User is
-    /// authenticated but not connected", or a refused login on a mailbox the
-    /// app has no grant for).
-    #[error("no permission on mailbox {mailbox} for app {app}: {detail}")]
-    Permission {
-        /// The mailbox address.
-        mailbox: String,
-        /// The application (client) id, or the login name for passwords.
-        app: String,
-        /// What the server said.
-        detail: String,
-    },
-    /// No token is available for the profile yet.
-    #[error("no access token for oauth profile {profile} in Redis (is the token broker running?)")]
-    NoToken {
-        /// The profile name.
-        profile: String,
-    },
-    /// The token store failed.
-    #[error("cannot read the token of oauth profile {profile}: {detail}")]
-    Token {
-        /// The profile name.
-        profile: String,
-        /// The cause (never the token).
-        detail: String,
-    },
-    /// Publishing failed (RabbitMQ down, nack, unroutable).
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    /// Redis failed (checkpoint, oversized records).
-    #[error("cannot {action} in Redis: {source}")]
-    Redis {
-        /// What was being done.
-        action: &'static str,
-        /// The cause.
-        #[source]
-        source: redis::RedisError,
-    },
-    /// The lease was lost while working: stop at once.
-    #[error("lease on {0} lost")]
-    LeaseLost(String),
     /// A folder name cannot be used.
     #[error("folder {0:?} cannot be used: {1}")]
     Folder(String, String),
+    /// A failure every fetcher shares (token, publish, Redis, permission,
+    /// lease).
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
 }
 
-impl FetchError {
-    /// A short label for the `errors` metric and logs.
-    pub fn kind(&self) -> &'static str {
+impl Failure for Error {
+    fn shared(&self) -> Option<&FetchError> {
+        match self {
+            Self::Fetch(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn protocol_kind(&self) -> &'static str {
         match self {
             Self::Connect { .. } => "connect",
             Self::Imap { .. } => "imap",
             Self::Unsupported(_) => "unsupported",
             Self::AuthFailed { .. } => "auth",
-            Self::Permission { .. } => "permission",
-            Self::NoToken { .. } | Self::Token { .. } => "token",
-            Self::Publish(e) => e.kind(),
-            Self::Redis { .. } => "redis",
-            Self::LeaseLost(_) => "lease",
             Self::Folder(..) => "folder",
+            Self::Fetch(e) => e.kind(),
         }
     }
 
+    fn protocol_needs_human(&self) -> bool {
+        matches!(self, Self::Unsupported(_) | Self::Folder(..))
+    }
+}
+
+impl Error {
     /// True when the server refused the credentials: ask for a fresh token.
     pub fn is_auth(&self) -> bool {
         matches!(self, Self::AuthFailed { .. })
     }
+}
 
-    /// True when a human must act (grant, config); retried slowly.
-    pub fn needs_human(&self) -> bool {
-        matches!(
-            self,
-            Self::Permission { .. } | Self::Unsupported(_) | Self::Folder(..)
-        )
+impl From<common::fetch::publish::PublishError> for Error {
+    fn from(e: common::fetch::publish::PublishError) -> Self {
+        Self::Fetch(e.into())
     }
 }
 
-/// Result with [`FetchError`].
-pub type Result<T, E = FetchError> = std::result::Result<T, E>;
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

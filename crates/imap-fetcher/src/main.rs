@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     cli::run_service(Component::ImapFetcher, |shutdown| {
-        imap_fetcher::run(config, shutdown)
+        imap_fetcher::run(
+            config,
+            imap_fetcher::Options::from_env("MAILAGENT_IMAP"),
+            shutdown,
+        )
     })
 }

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use async_imap::{Client, Session};
 use common::config::{IncomingMail, ServerType};
-use common::xoauth2::ErrorChallenge;
+use common::fetch::xoauth2::ErrorChallenge;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::error::{FetchError, Result};
+use crate::error::{Error, Result};
 
 /// Time allowed for connect + TLS + greeting + login.
 pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,7 +54,7 @@ impl XOAuth2 {
     /// An exchange for `user` with `token`.
     pub fn new(user: &str, token: &str) -> Self {
         Self {
-            payload: common::xoauth2::initial_response(user, token),
+            payload: common::fetch::xoauth2::initial_response(user, token),
             sent: false,
             challenge: None,
         }
@@ -88,7 +88,7 @@ pub async fn open(
     let ep = endpoint(cfg);
     match tokio::time::timeout(LOGIN_TIMEOUT, open_inner(cfg, tls, credentials)).await {
         Ok(r) => r,
-        Err(_) => Err(FetchError::Connect {
+        Err(_) => Err(Error::Connect {
             endpoint: ep,
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "login timed out"),
         }),
@@ -101,11 +101,11 @@ async fn open_inner(
     credentials: Credentials<'_>,
 ) -> Result<ImapSession> {
     let ep = endpoint(cfg);
-    let io_err = |source| FetchError::Connect {
+    let io_err = |source| Error::Connect {
         endpoint: ep.clone(),
         source,
     };
-    let imap_err = |action, source| FetchError::Imap {
+    let imap_err = |action, source| Error::Imap {
         action,
         endpoint: ep.clone(),
         source,
@@ -115,7 +115,7 @@ async fn open_inner(
         .map_err(io_err)?;
     let _ = tcp.set_nodelay(true);
     let server_name = rustls::pki_types::ServerName::try_from(cfg.host.clone()).map_err(|e| {
-        FetchError::Unsupported(format!("host {:?} is not a valid TLS name: {e}", cfg.host))
+        Error::Unsupported(format!("host {:?} is not a valid TLS name: {e}", cfg.host))
     })?;
     let connector = TlsConnector::from(Arc::clone(tls));
     let mut client = match cfg.server_type {
@@ -133,7 +133,7 @@ async fn open_inner(
                     .await
                     .map_err(|e| match e {
                         async_imap::error::Error::Bad(m) | async_imap::error::Error::No(m) => {
-                            FetchError::Unsupported(format!(
+                            Error::Unsupported(format!(
                                 "{ep} refused STARTTLS ({m}); TLS is required unless allow-insecure = true"
                             ))
                         }
@@ -154,7 +154,7 @@ async fn open_inner(
         Credentials::XOAuth2 { token } => xoauth2_login(client, &cfg.username, token, &ep).await,
         Credentials::Password { password } => match client.login(&cfg.username, password).await {
             Ok(s) => Ok(s),
-            Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
+            Err((async_imap::error::Error::No(m), _)) => Err(Error::AuthFailed {
                 mailbox: cfg.username.clone(),
                 mechanism: "LOGIN",
                 detail: m.trim().to_string(),
@@ -167,7 +167,7 @@ async fn open_inner(
 /// `AUTHENTICATE XOAUTH2` as `user` with `token`: the payload on the
 /// server's first (empty) challenge; an error challenge (RFC 7628: base64
 /// JSON with `status`, `scope`) is answered with an empty line, and its
-/// status goes into the [`FetchError::AuthFailed`] the tagged `NO` becomes.
+/// status goes into the [`Error::AuthFailed`] the tagged `NO` becomes.
 pub async fn xoauth2_login<T>(
     client: Client<T>,
     user: &str,
@@ -180,7 +180,7 @@ where
     let mut auth = XOAuth2::new(user, token);
     match client.authenticate("XOAUTH2", &mut auth).await {
         Ok(s) => Ok(s),
-        Err((async_imap::error::Error::No(m), _)) => Err(FetchError::AuthFailed {
+        Err((async_imap::error::Error::No(m), _)) => Err(Error::AuthFailed {
             mailbox: user.to_string(),
             mechanism: "XOAUTH2",
             detail: match &auth.challenge {
@@ -188,7 +188,7 @@ where
                 None => m.trim().to_string(),
             },
         }),
-        Err((source, _)) => Err(FetchError::Imap {
+        Err((source, _)) => Err(Error::Imap {
             action: "authenticate",
             endpoint: ep.to_string(),
             source,
@@ -213,7 +213,7 @@ where
                     ..
                 }
             ) {
-                return Err(FetchError::Imap {
+                return Err(Error::Imap {
                     action: "read the greeting",
                     endpoint: ep.to_string(),
                     source: async_imap::error::Error::Bad("server said BYE".into()),
@@ -221,11 +221,11 @@ where
             }
             Ok(())
         }
-        Some(Err(e)) => Err(FetchError::Connect {
+        Some(Err(e)) => Err(Error::Connect {
             endpoint: ep.to_string(),
             source: e,
         }),
-        None => Err(FetchError::Imap {
+        None => Err(Error::Imap {
             action: "read the greeting",
             endpoint: ep.to_string(),
             source: async_imap::error::Error::ConnectionLost,
@@ -238,22 +238,23 @@ where
 pub const NOT_CONNECTED: &str = "User is authenticated but not connected";
 
 /// Maps an error of a command after login: Exchange's "authenticated but not
-/// connected" becomes [`FetchError::Permission`].
+/// connected" becomes a permission failure ([`common::fetch::FetchError::Permission`]).
 pub fn after_login_error(
     cfg: &IncomingMail,
     app: &str,
     action: &'static str,
     e: async_imap::error::Error,
-) -> FetchError {
+) -> Error {
     let text = e.to_string();
     if text.contains(NOT_CONNECTED) {
-        return FetchError::Permission {
+        return common::fetch::FetchError::Permission {
             mailbox: cfg.username.clone(),
             app: app.to_string(),
             detail: format!("the server answered {action} with \"{NOT_CONNECTED}\""),
-        };
+        }
+        .into();
     }
-    FetchError::Imap {
+    Error::Imap {
         action,
         endpoint: endpoint(cfg),
         source: e,
@@ -317,7 +318,7 @@ mod tests {
         );
         assert_eq!(sent[2], "\r\n", "the error challenge gets an empty answer");
         match result {
-            Err(FetchError::AuthFailed {
+            Err(Error::AuthFailed {
                 mailbox,
                 mechanism,
                 detail,

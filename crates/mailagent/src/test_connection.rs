@@ -299,14 +299,15 @@ fn refused_login_cause(oauth: bool, app: &str) -> String {
     }
 }
 
-fn diagnose_imap(e: &imap_fetcher::error::FetchError, cfg: &IncomingMail, app: &str) -> Diagnosis {
-    use imap_fetcher::error::FetchError;
+fn diagnose_imap(e: &imap_fetcher::error::Error, cfg: &IncomingMail, app: &str) -> Diagnosis {
+    use common::fetch::FetchError;
+    use imap_fetcher::error::Error;
     let cause = match e {
-        FetchError::Connect { source, .. } => common::tls::handshake_cause(source).unwrap_or_else(|| "the connection failed during TLS or the greeting".into()),
-        FetchError::AuthFailed { .. } => refused_login_cause(matches!(cfg.auth, MailAuth::OAuth { .. }), app),
-        FetchError::Permission { .. } => format!("app {app} has no permission on mailbox {} (Add-MailboxPermission -AccessRights FullAccess)", cfg.username),
-        FetchError::Unsupported(_) => "the server lacks STARTTLS or a required capability; IMAP may be disabled".into(),
-        FetchError::Imap { .. } => format!("the folder {:?} may not exist, or the server failed", cfg.folder),
+        Error::Connect { source, .. } => common::tls::handshake_cause(source).unwrap_or_else(|| "the connection failed during TLS or the greeting".into()),
+        Error::AuthFailed { .. } => refused_login_cause(matches!(cfg.auth, MailAuth::OAuth { .. }), app),
+        Error::Fetch(FetchError::Permission { .. }) => format!("app {app} has no permission on mailbox {} (Add-MailboxPermission -AccessRights FullAccess)", cfg.username),
+        Error::Unsupported(_) => "the server lacks STARTTLS or a required capability; IMAP may be disabled".into(),
+        Error::Imap { .. } => format!("the folder {:?} may not exist, or the server failed", cfg.folder),
         _ => "see the error".into(),
     };
     fail(e.to_string(), cause)

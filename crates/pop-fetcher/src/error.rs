@@ -1,8 +1,9 @@
-//! Errors of the POP3 fetcher, classified at the boundary: [`Error::kind`]
-//! labels metrics, [`Error::is_auth`] asks for a forced token refresh and
-//! [`Error::needs_human`] selects the slow retry schedule.
+//! Errors of the POP3 fetcher: the protocol's own failures beside the
+//! shared ones of the fetch kit ([`common::fetch::FetchError`]), classified
+//! through [`Failure`].
 
-use common::publish::PublishError;
+use common::fetch::publish::PublishError;
+use common::fetch::{Failure, FetchError};
 
 /// Why a POP3 session (or one step of it) failed. Messages never contain a
 /// token or a password.
@@ -85,79 +86,54 @@ pub enum Error {
         /// The server's final answer (never the token).
         reply: String,
     },
-    /// A fresh token was refused too: the app has no access to the mailbox.
-    #[error("no permission on mailbox {mailbox} for app {app}: a fresh token was refused too (grant the app with Add-MailboxPermission / the Exchange service principal; server said: {reply})")]
-    Permission {
-        /// The mailbox address.
-        mailbox: String,
-        /// The application (client) id.
-        app: String,
-        /// The server's answer.
-        reply: String,
-    },
-    /// No usable token for the profile in Redis.
-    #[error("no access token for oauth profile {profile} in Redis (is the token broker running, and is the profile failing? see `mailagent status`)")]
-    NoToken {
-        /// The profile name.
-        profile: String,
-    },
-    /// The token store failed.
-    #[error("cannot read the token of oauth profile {profile}: {detail}")]
-    Token {
-        /// The profile name.
-        profile: String,
-        /// The cause (never the token).
-        detail: String,
-    },
-    /// Publishing failed (RabbitMQ down, nack, unroutable).
-    #[error(transparent)]
-    Publish(#[from] PublishError),
-    /// Redis failed (UIDL set, oversized records).
-    #[error("cannot {action} in Redis: {source}")]
-    Redis {
-        /// What was being done.
-        action: &'static str,
-        /// The cause.
-        #[source]
-        source: redis::RedisError,
-    },
     /// A permanent setup problem (TLS configuration, server name).
     #[error("{0}")]
     Setup(String),
+    /// A failure every fetcher shares (token, publish, Redis, permission,
+    /// lease).
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
 }
 
-impl Error {
-    /// A short label for the `errors` metric and logs.
-    pub fn kind(&self) -> &'static str {
+impl Failure for Error {
+    fn shared(&self) -> Option<&FetchError> {
+        match self {
+            Self::Fetch(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn protocol_kind(&self) -> &'static str {
         match self {
             Self::Connect { .. } => "connect",
             Self::Io { .. } | Self::Timeout { .. } => "io",
             Self::Protocol { .. } | Self::Refused { .. } | Self::ProtocolClosed { .. } => "pop3",
             Self::Unsupported(_) => "unsupported",
             Self::AuthFailed { .. } => "auth",
-            Self::Permission { .. } => "permission",
-            Self::NoToken { .. } | Self::Token { .. } => "token",
-            Self::Publish(e) => e.kind(),
-            Self::Redis { .. } => "redis",
             Self::Setup(_) => "setup",
+            Self::Fetch(e) => e.kind(),
         }
     }
 
-    /// True when the server refused the credentials: ask for a fresh token.
-    pub fn is_auth(&self) -> bool {
-        matches!(self, Self::AuthFailed { .. })
-    }
-
-    /// True when a human must act (grant, server capabilities, setup);
-    /// retried on the slow schedule.
-    pub fn needs_human(&self) -> bool {
+    /// A refused password needs a person, as on IMAP; a refused token is
+    /// retried (the broker may replace it).
+    fn protocol_needs_human(&self) -> bool {
         matches!(
             self,
-            Self::Permission { .. }
-                | Self::Unsupported(_)
+            Self::Unsupported(_)
                 | Self::Setup(_)
                 | Self::ProtocolClosed { .. }
-        ) || matches!(self, Self::Publish(e) if !e.is_transient())
+                | Self::AuthFailed {
+                    mechanism: "USER/PASS",
+                    ..
+                }
+        )
+    }
+}
+
+impl From<PublishError> for Error {
+    fn from(e: PublishError) -> Self {
+        Self::Fetch(e.into())
     }
 }
 

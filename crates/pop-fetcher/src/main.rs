@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     cli::run_service(Component::PopFetcher, |shutdown| {
-        pop_fetcher::run(config, shutdown)
+        pop_fetcher::run(
+            config,
+            pop_fetcher::Options::from_env("MAILAGENT_POP3"),
+            shutdown,
+        )
     })
 }

@@ -131,7 +131,7 @@ pub struct UidlSet {
 }
 
 fn redis_err(action: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
-    move |source| Error::Redis { action, source }
+    move |source| common::fetch::FetchError::Redis { action, source }.into()
 }
 
 impl UidlSet {

@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     pop_messages: usize,
     /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::publish::DEFAULT_WINDOW)]
+    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
     window: usize,
     /// Keep the config, the logs, the metrics and the SQLite file.
     #[arg(long)]

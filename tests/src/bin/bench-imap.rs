@@ -42,7 +42,7 @@ struct Args {
     #[arg(long, default_value_t = 8192)]
     size: usize,
     /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::publish::DEFAULT_WINDOW)]
+    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
     window: usize,
     /// The fetcher's `batch-size` in R.
     #[arg(long, default_value_t = 200)]
@@ -73,7 +73,7 @@ async fn measure_fetcher(
     let key = fx.keys().checkpoint("bench-r");
     let shutdown = common::shutdown::CancellationToken::new();
     let started = Instant::now();
-    let task = tokio::spawn(imap_fetcher::run_with(
+    let task = tokio::spawn(imap_fetcher::run(
         config,
         imap_fetcher::Options::default(),
         shutdown.clone(),
@@ -141,7 +141,7 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
         )
         .await?;
     let shutdown = common::shutdown::CancellationToken::new();
-    let task = tokio::spawn(imap_fetcher::run_with(
+    let task = tokio::spawn(imap_fetcher::run(
         config,
         imap_fetcher::Options::default(),
         shutdown.clone(),

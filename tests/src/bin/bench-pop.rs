@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 8192)]
     size: usize,
     /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::publish::DEFAULT_WINDOW)]
+    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
     window: usize,
     /// RETR commands in flight in F.
     #[arg(long, default_value_t = 200)]

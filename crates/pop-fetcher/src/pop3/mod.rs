@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::config::IncomingMail;
-use common::xoauth2::ErrorChallenge;
+use common::fetch::xoauth2::ErrorChallenge;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -352,7 +352,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             Reply::Ok(_) => return Err(self.protocol_err("AUTH XOAUTH2", &self.line.clone())),
         }
-        let payload = common::xoauth2::encoded_response(user, token);
+        let payload = common::fetch::xoauth2::encoded_response(user, token);
         // Not through `send`: nothing that carries the token goes near a log.
         self.queue(&payload);
         self.flush("send the XOAUTH2 response").await?;
@@ -373,7 +373,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         self.send("cancel AUTH", "*").await?;
                     } else {
                         challenge = Some(
-                            common::xoauth2::decode_error_challenge(&data).unwrap_or_default(),
+                            common::fetch::xoauth2::decode_error_challenge(&data)
+                                .unwrap_or_default(),
                         );
                         self.send("answer the XOAUTH2 error challenge", "").await?;
                     }

@@ -1,6 +1,7 @@
 //! Table-driven tests of the POP3 client against a scripted server over an
 //! in-memory pipe.
 
+use common::fetch::Failure;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ const TOKEN: &str = "tok";
 const USER: &str = "box@example.com";
 
 fn payload() -> String {
-    common::xoauth2::encoded_response(USER, TOKEN)
+    common::fetch::xoauth2::encoded_response(USER, TOKEN)
 }
 
 /// Starts a scripted server; returns the client's side and the lines the

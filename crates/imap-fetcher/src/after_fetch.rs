@@ -1,0 +1,138 @@
+//! What happens to a message on the server once RabbitMQ confirmed it:
+//! `\Seen`, `\Deleted` + EXPUNGE, MOVE (or COPY + delete), or nothing.
+
+use common::config::AfterFetch;
+use futures::StreamExt;
+
+use crate::error::Result;
+use crate::session::ImapSession;
+use crate::utf7;
+use crate::worker::{Caps, Worker};
+
+impl Worker<'_> {
+    /// Applies `action` to the confirmed messages `uids`.
+    pub(crate) async fn after_fetch(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+        action: &AfterFetch,
+        caps: Caps,
+    ) -> Result<()> {
+        if uids.is_empty() {
+            return Ok(());
+        }
+        let set = uid_set(uids);
+        match action {
+            AfterFetch::Keep => Ok(()),
+            AfterFetch::MarkSeen => self.store(session, &set, "+FLAGS.SILENT (\\Seen)").await,
+            AfterFetch::Delete => {
+                self.store(session, &set, "+FLAGS.SILENT (\\Deleted)")
+                    .await?;
+                self.expunge(session, &set, caps).await?;
+                self.mb
+                    .kit
+                    .metrics
+                    .deleted
+                    .with_label_values(&[&self.mb.cfg.name])
+                    .inc_by(uids.len() as u64);
+                Ok(())
+            }
+            AfterFetch::Move(folder) => {
+                let target = utf7::encode(folder);
+                if caps.mv {
+                    session
+                        .uid_mv(&set, &target)
+                        .await
+                        .map_err(self.err("UID MOVE"))
+                } else {
+                    session
+                        .uid_copy(&set, quote(&target))
+                        .await
+                        .map_err(self.err("UID COPY"))?;
+                    self.store(session, &set, "+FLAGS.SILENT (\\Deleted)")
+                        .await?;
+                    self.expunge(session, &set, caps).await
+                }
+            }
+        }
+    }
+
+    async fn store(&self, session: &mut ImapSession, set: &str, what: &str) -> Result<()> {
+        let mut stream = session
+            .uid_store(set, what)
+            .await
+            .map_err(self.err("UID STORE"))?;
+        while let Some(r) = stream.next().await {
+            r.map_err(self.err("UID STORE"))?;
+        }
+        Ok(())
+    }
+
+    async fn expunge(&self, session: &mut ImapSession, set: &str, caps: Caps) -> Result<()> {
+        if caps.uidplus {
+            let stream = session
+                .uid_expunge(set)
+                .await
+                .map_err(self.err("EXPUNGE"))?;
+            let _: Vec<_> = stream.collect().await;
+        } else {
+            // Without UIDPLUS, EXPUNGE also removes other \Deleted messages.
+            let stream = session.expunge().await.map_err(self.err("EXPUNGE"))?;
+            let _: Vec<_> = stream.collect().await;
+        }
+        Ok(())
+    }
+}
+
+/// A quoted IMAP string.
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// A compact UID set of ascending UIDs: `1:3,7,9:10`.
+pub fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end + 1 {
+            end += 1;
+            i += 1;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_set_table() {
+        let cases: [(&[u32], &str); 5] = [
+            (&[], ""),
+            (&[5], "5"),
+            (&[1, 2, 3], "1:3"),
+            (&[1, 2, 3, 7, 9, 10], "1:3,7,9:10"),
+            (&[4_000_000_000, 4_000_000_001], "4000000000:4000000001"),
+        ];
+        for (uids, set) in cases {
+            assert_eq!(uid_set(uids), set);
+        }
+    }
+
+    #[test]
+    fn quote_escapes() {
+        assert_eq!(quote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+}

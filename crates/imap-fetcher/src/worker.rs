@@ -1,0 +1,203 @@
+//! One IMAP session on a mail config: log in (asking the broker for a
+//! fresh token when the server refuses one), SELECT, then pass over the
+//! folder ([`crate::handover`]) and wait with IDLE or polling, until a
+//! graceful stop or an error.
+
+use std::time::{Duration, Instant};
+
+use common::config::MailAuth;
+use common::fetch::Mailbox;
+
+use crate::error::{Error, Result};
+use crate::session::{self, Credentials, ImapSession};
+use crate::utf7;
+
+/// IDLE is re-issued after this long (servers may drop it after 30 min).
+pub const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
+
+/// Server capabilities that change what we send.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Caps {
+    pub idle: bool,
+    pub mv: bool,
+    pub uidplus: bool,
+}
+
+/// The IMAP side of one mailbox's worker.
+pub struct Worker<'a> {
+    pub(crate) mb: &'a Mailbox,
+}
+
+impl Worker<'_> {
+    /// Maps an error of `action` after login (Exchange's "authenticated but
+    /// not connected" is a missing permission).
+    pub fn err(&self, action: &'static str) -> impl Fn(async_imap::error::Error) -> Error + '_ {
+        move |e| session::after_login_error(&self.mb.cfg, &self.mb.app, action, e)
+    }
+
+    /// One session: login, select, then pass/wait until stopped or failed.
+    pub async fn session(&self) -> Result<()> {
+        let cfg = &self.mb.cfg;
+        let mut session = self.login().await?;
+        let folder = utf7::encode(&cfg.folder);
+        let mailbox = session.select(&folder).await.map_err(self.err("SELECT"))?;
+        let uidvalidity = mailbox.uid_validity.ok_or_else(|| {
+            Error::Unsupported(format!(
+                "folder {} of {} has no UIDVALIDITY",
+                cfg.folder, cfg.username
+            ))
+        })?;
+        let caps = session
+            .capabilities()
+            .await
+            .map_err(self.err("CAPABILITY"))?;
+        let caps = Caps {
+            idle: caps.has_str("IDLE"),
+            mv: caps.has_str("MOVE"),
+            uidplus: caps.has_str("UIDPLUS"),
+        };
+        tracing::info!(config = %cfg.name, uidvalidity, exists = mailbox.exists, idle = caps.idle, "selected folder");
+        let mut uid_next = mailbox.uid_next;
+        loop {
+            let started = Instant::now();
+            self.pass(&mut session, uidvalidity, uid_next.take(), caps)
+                .await?;
+            self.mb.passed(started);
+            if self.mb.stopping() {
+                return logout(session).await;
+            }
+            if new_mail_reported(&session) {
+                // Mail that arrived during the pass was announced then; IDLE
+                // would not announce it again.
+                tracing::debug!(config = %cfg.name, "new mail announced during the pass; passing again");
+                continue;
+            }
+            session = if cfg.idle && caps.idle {
+                self.idle(session).await?
+            } else {
+                tokio::select! {
+                    _ = self.mb.graceful.cancelled() => return logout(session).await,
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                }
+                session.noop().await.map_err(self.err("NOOP"))?;
+                session
+            };
+            if self.mb.stopping() {
+                return logout(session).await;
+            }
+        }
+    }
+
+    /// Logs in; on a refused token asks the broker for a forced refresh of
+    /// that token and retries once with the replacement.
+    async fn login(&self) -> Result<ImapSession> {
+        let (cfg, tls) = (&self.mb.cfg, &self.mb.kit.tls);
+        match &cfg.auth {
+            MailAuth::Password { password } => {
+                let password = password.as_ref().map(|p| p.expose()).unwrap_or("");
+                session::open(cfg, tls, Credentials::Password { password })
+                    .await
+                    .map_err(|e| self.refused_is_permission(e))
+            }
+            MailAuth::OAuth { profile } => {
+                let token = self.mb.token(profile).await?;
+                let xoauth2 = |token| Credentials::XOAuth2 { token };
+                match session::open(cfg, tls, xoauth2(token.token.expose())).await {
+                    Err(e) if e.is_auth() => {
+                        let Some(fresh) = self.mb.replacement(profile, &token).await? else {
+                            return Err(self.refused_is_permission(e));
+                        };
+                        session::open(cfg, tls, xoauth2(fresh.token.expose()))
+                            .await
+                            .map_err(|e| self.refused_is_permission(e))
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// A refused login that a fresh token did not fix is a missing grant.
+    fn refused_is_permission(&self, e: Error) -> Error {
+        match e {
+            Error::AuthFailed { detail, .. } => self
+                .mb
+                .permission(format!("the server refused the login ({detail}); grant the app access to the mailbox, or check the credentials"))
+                .into(),
+            other => other,
+        }
+    }
+
+    /// IDLE until the server reports a change, [`IDLE_RENEW`] passes, or a
+    /// graceful stop is asked for. Returns the session, ready for commands.
+    async fn idle(&self, session: ImapSession) -> Result<ImapSession> {
+        use async_imap::extensions::idle::IdleResponse;
+        use async_imap::imap_proto::{Response, Status};
+        let mut handle = session.idle();
+        handle.init().await.map_err(self.err("IDLE"))?;
+        let outcome = {
+            let (fut, stop) = handle.wait_with_timeout(IDLE_RENEW);
+            tokio::pin!(fut);
+            tokio::select! {
+                r = &mut fut => r,
+                _ = self.mb.graceful.cancelled() => {
+                    drop(stop);
+                    fut.await
+                }
+            }
+        };
+        let ended = match outcome {
+            Ok(IdleResponse::NewData(data))
+                if matches!(
+                    data.parsed(),
+                    Response::Data {
+                        status: Status::Bye,
+                        ..
+                    }
+                ) =>
+            {
+                Some(Error::Imap {
+                    action: "IDLE",
+                    endpoint: session::endpoint(&self.mb.cfg),
+                    source: async_imap::error::Error::ConnectionLost,
+                })
+            }
+            Ok(_) => None,
+            Err(e) => Some(self.err("IDLE")(e)),
+        };
+        if let Some(e) = ended {
+            self.mb
+                .kit
+                .metrics
+                .idle_reconnects
+                .with_label_values(&[&self.mb.cfg.name])
+                .inc();
+            return Err(e);
+        }
+        handle.done().await.map_err(self.err("DONE"))
+    }
+}
+
+/// Ends a session at a graceful stop (LOGOUT, briefly waited for).
+async fn logout(mut session: ImapSession) -> Result<()> {
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
+    Ok(())
+}
+
+/// Drains the responses the server sent unasked (async-imap queues them in
+/// a bounded channel and drops them once it is full) and tells whether one
+/// announced new mail (`EXISTS`, `RECENT`). A message appended while a pass
+/// runs is announced during one of its commands, after its `UID SEARCH`;
+/// a following IDLE would wait for the *next* change, so the caller passes
+/// again instead.
+fn new_mail_reported(session: &ImapSession) -> bool {
+    use async_imap::types::UnsolicitedResponse;
+    let mut announced = false;
+    while let Ok(r) = session.unsolicited_responses.try_recv() {
+        announced |= matches!(
+            r,
+            UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
+        );
+    }
+    announced
+}

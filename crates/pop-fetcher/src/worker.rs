@@ -1,0 +1,280 @@
+//! One poll session on a POP3 mail config, run by the fetch kit's worker
+//! every `poll-interval`.
+//!
+//! A poll session: connect and log in; UIDL + LIST; plan against the UIDL
+//! set ([`crate::uidls`]); DELE again what was handed over but not deleted;
+//! then RETR in batches (pipelined where offered), publish each message
+//! with confirms, and for the confirmed prefix only: record the UIDL, then
+//! DELE (`delete`). QUIT commits the deletions. Nothing is deleted before
+//! RabbitMQ confirmed it, and a session cut anywhere before QUIT deletes
+//! nothing at all (RFC 1939 §6).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use common::config::{AfterFetch, MailAuth};
+use common::envelope::MessageRef;
+use common::fetch::publish::{Confirmed, Publisher};
+use common::fetch::{FetchError, Mailbox};
+use common::heartbeat::now_secs;
+use redis::AsyncCommands;
+
+use crate::error::{Error, Result};
+use crate::pop3::{self, wire, Session, Transport};
+use crate::uidls::{self, Listed, UidlSet};
+
+/// The confirmed tag of a published message: message number, UIDL, size.
+type Tag = (u32, String, usize);
+
+/// The POP3 side of one mailbox's worker.
+pub struct Worker<'a> {
+    pub(crate) mb: &'a Mailbox,
+}
+
+impl Worker<'_> {
+    async fn connect(&self) -> Result<Session<Transport>> {
+        let kit = &self.mb.kit;
+        pop3::connect(&self.mb.cfg, Arc::clone(&kit.tls), kit.options.read_timeout).await
+    }
+
+    /// Connects and logs in. A refused token is reported to the broker
+    /// (forced refresh of that token); with a replacement the login is
+    /// retried once, and a fresh token refused too means no permission.
+    async fn login(&self) -> Result<Session<Transport>> {
+        let (mb, cfg) = (self.mb, &self.mb.cfg);
+        let user = &cfg.username;
+        match &cfg.auth {
+            MailAuth::Password { password } => {
+                let password = password.as_ref().ok_or_else(|| {
+                    Error::Setup(format!("mail config {} has no password", cfg.name))
+                })?;
+                let mut s = self.connect().await?;
+                match s.user_pass(user, password.expose()).await? {
+                    Ok(()) => Ok(s),
+                    Err(r) => Err(Error::AuthFailed {
+                        mailbox: user.clone(),
+                        mechanism: "USER/PASS",
+                        cause: wire::explain_auth_refusal(&r.reply, false),
+                        reply: r.reply,
+                    }),
+                }
+            }
+            MailAuth::OAuth { profile } => {
+                let token = mb.token(profile).await?;
+                let mut s = self.connect().await?;
+                let refusal = match s.auth_xoauth2(user, token.token.expose()).await? {
+                    Ok(()) => return Ok(s),
+                    Err(r) => r,
+                };
+                tracing::debug!(config = %cfg.name, reply = %refusal.reply, "XOAUTH2 refused");
+                let expired = token.expires_at <= now_secs();
+                let Some(fresh) = mb.replacement(profile, &token).await? else {
+                    return Err(Error::AuthFailed {
+                        mailbox: user.clone(),
+                        mechanism: "XOAUTH2",
+                        cause: wire::explain_auth_refusal(&refusal.reply, expired),
+                        reply: refusal.reply,
+                    });
+                };
+                let mut s = self.connect().await?;
+                match s.auth_xoauth2(user, fresh.token.expose()).await? {
+                    Ok(()) => Ok(s),
+                    Err(r) => Err(mb
+                        .permission(format!(
+                            "a fresh token was refused too (grant the app with Add-MailboxPermission / the Exchange service principal; server said: {})",
+                            r.reply
+                        ))
+                        .into()),
+                }
+            }
+        }
+    }
+
+    /// One poll session, counted as a pass when it succeeds.
+    pub async fn session(&self) -> Result<()> {
+        let started = Instant::now();
+        self.poll().await?;
+        self.mb.passed(started);
+        Ok(())
+    }
+
+    /// One poll; returns the number of messages handed over.
+    async fn poll(&self) -> Result<usize> {
+        let shared = &self.mb.kit;
+        let name = &self.mb.cfg.name;
+        let delete = self.mb.cfg.after_fetch == AfterFetch::Delete;
+        let mut s = self.login().await?;
+        let uidl = s.uidl().await?;
+        let list = s.list().await?;
+        let listed = uidls::join(&list, &uidl);
+        let mut set = UidlSet::new(shared.redis.clone(), shared.keys.uidls(name));
+        let handed = set.load().await?;
+        let mut redis = shared.redis.clone();
+        let known_oversized: HashSet<String> = redis
+            .hkeys(shared.keys.oversized(name))
+            .await
+            .map_err(|source| FetchError::Redis {
+                action: "read oversized records",
+                source,
+            })?;
+        let plan = uidls::plan(
+            &listed,
+            handed.as_ref(),
+            &known_oversized,
+            self.mb.cfg.start_from,
+            delete,
+            self.mb.cfg.max_message_bytes,
+        );
+        if let Some(present) = &plan.init {
+            let skipped: Vec<String> = present.iter().map(|u| uidls::skipped(u)).collect();
+            set.add(&skipped).await?;
+            tracing::info!(config = %name, skipped = present.len(), "start-from now: existing messages recorded, not fetched");
+            s.quit().await?;
+            return Ok(0);
+        }
+        set.remove(&plan.prune).await?;
+        for l in &plan.oversized {
+            let message_ref = MessageRef::Pop3 {
+                uidl: l.uidl.clone(),
+            };
+            self.mb.record_oversized(&message_ref, l.size).await?;
+        }
+        let mut deleted: Vec<String> = Vec::new();
+        if delete && !plan.redelete.is_empty() {
+            let msgs: Vec<u32> = plan.redelete.iter().map(|l| l.msg).collect();
+            s.dele_many(&msgs).await?;
+            tracing::info!(config = %name, count = msgs.len(), "deleting messages handed over in an earlier session");
+            deleted.extend(plan.redelete.iter().map(|l| l.uidl.clone()));
+        }
+        let mut handed_over = 0;
+        if !plan.fetch.is_empty() {
+            let mut publisher: Publisher<Tag> = self.mb.publisher().await?;
+            let outcome = self
+                .transfer(&mut s, &mut publisher, &mut set, &plan.fetch, &mut deleted)
+                .await;
+            publisher.close().await;
+            handed_over = outcome?;
+        }
+        s.quit().await?;
+        if delete {
+            shared
+                .metrics
+                .deleted
+                .with_label_values(&[name])
+                .inc_by(deleted.len() as u64);
+            // Committed: these UIDLs are gone for good.
+            let _ = set.remove(&deleted).await;
+        }
+        if handed_over > 0 {
+            tracing::info!(config = %name, messages = handed_over, deleted = deleted.len(), "poll done");
+        }
+        Ok(handed_over)
+    }
+
+    /// RETR, publish and settle the planned messages, batch by batch. On an
+    /// error what was confirmed is still settled (recorded, DELEd) and the
+    /// session is QUIT, so confirmed mail does not come back.
+    async fn transfer(
+        &self,
+        s: &mut Session<Transport>,
+        publisher: &mut Publisher<Tag>,
+        set: &mut UidlSet,
+        fetch: &[Listed],
+        deleted: &mut Vec<String>,
+    ) -> Result<usize> {
+        let batch = self.mb.cfg.batch_size.max(1) as usize;
+        let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
+        let mut total = 0;
+        let mut failure: Option<Error> = None;
+        for chunk in fetch.chunks(batch) {
+            if self.mb.stopping() {
+                tracing::info!(config = %self.mb.cfg.name, "stopping after the batch in flight");
+                break;
+            }
+            let wanted: Vec<(u32, u64)> = chunk.iter().map(|l| (l.msg, l.size)).collect();
+            let bodies = match s.retr_many(&wanted).await {
+                Ok(b) => b,
+                Err(e) => {
+                    // The session is broken: nothing more can be DELEd in it.
+                    let _ = publisher.flush(&mut confirmed).await;
+                    let _ = self.record(set, &confirmed).await;
+                    return Err(e);
+                }
+            };
+            for ((msg, body), listed) in bodies.into_iter().zip(chunk) {
+                let body = match body {
+                    Ok(b) => b,
+                    Err(reply) => {
+                        tracing::warn!(config = %self.mb.cfg.name, msg, uidl = %listed.uidl, reply, "RETR refused; message skipped this time");
+                        continue;
+                    }
+                };
+                let message_ref = MessageRef::Pop3 {
+                    uidl: listed.uidl.clone(),
+                };
+                let envelope = self.mb.envelope(message_ref, body);
+                let len = envelope.body.len();
+                if let Err(e) = publisher
+                    .publish(&envelope, (msg, listed.uidl.clone(), len), &mut confirmed)
+                    .await
+                {
+                    failure = Some(e.into());
+                    break;
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+            total += self.settle(s, set, &mut confirmed, deleted).await?;
+        }
+        if failure.is_none() {
+            if let Err(e) = publisher.flush(&mut confirmed).await {
+                failure = Some(e.into());
+            }
+        }
+        total += self.settle(s, set, &mut confirmed, deleted).await?;
+        if let Some(e) = failure {
+            let abandoned = publisher.abandon();
+            tracing::warn!(config = %self.mb.cfg.name, abandoned, error = %e, "publishing failed; unconfirmed messages stay on the server");
+            s.quit().await?;
+            return Err(e);
+        }
+        Ok(total)
+    }
+
+    /// For the confirmed messages: record their UIDLs, then DELE them.
+    async fn settle(
+        &self,
+        s: &mut Session<Transport>,
+        set: &mut UidlSet,
+        confirmed: &mut Vec<Confirmed<Tag>>,
+        deleted: &mut Vec<String>,
+    ) -> Result<usize> {
+        if confirmed.is_empty() {
+            return Ok(0);
+        }
+        let n = confirmed.len();
+        self.record(set, confirmed).await?;
+        if self.mb.cfg.after_fetch == AfterFetch::Delete {
+            let msgs: Vec<u32> = confirmed.iter().map(|c| c.tag.0).collect();
+            s.dele_many(&msgs).await?;
+            deleted.extend(confirmed.iter().map(|c| c.tag.1.clone()));
+        }
+        confirmed.clear();
+        Ok(n)
+    }
+
+    async fn record(&self, set: &mut UidlSet, confirmed: &[Confirmed<Tag>]) -> Result<()> {
+        if confirmed.is_empty() {
+            return Ok(());
+        }
+        let uidls: Vec<String> = confirmed.iter().map(|c| c.tag.1.clone()).collect();
+        set.add(&uidls).await?;
+        self.mb.count_confirmed(confirmed, |t| t.2);
+        for c in confirmed {
+            tracing::debug!(config = %self.mb.cfg.name, msg = c.tag.0, uidl = %c.tag.1, bytes = c.tag.2, "published message");
+        }
+        Ok(())
+    }
+}
