@@ -10,8 +10,9 @@
 //!   failure.
 //! - **Backoff:** transient failures wait a full-jitter backoff from
 //!   `backoff-initial` up to `backoff-max`; failures that need a person
-//!   ([`Failure::needs_human`]) wait on a slower schedule (from 8 × the
-//!   initial wait) and are logged as errors; a successful pass resets both.
+//!   ([`Failure::needs_human`]) wait on a slower schedule, never less than
+//!   8 × the initial wait, and are logged as errors; a successful pass
+//!   resets both.
 //! - **Tokens:** a refused token is counted, reported to the token broker
 //!   (a forced refresh of exactly that token) and replaced within
 //!   `token-wait` — or not, when a graceful stop comes first
@@ -84,7 +85,7 @@ impl Mailbox {
     /// The worker state of `cfg`.
     pub fn new(kit: Arc<Kit>, cfg: IncomingMail, graceful: CancellationToken) -> Self {
         let o = &kit.options;
-        let slow = o.backoff_initial.saturating_mul(8);
+        let slow = slow_start(o.backoff_initial);
         let retry = Retry {
             transient: crate::backoff::Backoff::new(o.backoff_initial, o.backoff_max),
             human: crate::backoff::Backoff::new(slow, o.backoff_max.max(slow)),
@@ -190,7 +191,7 @@ impl Mailbox {
         let human = e.needs_human();
         let initial = self.kit.options.backoff_initial;
         let wait = match self.retry.lock() {
-            Ok(mut r) if human => r.human.next_delay().max(initial),
+            Ok(mut r) if human => r.human.next_delay().max(slow_start(initial)),
             Ok(mut r) => r.transient.next_delay(),
             Err(_) => initial,
         };
@@ -223,6 +224,12 @@ pub(crate) async fn run<P: Protocol>(protocol: Arc<P>, mailbox: Mailbox) {
         }
     }
     tracing::info!(config = %name, "worker stopped");
+}
+
+/// The shortest wait after a failure that needs a person: 8 × the first
+/// transient wait (full jitter would otherwise allow a retry at once).
+fn slow_start(initial: Duration) -> Duration {
+    initial.saturating_mul(8)
 }
 
 /// The application (client) id behind a config, for permission errors.

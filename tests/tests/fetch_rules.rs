@@ -1,0 +1,463 @@
+//! The rules both fetchers share through the fetch kit (`common::fetch`),
+//! each proven against the IMAP and the POP3 fetcher on real Dovecot,
+//! RabbitMQ and Redis:
+//!
+//! - one heartbeat rule: a mailbox's success clears only its own error;
+//! - one token-refusal path: a refused token is reported to the broker, and
+//!   a graceful stop does not wait for its replacement;
+//! - one "needs a person" rule: a message RabbitMQ cannot route is a
+//!   topology problem, retried on the slow schedule, not hammered;
+//! - the open-files limit is raised at start.
+
+use std::time::{Duration, Instant};
+
+use common::heartbeat::AgentStatus;
+use common::keys::Keys;
+use common::shutdown::CancellationToken;
+use common::Config;
+use futures::StreamExt;
+use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+use mailagent_tests::{imap_support, pop_support};
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Imap,
+    Pop3,
+}
+
+/// One test's fixture for either fetcher.
+enum Fx {
+    Imap(imap_support::Fixture),
+    Pop3(pop_support::Fixture),
+}
+
+impl Fx {
+    fn new(proto: Proto, label: &str) -> Self {
+        match proto {
+            Proto::Imap => Self::Imap(imap_support::Fixture::new(label)),
+            Proto::Pop3 => Self::Pop3(pop_support::Fixture::new(label)),
+        }
+    }
+
+    fn component(&self) -> &'static str {
+        match self {
+            Self::Imap(_) => "imap-fetcher",
+            Self::Pop3(_) => "pop-fetcher",
+        }
+    }
+
+    fn env(&self) -> &mailagent_tests::env::Endpoints {
+        match self {
+            Self::Imap(f) => &f.env,
+            Self::Pop3(f) => &f.env,
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        match self {
+            Self::Imap(f) => &f.prefix,
+            Self::Pop3(f) => &f.prefix,
+        }
+    }
+
+    fn keys(&self) -> Keys {
+        Keys::new(self.prefix().to_string())
+    }
+
+    async fn redis(&self) -> redis::aio::ConnectionManager {
+        match self {
+            Self::Imap(f) => f.redis().await,
+            Self::Pop3(f) => f.redis().await,
+        }
+    }
+
+    async fn plant_token(&self) {
+        match self {
+            Self::Imap(f) => f.plant_token().await,
+            Self::Pop3(f) => f.plant_token().await,
+        }
+    }
+
+    /// A token the mail server refuses (its JWT expired an hour ago) while
+    /// Redis still holds it as current.
+    async fn plant_refused_token(&self) {
+        match self {
+            Self::Imap(f) => {
+                f.plant_expired_token().await;
+            }
+            Self::Pop3(f) => f.plant(&f.mint(Duration::from_secs(600), -7200)).await,
+        }
+    }
+
+    /// Seeds `n` messages into the fixture's mailbox.
+    fn seed(&self, n: usize) {
+        let prefix = self.prefix().to_string();
+        let (mailbox, messages) = match self {
+            Self::Imap(f) => (
+                &f.mailbox,
+                (0..n)
+                    .map(|i| imap_support::message(&prefix, i, 500))
+                    .collect::<Vec<_>>(),
+            ),
+            Self::Pop3(f) => (
+                &f.mailbox,
+                (0..n)
+                    .map(|i| pop_support::message(&prefix, i, 500, false))
+                    .collect(),
+            ),
+        };
+        mailagent_tests::imap_support::seed_maildir(self.env(), mailbox, &messages);
+    }
+
+    /// The fixture's mailbox on Dovecot, as mail config `name`.
+    fn table(&self, name: &str) -> String {
+        match self {
+            Self::Imap(f) => f.mail_table(name, &f.mailbox, ""),
+            Self::Pop3(f) => f.mail_table(name, "POP3S", "after-fetch = \"keep\"\n"),
+        }
+    }
+
+    /// A mail config behind an Exchange front that makes every session fail
+    /// with a problem only a person can fix: no permission on the mailbox
+    /// (IMAP, another folder of the fixture's mailbox), no SASL XOAUTH2
+    /// (POP3, another mailbox).
+    async fn failing_table(&self, name: &str) -> (String, ExchangeFront) {
+        let env = self.env();
+        match self {
+            Self::Imap(f) => {
+                let front = ExchangeFront::start(env, Mode::Imap).await;
+                front.deny(&f.mailbox);
+                let table = f
+                    .mail_table(name, &f.mailbox, "folder = \"Elsewhere\"\n")
+                    .replace(
+                        &format!("port = {}", env.mail_addr("IMAPS").port()),
+                        &format!("port = {}", front.addr.port()),
+                    );
+                (table, front)
+            }
+            Self::Pop3(f) => {
+                let front = ExchangeFront::start(env, Mode::Pop3).await;
+                front.without_xoauth2();
+                let other = format!("other-{}", f.mailbox);
+                let port = front.addr.port();
+                (f.mail_table_for(name, &other, port, "pop3s", ""), front)
+            }
+        }
+    }
+
+    fn config(&self, tables: &[String]) -> Config {
+        match self {
+            Self::Imap(f) => f.config(tables).0,
+            Self::Pop3(f) => f.config(tables).0,
+        }
+    }
+
+    /// This test's fetcher heartbeat, once there is one.
+    async fn heartbeat(&self) -> Option<AgentStatus> {
+        let mut redis = self.redis().await;
+        common::heartbeat::list_agents(&mut redis, &self.keys())
+            .await
+            .ok()?
+            .into_iter()
+            .find(|a| a.component == self.component())
+    }
+
+    /// The sum of the fetcher's `fetcher_errors_total` series of `kind`.
+    async fn errors(&self, kind: &str) -> u64 {
+        let Some(admin) = self.heartbeat().await.and_then(|a| a.admin) else {
+            return 0;
+        };
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let label = format!("kind=\"{kind}\"");
+        text.lines()
+            .filter(|l| l.contains("fetcher_errors_total{") && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+/// A fetcher running in this process.
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn start(proto: Proto, config: Config, options: common::fetch::Options) -> Self {
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        let task = match proto {
+            Proto::Imap => tokio::spawn(imap_fetcher::run(config, options, s)),
+            Proto::Pop3 => tokio::spawn(pop_fetcher::run(config, options, s)),
+        };
+        Self { shutdown, task }
+    }
+
+    /// Graceful stop; returns how long it took.
+    async fn stop(self) -> Duration {
+        let started = Instant::now();
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("fetcher stops within 20 s")
+            .expect("fetcher task")
+            .expect("fetcher run");
+        started.elapsed()
+    }
+}
+
+fn options(backoff_initial: Duration, backoff_max: Duration) -> common::fetch::Options {
+    common::fetch::Options {
+        lease_ttl: Duration::from_secs(3),
+        backoff_initial,
+        backoff_max,
+        token_wait: Duration::from_secs(60),
+        ..Default::default()
+    }
+}
+
+/// Waits for `check` to hold, up to `timeout`.
+async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        imap_support::eventually(timeout, || check()).await,
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+// ---------------------------------------------------------------- heartbeat
+
+/// Mailbox `bad` fails on every session; mailbox `good` starts only once
+/// `bad`'s error is in the heartbeat (its lease is held by another owner
+/// until then). `good`'s successful pass must leave `bad`'s error there.
+async fn a_mailboxs_success_clears_only_its_own_error(proto: Proto) {
+    let fx = Fx::new(proto, "hbrule");
+    fx.plant_token().await;
+    let (bad_table, _front) = fx.failing_table("bad").await;
+    let config = fx.config(&[fx.table("good"), bad_table]);
+    let mut redis = fx.redis().await;
+    let lease = fx.keys().lease("good");
+    let () = redis::cmd("SET")
+        .arg(&lease)
+        .arg("another-replica")
+        .arg("PX")
+        .arg(120_000)
+        .query_async(&mut redis)
+        .await
+        .expect("hold the lease");
+    // Long waits after a failure: the bad mailbox does not retry (and set
+    // its error again) while the good one passes.
+    let fetcher = Running::start(
+        proto,
+        config,
+        options(Duration::from_secs(3), Duration::from_secs(60)),
+    );
+    until(
+        "the bad mailbox's error",
+        Duration::from_secs(30),
+        || async {
+            fx.heartbeat()
+                .await
+                .and_then(|a| a.last_error)
+                .is_some_and(|e| e.starts_with("bad: "))
+        },
+    )
+    .await;
+    let () = redis::cmd("DEL")
+        .arg(&lease)
+        .query_async(&mut redis)
+        .await
+        .expect("release the lease");
+    until(
+        "a pass of the good mailbox",
+        Duration::from_secs(30),
+        || async { fx.heartbeat().await.is_some_and(|a| a.last_poll.is_some()) },
+    )
+    .await;
+    let status = fx.heartbeat().await.expect("heartbeat");
+    let error = status.last_error.unwrap_or_default();
+    assert!(
+        error.starts_with("bad: "),
+        "the good mailbox's pass cleared the bad mailbox's error: {error:?}"
+    );
+    fetcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_a_mailboxs_success_clears_only_its_own_error() {
+    a_mailboxs_success_clears_only_its_own_error(Proto::Imap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_a_mailboxs_success_clears_only_its_own_error() {
+    a_mailboxs_success_clears_only_its_own_error(Proto::Pop3).await;
+}
+
+// ---------------------------------------------------------- token refusal
+
+/// A refused token is reported to the broker by its fingerprint; while the
+/// fetcher waits for the replacement (up to a minute here), a graceful
+/// stop ends it at once instead of after the wait or the stop grace.
+async fn a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement(proto: Proto) {
+    let fx = Fx::new(proto, "tokpath");
+    fx.plant_refused_token().await;
+    let client = redis::Client::open(fx.env().redis_url()).expect("redis url");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub
+        .subscribe(fx.keys().token_refresh_channel())
+        .await
+        .expect("subscribe");
+    let config = fx.config(&[fx.table("tok")]);
+    let fetcher = Running::start(
+        proto,
+        config,
+        options(Duration::from_millis(300), Duration::from_secs(2)),
+    );
+    let request: String = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
+        .await
+        .expect("a refresh request within 30 s")
+        .expect("message")
+        .get_payload()
+        .expect("payload");
+    assert!(request.contains("\"profile\""), "{request}");
+    assert!(
+        !request.contains("eyJ"),
+        "no token in the request: {request}"
+    );
+    assert!(
+        fx.errors("auth").await >= 1,
+        "the refused token is counted as an auth error"
+    );
+    // The worker now waits for the replacement.
+    let took = fetcher.stop().await;
+    assert!(
+        took < Duration::from_secs(4),
+        "the stop waited {took:?} for a token replacement"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement() {
+    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement(Proto::Imap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement() {
+    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement(Proto::Pop3).await;
+}
+
+// --------------------------------------------------------- needs a person
+
+/// With the CREATE queue unbound, every publish comes back unroutable: a
+/// topology problem a person must fix. It is reported in the heartbeat and
+/// retried on the slow schedule (never sooner than 8 × the first backoff),
+/// not at the transient pace.
+async fn an_unroutable_message_needs_a_person_and_is_retried_slowly(proto: Proto) {
+    let fx = Fx::new(proto, "unroute");
+    fx.plant_token().await;
+    fx.seed(1);
+    let config = fx.config(&[fx.table("un")]);
+    let topology = common::topology::Topology::new(&config.amqp.prefix);
+    let conn =
+        lapin::Connection::connect(fx.env().amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    common::topology::declare(&channel, &config.amqp, false)
+        .await
+        .expect("declare");
+    channel
+        .queue_unbind(
+            &topology.create_queue,
+            &topology.exchange,
+            common::config::Action::Create.routing_key(),
+            Default::default(),
+        )
+        .await
+        .expect("unbind");
+    // First backoff 500 ms: a person-problem waits at least 4 s between
+    // attempts; a transient one would come back within 0.5–2 s.
+    let fetcher = Running::start(
+        proto,
+        config.clone(),
+        options(Duration::from_millis(500), Duration::from_secs(2)),
+    );
+    until("the unroutable error", Duration::from_secs(30), || async {
+        fx.heartbeat()
+            .await
+            .and_then(|a| a.last_error)
+            .is_some_and(|e| e.contains("routed it to no queue"))
+    })
+    .await;
+    let before = fx.errors("unroutable").await;
+    let window = Instant::now();
+    until("a window of 6 s", Duration::from_secs(10), || async {
+        window.elapsed() >= Duration::from_secs(6)
+    })
+    .await;
+    let attempts = fx.errors("unroutable").await - before;
+    assert!(
+        attempts <= 2,
+        "{attempts} unroutable attempts in 6 s: retried at the transient pace"
+    );
+    fetcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_an_unroutable_message_needs_a_person_and_is_retried_slowly() {
+    an_unroutable_message_needs_a_person_and_is_retried_slowly(Proto::Imap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly() {
+    an_unroutable_message_needs_a_person_and_is_retried_slowly(Proto::Pop3).await;
+}
+
+// ------------------------------------------------------------ open files
+
+/// Started with a low open-files soft limit, the fetcher raises it to the
+/// hard limit (each mail config holds a TLS connection).
+async fn the_open_files_limit_is_raised_at_start(proto: Proto) {
+    use rlimit::Resource;
+    let (_, hard) = Resource::NOFILE.get().expect("getrlimit");
+    let low = 256.min(hard);
+    Resource::NOFILE
+        .set(low, hard)
+        .expect("lower the soft limit");
+    let fx = Fx::new(proto, "nofile");
+    fx.plant_token().await;
+    let config = fx.config(&[fx.table("nf")]);
+    let fetcher = Running::start(
+        proto,
+        config,
+        options(Duration::from_millis(300), Duration::from_secs(2)),
+    );
+    until(
+        "the fetcher's heartbeat",
+        Duration::from_secs(30),
+        || async { fx.heartbeat().await.is_some() },
+    )
+    .await;
+    let (soft, _) = Resource::NOFILE.get().expect("getrlimit");
+    fetcher.stop().await;
+    assert_eq!(soft, hard, "the soft limit stayed at {soft} (hard {hard})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_the_open_files_limit_is_raised_at_start() {
+    the_open_files_limit_is_raised_at_start(Proto::Imap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_the_open_files_limit_is_raised_at_start() {
+    the_open_files_limit_is_raised_at_start(Proto::Pop3).await;
+}
