@@ -242,7 +242,12 @@ impl InProcess {
     /// Starts it with `options`.
     pub fn start_with(config: Config, options: pop_fetcher::Options) -> Self {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(pop_fetcher::run(config, options, shutdown.clone()));
+        let task = tokio::spawn(common::fetch::run(
+            pop_fetcher::Pop3,
+            config,
+            options,
+            shutdown.clone(),
+        ));
         Self {
             shutdown,
             task: Some(task),

@@ -193,8 +193,8 @@ impl Running {
         let shutdown = CancellationToken::new();
         let s = shutdown.clone();
         let task = match proto {
-            Proto::Imap => tokio::spawn(imap_fetcher::run(config, options, s)),
-            Proto::Pop3 => tokio::spawn(pop_fetcher::run(config, options, s)),
+            Proto::Imap => tokio::spawn(common::fetch::run(imap_fetcher::Imap, config, options, s)),
+            Proto::Pop3 => tokio::spawn(common::fetch::run(pop_fetcher::Pop3, config, options, s)),
         };
         Self { shutdown, task }
     }
@@ -223,13 +223,13 @@ fn options(backoff_initial: Duration, backoff_max: Duration) -> common::fetch::O
 }
 
 /// Waits for `check` to hold, up to `timeout`.
-async fn until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+async fn until<F, Fut>(what: &str, timeout: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     assert!(
-        imap_support::eventually(timeout, || check()).await,
+        imap_support::eventually(timeout, check).await,
         "timed out after {timeout:?} waiting for {what}"
     );
 }

@@ -25,7 +25,7 @@ fn start(config: common::Config, options: Options) -> (CancellationToken, JoinHa
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
-        imap_fetcher::run(config, options, s)
+        common::fetch::run(imap_fetcher::Imap, config, options, s)
             .await
             .expect("fetcher run");
     });

@@ -27,7 +27,7 @@ fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
-        imap_fetcher::run(config, options(), s)
+        common::fetch::run(imap_fetcher::Imap, config, options(), s)
             .await
             .expect("fetcher run");
     });

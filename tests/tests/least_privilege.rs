@@ -360,7 +360,8 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
         &restricted(&toml, &env, &users, Role::ImapFetcher),
         Component::ImapFetcher,
     );
-    let fetch = tokio::spawn(imap_fetcher::run(
+    let fetch = tokio::spawn(common::fetch::run(
+        imap_fetcher::Imap,
         fetcher,
         imap_fetcher::Options::default(),
         shutdown.clone(),

@@ -7,7 +7,9 @@
 //! the folder ([`handover`]) — new UIDs above the checkpoint
 //! ([`checkpoint`]), fetched with `BODY.PEEK[]`, published with confirms,
 //! flagged only after the confirm ([`after_fetch`]), then checkpointed —
-//! and waits with IDLE or polling. See docs/imap-fetcher.md.
+//! and waits with IDLE or polling. Run it with
+//! `common::fetch::run(Imap, config, options, shutdown)`. See
+//! docs/imap-fetcher.md.
 
 pub mod after_fetch;
 pub mod checkpoint;
@@ -19,8 +21,6 @@ pub mod worker;
 
 use common::config::Protocol as MailProtocol;
 use common::fetch::{self, Mailbox};
-use common::shutdown::CancellationToken;
-use common::{Component, Config};
 
 pub use common::fetch::Options;
 
@@ -31,21 +31,7 @@ pub struct Imap;
 impl fetch::Protocol for Imap {
     type Error = error::Error;
     const PROTOCOL: MailProtocol = MailProtocol::Imap;
-    const COMPONENT: Component = Component::ImapFetcher;
-
     async fn session(&self, mailbox: &Mailbox) -> error::Result<()> {
         worker::Worker { mb: mailbox }.session().await
     }
-}
-
-/// Runs until `shutdown` is cancelled: connects, takes leases, fetches;
-/// then finishes in-flight batches, releases the leases and returns.
-/// `options` come from the binary's environment (`MAILAGENT_IMAP_*`,
-/// [`Options::from_env`]).
-pub async fn run(
-    config: Config,
-    options: Options,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    Ok(fetch::run(Imap, config, options, shutdown).await?)
 }

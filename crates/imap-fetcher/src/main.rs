@@ -21,9 +21,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     cli::run_service(Component::ImapFetcher, |shutdown| {
-        imap_fetcher::run(
+        common::fetch::run(
+            imap_fetcher::Imap,
             config,
-            imap_fetcher::Options::from_env("MAILAGENT_IMAP"),
+            common::fetch::Options::from_env("MAILAGENT_IMAP"),
             shutdown,
         )
     })

@@ -21,9 +21,10 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     cli::run_service(Component::PopFetcher, |shutdown| {
-        pop_fetcher::run(
+        common::fetch::run(
+            pop_fetcher::Pop3,
             config,
-            pop_fetcher::Options::from_env("MAILAGENT_POP3"),
+            common::fetch::Options::from_env("MAILAGENT_POP3"),
             shutdown,
         )
     })

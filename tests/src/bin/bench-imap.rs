@@ -73,7 +73,8 @@ async fn measure_fetcher(
     let key = fx.keys().checkpoint("bench-r");
     let shutdown = common::shutdown::CancellationToken::new();
     let started = Instant::now();
-    let task = tokio::spawn(imap_fetcher::run(
+    let task = tokio::spawn(common::fetch::run(
+        imap_fetcher::Imap,
         config,
         imap_fetcher::Options::default(),
         shutdown.clone(),
@@ -141,7 +142,8 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
         )
         .await?;
     let shutdown = common::shutdown::CancellationToken::new();
-    let task = tokio::spawn(imap_fetcher::run(
+    let task = tokio::spawn(common::fetch::run(
+        imap_fetcher::Imap,
         config,
         imap_fetcher::Options::default(),
         shutdown.clone(),

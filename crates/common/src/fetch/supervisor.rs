@@ -33,11 +33,9 @@ pub trait Protocol: Send + Sync + 'static {
     /// The protocol's errors, wrapping the shared [`super::FetchError`].
     type Error: Failure;
 
-    /// The mail configs this fetcher serves (`imap`/`imaps` or `pop3`/`pop3s`).
+    /// The mail configs this fetcher serves (`imap`/`imaps` or
+    /// `pop3`/`pop3s`); it also names the fetcher's component.
     const PROTOCOL: MailProtocol;
-
-    /// The component name of heartbeats and logs.
-    const COMPONENT: Component;
 
     /// One session on `mailbox`: log in, hand over what is new, and return
     /// `Ok` when done — the next session starts after `poll-interval` —
@@ -51,20 +49,29 @@ pub trait Protocol: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'a;
 }
 
+/// The component (heartbeat and log name) of a fetcher of `protocol`.
+pub fn component(protocol: MailProtocol) -> Component {
+    match protocol {
+        MailProtocol::Imap => Component::ImapFetcher,
+        MailProtocol::Pop3 => Component::PopFetcher,
+    }
+}
+
 /// Runs a fetcher of `protocol` until `shutdown` is cancelled: connects,
 /// takes leases, fetches; then finishes in-flight batches, releases the
-/// leases and returns.
+/// leases and returns. The binary reads `options` from its environment
+/// ([`Options::from_env`]); tests build them.
 pub async fn run<P: Protocol>(
     protocol: P,
     config: Config,
     options: Options,
     shutdown: CancellationToken,
-) -> crate::Result<()> {
-    let component = P::COMPONENT;
+) -> anyhow::Result<()> {
+    let component = component(P::PROTOCOL);
     let service = match service::start(&config, component, &shutdown).await {
         Ok(s) => s,
         Err(StartError::Cancelled) => return Ok(()),
-        Err(StartError::Fatal(e)) => return Err(e),
+        Err(StartError::Fatal(e)) => return Err(e.into()),
     };
     let names: Vec<String> = config
         .incoming_mail
