@@ -40,6 +40,18 @@ pub fn load(args: &ConfigArgs, component: Component) -> Result<Config, ExitCode>
     }
 }
 
+/// The multi-threaded runtime every binary runs on; when it cannot start,
+/// says so on stderr and gives the exit status (1).
+pub fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 /// Runs a service: a multi-threaded runtime, telemetry for `component`, a
 /// shutdown token cancelled on SIGTERM/SIGINT, and `run`'s result mapped to
 /// an exit status (0 on a clean stop, 1 on a fatal error).
@@ -49,15 +61,9 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async move {
         let _telemetry = crate::telemetry::init(component.name());

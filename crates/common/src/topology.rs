@@ -7,9 +7,11 @@
 //! - exchange and queue `<prefix>.dead` (fanout, durable): rejected and
 //!   poison messages, each with an `x-reason` header.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{Action, AmqpConfig, QueueType};
 
@@ -154,6 +156,16 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::E
         )
         .await?;
     Ok(q.message_count())
+}
+
+/// Opens a channel on `conn` in publisher-confirm mode: every publish that
+/// must not be lost (hand-over, dead letters) goes through one.
+pub async fn confirming_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 #[cfg(test)]

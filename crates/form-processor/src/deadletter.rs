@@ -3,7 +3,7 @@
 //! mode; only a confirmed publish lets the original be acked.
 
 use common::envelope::headers::REASON;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -30,10 +30,7 @@ pub struct DeadLetters {
 impl DeadLetters {
     /// Opens a channel in confirm mode on `conn`.
     pub async fn open(conn: &Connection, exchange: &str) -> Result<Self, lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = common::topology::confirming_channel(conn).await?;
         Ok(Self {
             channel,
             exchange: exchange.to_string(),

@@ -88,26 +88,17 @@ pub async fn run_with(
     };
     tracing::info!(store = %store_url, "record store open");
 
-    let common::service::Service {
-        instance,
-        keys,
-        redis,
-        amqp,
-        topology,
-        admin,
-        admin_server,
-        heartbeat,
-    } = service;
+    let mut conn = service.amqp;
     let session = Session {
         config: &config,
-        topology: &topology,
+        topology: &service.topology,
         store: &store,
-        redis: &redis,
-        keys: &keys,
+        redis: &service.redis,
+        keys: &service.keys,
         metrics: &metrics,
-        heartbeat: &heartbeat,
-        admin: &admin,
-        instance: &instance,
+        heartbeat: &service.heartbeat,
+        admin: &service.admin,
+        instance: &service.instance,
         hooks: &hooks,
         shutdown: &shutdown,
     };
@@ -115,7 +106,6 @@ pub async fn run_with(
     // RabbitMQ restart, a network cut) ends the session: its in-flight
     // messages go back to the queue, and a new connection is made with
     // backoff, as at start; only shutdown ends the loop.
-    let mut conn = amqp;
     let mut outcome;
     // Between sessions, so that a session that fails at once (a consumer
     // refused, say) does not spin; reset after a session that lasted.
@@ -136,7 +126,9 @@ pub async fn run_with(
         let lost = format!("{lost:#}");
         tracing::warn!(error = %lost, retry_in_ms = wait.as_millis() as u64, "lost the RabbitMQ session; reconnecting");
         // `mailagent status` shows it until the next session starts.
-        heartbeat.update(|s| s.last_error = Some(format!("RabbitMQ session lost: {lost}")));
+        service
+            .heartbeat
+            .update(|s| s.last_error = Some(format!("RabbitMQ session lost: {lost}")));
         tokio::select! {
             _ = shutdown.cancelled() => {
                 outcome = Ok(());
@@ -144,7 +136,7 @@ pub async fn run_with(
             }
             _ = tokio::time::sleep(wait) => {}
         }
-        let name = format!("{}:{instance}", Component::FormProcessor.name());
+        let name = format!("{}:{}", Component::FormProcessor.name(), service.instance);
         conn = match service::retry_transient("reconnect to RabbitMQ", &shutdown, || async {
             let conn = common::connect::amqp(&config, &name).await?;
             service::declare_topology(&conn, &config).await?;
@@ -163,12 +155,12 @@ pub async fn run_with(
             }
         };
         tracing::info!("reconnected to RabbitMQ");
-        heartbeat.update(|s| s.last_error = None);
+        service.heartbeat.update(|s| s.last_error = None);
     }
 
     store.close().await;
     shutdown.cancel();
-    let _ = admin_server.task.await;
+    let _ = service.admin_server.task.await;
     outcome
 }
 

@@ -2,7 +2,7 @@
 //! shared ones of the fetch kit ([`common::fetch::FetchError`]), classified
 //! through [`Failure`].
 
-use common::fetch::{Failure, FetchError};
+use common::fetch::{Class, Failure, FetchError};
 
 /// Why a mailbox session failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +52,17 @@ pub enum Error {
 }
 
 impl Failure for Error {
-    fn shared(&self) -> Option<&FetchError> {
-        match self {
-            Self::Fetch(e) => Some(e),
-            _ => None,
-        }
-    }
-
-    fn protocol_kind(&self) -> &'static str {
-        match self {
+    fn class(&self) -> Class<'_> {
+        let kind = match self {
+            Self::Fetch(e) => return Class::Shared(e),
             Self::Connect { .. } => "connect",
             Self::Imap { .. } => "imap",
-            Self::Unsupported(_) => "unsupported",
             Self::AuthFailed { .. } => "auth",
+            Self::Unsupported(_) => "unsupported",
             Self::Folder(..) => "folder",
-            Self::Fetch(e) => e.kind(),
-        }
-    }
-
-    fn protocol_needs_human(&self) -> bool {
-        matches!(self, Self::Unsupported(_) | Self::Folder(..))
+        };
+        let needs_human = matches!(self, Self::Unsupported(_) | Self::Folder(..));
+        Class::Own { kind, needs_human }
     }
 }
 
@@ -79,12 +70,6 @@ impl Error {
     /// True when the server refused the credentials: ask for a fresh token.
     pub fn is_auth(&self) -> bool {
         matches!(self, Self::AuthFailed { .. })
-    }
-}
-
-impl From<common::fetch::publish::PublishError> for Error {
-    fn from(e: common::fetch::publish::PublishError) -> Self {
-        Self::Fetch(e.into())
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use common::config::{AfterFetch, StartFrom};
 use common::envelope::MessageRef;
 use common::fetch::publish::{Confirmed, Publisher};
+use common::fetch::FetchError;
 use futures::StreamExt;
 
 use crate::after_fetch::uid_set;
@@ -239,7 +240,7 @@ impl Worker<'_> {
                     .publish(&envelope, (uid, body.len()), &mut confirmed)
                     .await
                 {
-                    failure = Some(e.into());
+                    failure = Some(FetchError::from(e).into());
                     break;
                 }
                 tracing::debug!(config = %name, uid, bytes = body.len(), "published message");
@@ -261,7 +262,7 @@ impl Worker<'_> {
         let uids: Vec<u32> = confirmed.iter().map(|c| c.tag.0).collect();
         self.after_fetch(session, &uids, &cfg.after_fetch, caps)
             .await?;
-        flushed?;
+        flushed.map_err(FetchError::from)?;
         // Advance the checkpoint over the longest prefix of the chunk that is
         // fully handed over (confirmed, oversized, or gone from the server).
         let handled: HashSet<u32> = uids.iter().chain(oversized.iter()).copied().collect();

@@ -2,8 +2,7 @@
 //! shared ones of the fetch kit ([`common::fetch::FetchError`]), classified
 //! through [`Failure`].
 
-use common::fetch::publish::PublishError;
-use common::fetch::{Failure, FetchError};
+use common::fetch::{Class, Failure, FetchError};
 
 /// Why a POP3 session (or one step of it) failed. Messages never contain a
 /// token or a password.
@@ -95,45 +94,21 @@ pub enum Error {
     Fetch(#[from] FetchError),
 }
 
+/// A refused password needs a person, as on IMAP; a refused token is
+/// retried (the broker may replace it).
 impl Failure for Error {
-    fn shared(&self) -> Option<&FetchError> {
-        match self {
-            Self::Fetch(e) => Some(e),
-            _ => None,
-        }
-    }
-
-    fn protocol_kind(&self) -> &'static str {
-        match self {
-            Self::Connect { .. } => "connect",
-            Self::Io { .. } | Self::Timeout { .. } => "io",
-            Self::Protocol { .. } | Self::Refused { .. } | Self::ProtocolClosed { .. } => "pop3",
-            Self::Unsupported(_) => "unsupported",
-            Self::AuthFailed { .. } => "auth",
-            Self::Setup(_) => "setup",
-            Self::Fetch(e) => e.kind(),
-        }
-    }
-
-    /// A refused password needs a person, as on IMAP; a refused token is
-    /// retried (the broker may replace it).
-    fn protocol_needs_human(&self) -> bool {
-        matches!(
-            self,
-            Self::Unsupported(_)
-                | Self::Setup(_)
-                | Self::ProtocolClosed { .. }
-                | Self::AuthFailed {
-                    mechanism: "USER/PASS",
-                    ..
-                }
-        )
-    }
-}
-
-impl From<PublishError> for Error {
-    fn from(e: PublishError) -> Self {
-        Self::Fetch(e.into())
+    fn class(&self) -> Class<'_> {
+        let (kind, needs_human) = match self {
+            Self::Fetch(e) => return Class::Shared(e),
+            Self::Connect { .. } => ("connect", false),
+            Self::Io { .. } | Self::Timeout { .. } => ("io", false),
+            Self::Protocol { .. } | Self::Refused { .. } => ("pop3", false),
+            Self::ProtocolClosed { .. } => ("pop3", true),
+            Self::AuthFailed { mechanism, .. } => ("auth", *mechanism == "USER/PASS"),
+            Self::Unsupported(_) => ("unsupported", true),
+            Self::Setup(_) => ("setup", true),
+        };
+        Class::Own { kind, needs_human }
     }
 }
 

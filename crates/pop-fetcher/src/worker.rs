@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use common::config::{AfterFetch, MailAuth};
 use common::envelope::MessageRef;
-use common::fetch::publish::{Confirmed, Publisher};
+use common::fetch::publish::{Confirmed, PublishError, Publisher};
 use common::fetch::{FetchError, Mailbox};
 use common::heartbeat::now_secs;
 use redis::AsyncCommands;
@@ -186,7 +186,7 @@ impl Worker<'_> {
         let batch = self.mb.cfg.batch_size.max(1) as usize;
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
         let mut total = 0;
-        let mut failure: Option<Error> = None;
+        let mut failure: Option<PublishError> = None;
         for chunk in fetch.chunks(batch) {
             if self.mb.stopping() {
                 tracing::info!(config = %self.mb.cfg.name, "stopping after the batch in flight");
@@ -219,7 +219,7 @@ impl Worker<'_> {
                     .publish(&envelope, (msg, listed.uidl.clone(), len), &mut confirmed)
                     .await
                 {
-                    failure = Some(e.into());
+                    failure = Some(e);
                     break;
                 }
             }
@@ -230,7 +230,7 @@ impl Worker<'_> {
         }
         if failure.is_none() {
             if let Err(e) = publisher.flush(&mut confirmed).await {
-                failure = Some(e.into());
+                failure = Some(e);
             }
         }
         total += self.settle(s, set, &mut confirmed, deleted).await?;
@@ -238,7 +238,7 @@ impl Worker<'_> {
             let abandoned = publisher.abandon();
             tracing::warn!(config = %self.mb.cfg.name, abandoned, error = %e, "publishing failed; unconfirmed messages stay on the server");
             s.quit().await?;
-            return Err(e);
+            return Err(FetchError::from(e).into());
         }
         Ok(total)
     }

@@ -93,39 +93,45 @@ async fn connect(addr: std::net::SocketAddr) -> async_pop::Client<TcpStream> {
         .expect("greeting")
 }
 
+/// Logs in with `authenticator` against a scripted server; returns the
+/// outcome (the error as text) and the lines the client sent.
+async fn log_in(
+    script: Script,
+    authenticator: impl Authenticator + Sync,
+) -> (Result<(), String>, Vec<String>) {
+    let (addr, seen) = scripted(script).await;
+    let mut client = connect(addr).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), client.auth(authenticator))
+        .await
+        .expect("answer in time")
+        .map(drop)
+        .map_err(|e| e.to_string());
+    let sent = seen.lock().unwrap().clone();
+    (outcome, sent)
+}
+
 /// Defect 1: the built-in XOAUTH2 authenticator puts the payload on the
 /// `AUTH` line (the SASL initial-response form), which Exchange Online
 /// answers with `-ERR Protocol error. Connection is closed. 10`.
 #[tokio::test]
 #[ignore = "fails on async-pop 1.1.3: one-line AUTH XOAUTH2 (see docs/architecture.md)"]
 async fn builtin_xoauth2_uses_the_two_step_form_exchange_requires() {
-    let (addr, seen) = scripted(Box::new(exchange_like)).await;
-    let mut client = connect(addr).await;
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.auth(OAuth2Authenticator::new("box@example.com", "tok")),
+    let (outcome, sent) = log_in(
+        Box::new(exchange_like),
+        OAuth2Authenticator::new("box@example.com", "tok"),
     )
-    .await
-    .expect("answer in time");
-    assert!(
-        outcome.is_ok(),
-        "login failed: {outcome:?}; sent {:?}",
-        seen.lock().unwrap()
-    );
+    .await;
+    assert!(outcome.is_ok(), "login failed: {outcome:?}; sent {sent:?}");
 }
 
 #[tokio::test]
 async fn observed_builtin_xoauth2_sends_the_payload_on_the_auth_line() {
-    let (addr, seen) = scripted(Box::new(exchange_like)).await;
-    let mut client = connect(addr).await;
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(5),
-        client.auth(OAuth2Authenticator::new("box@example.com", "tok")),
+    let (outcome, sent) = log_in(
+        Box::new(exchange_like),
+        OAuth2Authenticator::new("box@example.com", "tok"),
     )
-    .await
-    .expect("answer in time");
+    .await;
     assert!(outcome.is_err());
-    let sent = seen.lock().unwrap().clone();
     assert!(
         sent.contains(&format!("AUTH XOAUTH2 {PAYLOAD}")),
         "async-pop 1.1.3 sent the one-line form; now it sent {sent:?}: re-evaluate"
@@ -179,29 +185,21 @@ fn refusing(line: &str) -> Reply {
 #[tokio::test]
 #[ignore = "fails on async-pop 1.1.3: the error challenge cannot be answered (see docs/architecture.md)"]
 async fn custom_authenticator_answers_the_error_challenge() {
-    let (addr, seen) = scripted(Box::new(refusing)).await;
-    let mut client = connect(addr).await;
-    let outcome = tokio::time::timeout(Duration::from_secs(5), client.auth(TwoStep))
-        .await
-        .expect("answer in time");
+    let (outcome, sent) = log_in(Box::new(refusing), TwoStep).await;
     let err = outcome.expect_err("the token was refused");
     assert!(
-        seen.lock().unwrap().iter().any(String::is_empty),
+        sent.iter().any(String::is_empty),
         "the error challenge was not answered with an empty line"
     );
-    assert!(err.to_string().contains("Authentication failed"), "{err}");
+    assert!(err.contains("Authentication failed"), "{err}");
 }
 
 #[tokio::test]
 async fn observed_custom_authenticator_leaves_the_error_challenge_unanswered() {
-    let (addr, seen) = scripted(Box::new(refusing)).await;
-    let mut client = connect(addr).await;
-    let outcome = tokio::time::timeout(Duration::from_secs(5), client.auth(TwoStep))
-        .await
-        .expect("answer in time");
+    let (outcome, sent) = log_in(Box::new(refusing), TwoStep).await;
     assert!(outcome.is_err());
     assert!(
-        !seen.lock().unwrap().iter().any(String::is_empty),
+        !sent.iter().any(String::is_empty),
         "async-pop 1.1.3 never answered the challenge; now it did: re-evaluate"
     );
     // And the two-step form itself works when the token is good.

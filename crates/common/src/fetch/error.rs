@@ -79,47 +79,52 @@ impl FetchError {
     }
 }
 
-/// What the kit asks of a protocol's error: which shared class it is, if
-/// any, and how to classify the protocol's own variants.
+/// The class of a failure, as the kit reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum Class<'a> {
+    /// A failure every fetcher shares: classified by the shared rule.
+    Shared(&'a FetchError),
+    /// A failure of the protocol itself.
+    Own {
+        /// The label for the `errors` metric and logs.
+        kind: &'static str,
+        /// Whether nothing changes until a person acts.
+        needs_human: bool,
+    },
+}
+
+/// What the kit asks of a protocol's error: its [`Class`]. Everything else
+/// (the metric label, the retry schedule, stopping on a lost lease) follows
+/// from the class, the same way for every protocol.
 pub trait Failure: std::error::Error + From<FetchError> + Send + Sync + 'static {
-    /// The shared failure this error is, if it is one.
-    fn shared(&self) -> Option<&FetchError>;
-
-    /// The metric label of a protocol-own failure.
-    fn protocol_kind(&self) -> &'static str;
-
-    /// Whether a protocol-own failure needs a person.
-    fn protocol_needs_human(&self) -> bool;
+    /// Which class this failure is.
+    fn class(&self) -> Class<'_>;
 
     /// A short label for the `errors` metric and logs.
     fn kind(&self) -> &'static str {
-        self.shared()
-            .map_or_else(|| self.protocol_kind(), FetchError::kind)
+        match self.class() {
+            Class::Shared(e) => e.kind(),
+            Class::Own { kind, .. } => kind,
+        }
     }
 
     /// True when a person must act; retried on the slow schedule.
     fn needs_human(&self) -> bool {
-        self.shared()
-            .map_or_else(|| self.protocol_needs_human(), FetchError::needs_human)
+        match self.class() {
+            Class::Shared(e) => e.needs_human(),
+            Class::Own { needs_human, .. } => needs_human,
+        }
     }
 
     /// True when the lease was lost: the worker stops without retrying.
     fn lease_lost(&self) -> bool {
-        matches!(self.shared(), Some(FetchError::LeaseLost(_)))
+        matches!(self.class(), Class::Shared(FetchError::LeaseLost(_)))
     }
 }
 
 impl Failure for FetchError {
-    fn shared(&self) -> Option<&FetchError> {
-        Some(self)
-    }
-
-    fn protocol_kind(&self) -> &'static str {
-        self.kind()
-    }
-
-    fn protocol_needs_human(&self) -> bool {
-        self.needs_human()
+    fn class(&self) -> Class<'_> {
+        Class::Shared(self)
     }
 }
 

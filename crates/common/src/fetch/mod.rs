@@ -32,7 +32,7 @@ pub mod supervisor;
 pub mod worker;
 pub mod xoauth2;
 
-pub use error::{Failure, FetchError};
+pub use error::{Class, Failure, FetchError};
 pub use options::Options;
 pub use supervisor::{run, Protocol};
 pub use worker::{Kit, Mailbox};

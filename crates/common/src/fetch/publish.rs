@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::publisher_confirm::{Confirmation, PublisherConfirm};
 use lapin::{Channel, Connection};
 
@@ -163,10 +163,7 @@ impl<T> Publisher<T> {
         exchange: &str,
         window: usize,
     ) -> Result<Self, PublishError> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = crate::topology::confirming_channel(conn).await?;
         Ok(Self {
             channel,
             exchange: exchange.to_string(),
