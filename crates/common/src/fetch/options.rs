@@ -18,8 +18,8 @@ pub struct Options {
     /// How long to wait for the token broker to replace a refused token,
     /// `<PREFIX>_TOKEN_WAIT_MS`.
     pub token_wait: Duration,
-    /// Time allowed for one server answer, where the protocol times single
-    /// reads, `<PREFIX>_READ_TIMEOUT` in seconds.
+    /// Time allowed for one server answer where the protocol times single
+    /// reads (POP3 so far), `<PREFIX>_READ_TIMEOUT` in seconds.
     pub read_timeout: Duration,
 }
 
