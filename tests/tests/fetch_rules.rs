@@ -7,7 +7,9 @@
 //!   a graceful stop does not wait for its replacement;
 //! - one "needs a person" rule: a message RabbitMQ cannot route is a
 //!   topology problem, retried on the slow schedule, not hammered;
-//! - the open-files limit is raised at start.
+//! - the open-files limit is raised at start;
+//! - a message the broker refuses for its size is left in the mailbox as
+//!   oversized, and the mail after it is handed over (issue 12).
 
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,24 @@ impl Fx {
             ),
         };
         mailagent_tests::imap_support::seed_maildir(self.env(), mailbox, &messages);
+    }
+
+    /// Seeds these messages into the fixture's mailbox.
+    fn seed_messages(&self, messages: &[Vec<u8>]) {
+        let mailbox = match self {
+            Self::Imap(f) => &f.mailbox,
+            Self::Pop3(f) => &f.mailbox,
+        };
+        mailagent_tests::imap_support::seed_maildir(self.env(), mailbox, messages);
+    }
+
+    /// The fixture's mailbox with each protocol's default after-fetch
+    /// action (IMAP `mark-seen`, POP3 `delete`), as mail config `name`.
+    fn default_table(&self, name: &str) -> String {
+        match self {
+            Self::Imap(f) => f.mail_table(name, &f.mailbox, ""),
+            Self::Pop3(f) => f.mail_table(name, "POP3S", ""),
+        }
     }
 
     /// The fixture's mailbox on Dovecot, as mail config `name`.
@@ -460,4 +480,108 @@ async fn imap_the_open_files_limit_is_raised_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pop3_the_open_files_limit_is_raised_at_start() {
     the_open_files_limit_is_raised_at_start(Proto::Pop3).await;
+}
+
+// ------------------------------------------------------- broker size limit
+
+/// RabbitMQ refuses a message over its `max_message_size` with 406 and
+/// closes the channel. A private node with a 1 MiB limit gets ten small
+/// mails with a 2 MiB one between them: every small one is published (at
+/// most a handful twice, those whose confirms the closed channel lost), the
+/// big one stays in the mailbox (IMAP: unseen; POP3: not deleted) and is
+/// recorded as oversized, and the fetcher keeps going: a mail that arrives
+/// later is published too.
+async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(proto: Proto) {
+    use redis::AsyncCommands;
+    let rabbit = mailagent_tests::private_rabbit::PrivateRabbit::start().await;
+    let limit = rabbit
+        .ctl(&[
+            "eval",
+            "application:set_env(rabbit, max_message_size, 1048576).",
+        ])
+        .await;
+    assert!(limit.is_some(), "cannot set max_message_size");
+    let fx = Fx::new(proto, "toolarge");
+    fx.plant_token().await;
+    let tag = format!("{}big", fx.prefix());
+    let small = |i: usize| imap_support::message(&tag, i, 2_000);
+    let mut messages: Vec<Vec<u8>> = (0..5).map(small).collect();
+    messages.push(imap_support::message(&tag, 99, 2 * 1024 * 1024));
+    messages.extend((5..10).map(small));
+    fx.seed_messages(&messages);
+    let mut config = fx.config(&[fx.default_table("big")]);
+    config.amqp.url = common::secret::SecretUrl::new(rabbit.url.clone());
+    let conn = lapin::Connection::connect(&rabbit.url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    common::topology::declare(&channel, &config.amqp, false)
+        .await
+        .expect("declare");
+    let queue = common::topology::Topology::new(&config.amqp.prefix).create_queue;
+    let fetcher = Running::start(
+        proto,
+        config,
+        options(Duration::from_millis(300), Duration::from_secs(2)),
+    );
+
+    let wanted: std::collections::BTreeSet<Vec<u8>> = (0..10).map(small).collect();
+    let mut got = imap_support::drain(&channel, &queue, 10, Duration::from_secs(60)).await;
+    got.extend(imap_support::drain(&channel, &queue, 100, Duration::from_secs(3)).await);
+    let bodies: std::collections::BTreeSet<Vec<u8>> = got.iter().map(|e| e.body.clone()).collect();
+    assert!(
+        bodies == wanted,
+        "{} of 10 small mails published ({} publishes)",
+        bodies.intersection(&wanted).count(),
+        got.len()
+    );
+    assert!(
+        got.len() <= 10 + 5,
+        "{} publishes for 10 mails: more than a handful republished",
+        got.len()
+    );
+    let mut redis = fx.redis().await;
+    let recorded: Vec<String> = redis
+        .hkeys(fx.keys().oversized("big"))
+        .await
+        .expect("hkeys");
+    assert_eq!(
+        recorded.len(),
+        1,
+        "the refused mail is recorded as oversized"
+    );
+    match &fx {
+        Fx::Imap(f) => {
+            let flags = imap_support::flags(&f.env, &f.mailbox, "INBOX").await;
+            let unseen: Vec<_> = flags.values().filter(|v| !v.contains("\\Seen")).collect();
+            assert_eq!(unseen.len(), 1, "only the big mail stays unseen: {flags:?}");
+        }
+        Fx::Pop3(f) => {
+            until(
+                "the small mails deleted",
+                Duration::from_secs(20),
+                || async { f.maildrop_len() == 1 },
+            )
+            .await;
+        }
+    }
+    // The mailbox is not stuck: a later mail comes through.
+    let later = imap_support::message(&tag, 100, 2_000);
+    fx.seed_messages(std::slice::from_ref(&later));
+    let next = imap_support::drain(&channel, &queue, 1, Duration::from_secs(30)).await;
+    assert!(
+        next.iter().any(|e| e.body == later),
+        "the mail after the refused one was not published"
+    );
+    fetcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imap_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on() {
+    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(Proto::Imap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pop3_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on() {
+    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(Proto::Pop3).await;
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use common::config::{AfterFetch, StartFrom};
 use common::envelope::MessageRef;
-use common::fetch::publish::{Confirmed, Publisher};
+use common::fetch::publish::{Confirmed, PublishError, Publisher};
 use common::fetch::FetchError;
 use futures::StreamExt;
 
@@ -22,6 +22,17 @@ use crate::worker::{Caps, Worker};
 
 /// A published message's tag: its UID and size.
 type Tag = (u32, usize);
+
+/// How a batch ended.
+enum Batch {
+    /// Every message handed over (or left as oversized).
+    Done,
+    /// A graceful stop cut it short.
+    Stopped,
+    /// The broker refused a message for its size and closed the channel:
+    /// these UIDs still need a publisher.
+    Reopen(Vec<u32>),
+}
 
 impl Worker<'_> {
     /// Hands over everything new, per the checkpoint rules.
@@ -138,20 +149,29 @@ impl Worker<'_> {
         let mut publisher: Publisher<Tag> = self.mb.publisher().await?;
         let batch = self.mb.cfg.batch_size.max(1) as usize;
         let mut complete = true;
-        for chunk in uids.chunks(batch) {
-            if self.mb.stopping() {
-                complete = false;
-                break;
-            }
-            match self.batch(session, &mut publisher, chunk, cp, caps).await {
-                Ok(true) => {}
-                Ok(false) => {
+        'chunks: for chunk in uids.chunks(batch) {
+            let mut todo = chunk.to_vec();
+            while !todo.is_empty() {
+                if self.mb.stopping() {
                     complete = false;
-                    break;
+                    break 'chunks;
                 }
-                Err(e) => {
-                    publisher.abandon();
-                    return Err(e);
+                match self.batch(session, &mut publisher, &todo, cp, caps).await {
+                    Ok(Batch::Done) => break,
+                    Ok(Batch::Stopped) => {
+                        complete = false;
+                        break 'chunks;
+                    }
+                    Ok(Batch::Reopen(rest)) => {
+                        // The broker closed the channel on a message too
+                        // large: a new one for the rest of the chunk.
+                        publisher = self.mb.publisher().await?;
+                        todo = rest;
+                    }
+                    Err(e) => {
+                        publisher.abandon();
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -175,8 +195,8 @@ impl Worker<'_> {
         Ok(sizes)
     }
 
-    /// One batch. Returns false when a graceful stop cut it short (what was
-    /// published is confirmed, flagged and checkpointed first).
+    /// One batch: what was published is confirmed, flagged and checkpointed
+    /// before it returns, also when a graceful stop cut it short.
     async fn batch(
         &self,
         session: &mut ImapSession,
@@ -184,7 +204,7 @@ impl Worker<'_> {
         chunk: &[u32],
         cp: &mut Checkpoint,
         caps: Caps,
-    ) -> Result<bool> {
+    ) -> Result<Batch> {
         let (mb, cfg) = (self.mb, &self.mb.cfg);
         let name = &cfg.name;
         let started = Instant::now();
@@ -207,6 +227,9 @@ impl Worker<'_> {
         }
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
         let mut stopped = false;
+        // A message the broker refused for its size closes the channel: the
+        // batch stops publishing there and goes on with a new publisher.
+        let mut too_large: Option<PublishError> = None;
         if !wanted.is_empty() {
             let mut stream = session
                 .uid_fetch(uid_set(&wanted), "(UID BODY.PEEK[])")
@@ -221,7 +244,7 @@ impl Worker<'_> {
                         break;
                     }
                 };
-                if stopped || failure.is_some() {
+                if stopped || failure.is_some() || too_large.is_some() {
                     continue; // drain the response so the session stays usable
                 }
                 if mb.stopping() {
@@ -236,12 +259,16 @@ impl Worker<'_> {
                     uidvalidity: cp.uidvalidity,
                 };
                 let envelope = mb.envelope(message_ref, body.to_vec());
-                if let Err(e) = publisher
+                match publisher
                     .publish(&envelope, (uid, body.len()), &mut confirmed)
                     .await
                 {
-                    failure = Some(FetchError::from(e).into());
-                    break;
+                    Ok(()) => {}
+                    Err(e @ PublishError::TooLarge { .. }) => too_large = Some(e),
+                    Err(e) => {
+                        failure = Some(FetchError::from(e).into());
+                        break;
+                    }
                 }
                 tracing::debug!(config = %name, uid, bytes = body.len(), "published message");
             }
@@ -257,8 +284,27 @@ impl Worker<'_> {
             .fetch_seconds
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
-        let flushed = publisher.flush(&mut confirmed).await;
+        let flushed = match too_large.take() {
+            Some(e) => Err(e),
+            None => publisher.flush(&mut confirmed).await,
+        };
         mb.count_confirmed(&confirmed, |t| t.1);
+        let mut oversized = oversized;
+        let mut reopen = false;
+        let flushed = match flushed {
+            Err(e @ PublishError::TooLarge { .. }) => {
+                if let Some((uid, bytes)) = publisher.take_refused() {
+                    tracing::warn!(config = %name, uid, error = %e, "RabbitMQ refused the message for its size");
+                    let sizes = HashMap::from([(uid, bytes as u32)]);
+                    self.oversized(session, &[uid], &sizes, cp.uidvalidity)
+                        .await?;
+                    oversized.push(uid);
+                }
+                reopen = true;
+                Ok(())
+            }
+            other => other,
+        };
         let uids: Vec<u32> = confirmed.iter().map(|c| c.tag.0).collect();
         self.after_fetch(session, &uids, &cfg.after_fetch, caps)
             .await?;
@@ -279,7 +325,15 @@ impl Worker<'_> {
             let mut redis = mb.kit.redis.clone();
             checkpoint::save(&mut redis, &mb.kit.keys, name, &mb.kit.instance, cp).await?;
         }
-        Ok(!stopped)
+        if reopen {
+            // What the closed channel did not confirm goes again.
+            let rest = wanted
+                .into_iter()
+                .filter(|u| !handled.contains(u))
+                .collect();
+            return Ok(Batch::Reopen(rest));
+        }
+        Ok(if stopped { Batch::Stopped } else { Batch::Done })
     }
 
     /// Records the oversized messages; they are left in place, or moved when

@@ -9,7 +9,7 @@
 //! RabbitMQ confirmed it, and a session cut anywhere before QUIT deletes
 //! nothing at all (RFC 1939 §6).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -174,7 +174,10 @@ impl Worker<'_> {
 
     /// RETR, publish and settle the planned messages, batch by batch. On an
     /// error what was confirmed is still settled (recorded, DELEd) and the
-    /// session is QUIT, so confirmed mail does not come back.
+    /// session is QUIT, so confirmed mail does not come back. A message the
+    /// broker refuses for its size is recorded as oversized (left on the
+    /// server) and the rest goes on with a new publisher; the few messages
+    /// whose confirms the closed channel lost are RETRieved again.
     async fn transfer(
         &self,
         s: &mut Session<Transport>,
@@ -187,11 +190,15 @@ impl Worker<'_> {
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
         let mut total = 0;
         let mut failure: Option<PublishError> = None;
-        for chunk in fetch.chunks(batch) {
+        let mut todo: VecDeque<&Listed> = fetch.iter().collect();
+        // Published and not yet settled, in publish order.
+        let mut unsettled: Vec<&Listed> = Vec::new();
+        while !todo.is_empty() {
             if self.mb.stopping() {
                 tracing::info!(config = %self.mb.cfg.name, "stopping after the batch in flight");
                 break;
             }
+            let chunk: Vec<&Listed> = todo.drain(..batch.min(todo.len())).collect();
             let wanted: Vec<(u32, u64)> = chunk.iter().map(|l| (l.msg, l.size)).collect();
             let bodies = match s.retr_many(&wanted).await {
                 Ok(b) => b,
@@ -202,7 +209,9 @@ impl Worker<'_> {
                     return Err(e);
                 }
             };
-            for ((msg, body), listed) in bodies.into_iter().zip(chunk) {
+            let mut too_large = None;
+            let mut next = chunk.len();
+            for (i, ((msg, body), listed)) in bodies.into_iter().zip(&chunk).enumerate() {
                 let body = match body {
                     Ok(b) => b,
                     Err(reply) => {
@@ -215,25 +224,59 @@ impl Worker<'_> {
                 };
                 let envelope = self.mb.envelope(message_ref, body);
                 let len = envelope.body.len();
-                if let Err(e) = publisher
+                let published = publisher
                     .publish(&envelope, (msg, listed.uidl.clone(), len), &mut confirmed)
-                    .await
-                {
-                    failure = Some(e);
-                    break;
+                    .await;
+                unsettled.push(listed);
+                match published {
+                    Ok(()) => {}
+                    Err(e @ PublishError::TooLarge { .. }) => {
+                        too_large = Some(e);
+                        next = i + 1;
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
             if failure.is_some() {
                 break;
             }
-            total += self.settle(s, set, &mut confirmed, deleted).await?;
+            if let Some(e) = too_large {
+                let refused = publisher.take_refused();
+                total += self
+                    .settle(s, set, &mut confirmed, deleted, &mut unsettled)
+                    .await?;
+                if let Some((msg, uidl, bytes)) = refused {
+                    tracing::warn!(config = %self.mb.cfg.name, msg, %uidl, error = %e, "RabbitMQ refused the message for its size");
+                    unsettled.retain(|l| l.msg != msg);
+                    let message_ref = MessageRef::Pop3 { uidl };
+                    self.mb.record_oversized(&message_ref, bytes as u64).await?;
+                }
+                // What the closed channel lost goes again, then the rest.
+                for l in chunk[next..].iter().rev() {
+                    todo.push_front(l);
+                }
+                for l in unsettled.drain(..).rev() {
+                    todo.push_front(l);
+                }
+                *publisher = self.mb.publisher().await?;
+                continue;
+            }
+            total += self
+                .settle(s, set, &mut confirmed, deleted, &mut unsettled)
+                .await?;
         }
         if failure.is_none() {
             if let Err(e) = publisher.flush(&mut confirmed).await {
                 failure = Some(e);
             }
         }
-        total += self.settle(s, set, &mut confirmed, deleted).await?;
+        total += self
+            .settle(s, set, &mut confirmed, deleted, &mut unsettled)
+            .await?;
         if let Some(e) = failure {
             let abandoned = publisher.abandon();
             tracing::warn!(config = %self.mb.cfg.name, abandoned, error = %e, "publishing failed; unconfirmed messages stay on the server");
@@ -243,17 +286,21 @@ impl Worker<'_> {
         Ok(total)
     }
 
-    /// For the confirmed messages: record their UIDLs, then DELE them.
+    /// For the confirmed messages: record their UIDLs, then DELE them; they
+    /// leave `unsettled`.
     async fn settle(
         &self,
         s: &mut Session<Transport>,
         set: &mut UidlSet,
         confirmed: &mut Vec<Confirmed<Tag>>,
         deleted: &mut Vec<String>,
+        unsettled: &mut Vec<&Listed>,
     ) -> Result<usize> {
         if confirmed.is_empty() {
             return Ok(0);
         }
+        let done: HashSet<u32> = confirmed.iter().map(|c| c.tag.0).collect();
+        unsettled.retain(|l| !done.contains(&l.msg));
         let n = confirmed.len();
         self.record(set, confirmed).await?;
         if self.mb.cfg.after_fetch == AfterFetch::Delete {

@@ -13,8 +13,15 @@
 //!   no confirm timeout, confirmations simply arrive once the alarm clears,
 //!   and nothing is ever republished while the connection lives. A warning is
 //!   logged every [`BLOCKED_WARN_EVERY`] while confirmations are overdue.
-//! - A channel or connection error fails every outstanding publish; the
-//!   caller reconnects and fetches again (a duplicate, never a loss).
+//! - A channel or connection error fails the outstanding publishes; what the
+//!   broker confirmed before it is still handed back, and the caller
+//!   reconnects and fetches the rest again (a duplicate, never a loss).
+//! - A message over the broker's size limit (`max_message_size`): RabbitMQ
+//!   closes the channel with 406 PRECONDITION_FAILED. That is
+//!   [`PublishError::TooLarge`], a per-message outcome: the caller takes the
+//!   refused message ([`Publisher::take_refused`]), records it as oversized,
+//!   and goes on with a new publisher; only the few publishes whose confirms
+//!   the closed channel lost are sent again.
 //!
 //! An [`AmqpLink`] is a replica's one AMQP connection, shared by its mailbox
 //! workers and reopened on demand when it has died (RabbitMQ restarted):
@@ -34,6 +41,9 @@ use crate::envelope::Envelope;
 /// How often a warning is logged while a confirmation is overdue.
 pub const BLOCKED_WARN_EVERY: Duration = Duration::from_secs(10);
 
+/// How long a confirm outstanding on a failed channel is waited for.
+const LOST_CONFIRM_WAIT: Duration = Duration::from_secs(5);
+
 /// Default number of outstanding (unconfirmed) publishes.
 pub const DEFAULT_WINDOW: usize = 256;
 
@@ -52,6 +62,17 @@ pub enum PublishError {
         /// The dedupe key of the refused message.
         dedupe_key: String,
     },
+    /// The broker refused a message for its size (406 PRECONDITION_FAILED,
+    /// RabbitMQ's `max_message_size`) and closed the channel.
+    #[error("RabbitMQ refused message {dedupe_key} of {bytes} bytes as too large: {detail}")]
+    TooLarge {
+        /// The dedupe key of the refused message.
+        dedupe_key: String,
+        /// Its size.
+        bytes: usize,
+        /// The broker's reason.
+        detail: String,
+    },
     /// The message reached no queue (the exchange has no matching binding).
     #[error("cannot publish message {dedupe_key}: exchange {exchange} routed it to no queue (key {routing_key})")]
     Unroutable {
@@ -67,9 +88,10 @@ pub enum PublishError {
 impl PublishError {
     /// True when retrying later (after reconnecting) may succeed. Every kind
     /// is retried by the fetchers; an unroutable message points at a
-    /// topology problem a human should look at.
+    /// topology problem a human should look at. A message too large is
+    /// handled by the caller, message by message, and never retried.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Unroutable { .. })
+        !matches!(self, Self::Unroutable { .. } | Self::TooLarge { .. })
     }
 
     /// A short label for the `errors` metric.
@@ -78,6 +100,7 @@ impl PublishError {
             Self::Connect(_) | Self::Channel(_) => "amqp",
             Self::Nacked { .. } => "nack",
             Self::Unroutable { .. } => "unroutable",
+            Self::TooLarge { .. } => "too-large",
         }
     }
 }
@@ -131,6 +154,7 @@ impl AmqpLink {
 struct Pending<T> {
     tag: T,
     dedupe_key: String,
+    bytes: usize,
     routing_key: &'static str,
     sent: Instant,
     confirm: PublisherConfirm,
@@ -153,6 +177,7 @@ pub struct Publisher<T> {
     exchange: String,
     window: usize,
     pending: VecDeque<Pending<T>>,
+    refused: Option<T>,
 }
 
 impl<T> Publisher<T> {
@@ -169,6 +194,7 @@ impl<T> Publisher<T> {
             exchange: exchange.to_string(),
             window: window.max(1),
             pending: VecDeque::new(),
+            refused: None,
         })
     }
 
@@ -191,7 +217,7 @@ impl<T> Publisher<T> {
             self.confirm_oldest(confirmed).await?;
         }
         let routing_key = envelope.routing_key();
-        let confirm = self
+        let published = self
             .channel
             .basic_publish(
                 &self.exchange,
@@ -203,10 +229,15 @@ impl<T> Publisher<T> {
                 &envelope.body,
                 envelope.properties(),
             )
-            .await?;
+            .await;
+        let confirm = match published {
+            Ok(confirm) => confirm,
+            Err(e) => return Err(self.failed(e, None, confirmed).await),
+        };
         self.pending.push_back(Pending {
             tag,
             dedupe_key: envelope.dedupe_key.clone(),
+            bytes: envelope.body.len(),
             routing_key,
             sent: Instant::now(),
             confirm,
@@ -229,6 +260,12 @@ impl<T> Publisher<T> {
         let n = self.pending.len();
         self.pending.clear();
         n
+    }
+
+    /// The message the broker refused for its size, after
+    /// [`PublishError::TooLarge`]: the caller records it as oversized.
+    pub fn take_refused(&mut self) -> Option<T> {
+        self.refused.take()
     }
 
     /// Closes the channel (after [`Publisher::flush`]).
@@ -255,7 +292,11 @@ impl<T> Publisher<T> {
                 }
             }
         };
-        match outcome? {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(self.failed(e, Some(p), confirmed).await),
+        };
+        match outcome {
             Confirmation::Ack(None) | Confirmation::NotRequested => {
                 confirmed.push(Confirmed {
                     tag: p.tag,
@@ -278,5 +319,89 @@ impl<T> Publisher<T> {
                 })
             }
         }
+    }
+
+    /// The channel or connection failed with `first` (while awaiting the
+    /// confirm of `failing`, when given). The outstanding
+    /// confirms resolve at once on a closed channel: those the broker acked
+    /// before the failure are appended to `confirmed`, the rest are lost
+    /// (their messages are fetched again later). When the broker closed the
+    /// channel because a message was too large, that message is kept for
+    /// [`Publisher::take_refused`] and the error is
+    /// [`PublishError::TooLarge`].
+    async fn failed(
+        &mut self,
+        first: lapin::Error,
+        failing: Option<Pending<T>>,
+        confirmed: &mut Vec<Confirmed<T>>,
+    ) -> PublishError {
+        let mut refusal = size_refusal(&first.to_string()).map(|size| (size, first.to_string()));
+        let mut lost: Vec<Pending<T>> = failing.into_iter().collect();
+        while let Some(mut p) = self.pending.pop_front() {
+            match tokio::time::timeout(LOST_CONFIRM_WAIT, &mut p.confirm).await {
+                Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => {
+                    confirmed.push(Confirmed {
+                        tag: p.tag,
+                        latency: p.sent.elapsed(),
+                    });
+                }
+                Ok(Err(e)) => {
+                    if refusal.is_none() {
+                        let text = e.to_string();
+                        refusal = size_refusal(&text).map(|size| (size, text));
+                    }
+                    lost.push(p);
+                }
+                Ok(Ok(_)) | Err(_) => lost.push(p),
+            }
+        }
+        let Some((size, detail)) = refusal else {
+            return PublishError::Channel(first);
+        };
+        // The refused message is the one of the size the broker named; the
+        // largest lost one when none matches exactly.
+        let at = lost
+            .iter()
+            .position(|p| p.bytes as u64 == size)
+            .or_else(|| (0..lost.len()).max_by_key(|&i| lost[i].bytes));
+        match at {
+            Some(i) => {
+                let p = lost.swap_remove(i);
+                self.refused = Some(p.tag);
+                PublishError::TooLarge {
+                    dedupe_key: p.dedupe_key,
+                    bytes: p.bytes,
+                    detail,
+                }
+            }
+            None => PublishError::Channel(first),
+        }
+    }
+}
+
+/// The size of the message in RabbitMQ's refusal for size, "PRECONDITION_FAILED
+/// - message size 2097152 is larger than configured max size 1048576".
+fn size_refusal(reason: &str) -> Option<u64> {
+    if !reason.contains("PRECONDITION_FAILED") {
+        return None;
+    }
+    let rest = &reason[reason.find("message size ")? + "message size ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::size_refusal;
+
+    #[test]
+    fn rabbitmqs_refusal_for_size_names_the_size() {
+        let reason = "PRECONDITION-FAILED: PRECONDITION_FAILED - message size 2097152 is larger than configured max size 1048576";
+        assert_eq!(size_refusal(reason), Some(2_097_152));
+        assert_eq!(
+            size_refusal("PRECONDITION_FAILED - inequivalent arg 'durable'"),
+            None
+        );
+        assert_eq!(size_refusal("NOT_FOUND - no exchange 'x'"), None);
     }
 }
