@@ -6,7 +6,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::Figment;
 
-use super::parse::{ConfigError, ConfigErrors};
+use super::error::{ConfigError, ConfigErrors};
 use super::{Component, Config};
 
 /// The environment variable naming the config file when `--config` is absent.

@@ -6,6 +6,7 @@
 //! the defaults and validates everything, collecting *all* errors with their
 //! key paths instead of stopping at the first.
 
+mod error;
 mod load;
 mod parse;
 
@@ -17,6 +18,7 @@ use serde::Serialize;
 
 use crate::secret::SecretUrl;
 
+pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, load_text, LoadOptions, CONFIG_ENV};
 pub use parse::parse;
 
