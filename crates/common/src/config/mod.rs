@@ -9,6 +9,7 @@
 mod error;
 mod load;
 mod parse;
+mod section;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

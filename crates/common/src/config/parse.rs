@@ -10,6 +10,7 @@ use figment::value::{Dict, Value};
 use sha2::Digest;
 
 use super::error::{ConfigError, ConfigErrors};
+use super::section::Section;
 use super::*;
 use crate::secret::{Secret, SecretUrl};
 
@@ -20,42 +21,31 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         errors: Vec::new(),
         component,
     };
-    w.unknown_keys(
-        tree,
-        "",
-        &[
-            "redis",
-            "amqp",
-            "tls",
-            "admin",
-            "token-broker",
-            "form-processor",
-            "oauth-profiles",
-            "incoming-mail",
-            "topics",
-        ],
-    );
+    let sections: Vec<&str> = Section::ALL.iter().map(|s| s.key()).collect();
+    w.unknown_keys(tree, "", &sections);
     let empty = Dict::new();
     let redis = {
-        let t = w.section(tree, "redis").unwrap_or(&empty);
-        w.unknown_keys(t, "redis", &["url", "url-file", "prefix"]);
+        let p = Section::Redis.key();
+        let t = w.section(tree, p).unwrap_or(&empty);
+        w.unknown_keys(t, p, &["url", "url-file", "prefix"]);
         let url = w.secret_url(
             t,
-            "redis",
+            p,
             "url",
             "redis://127.0.0.1:6379/0",
             &["redis", "rediss"],
         );
         let prefix = w
-            .name(t, "redis", "prefix", Some("mailagent"))
+            .name(t, p, "prefix", Some("mailagent"))
             .unwrap_or_default();
         RedisConfig { url, prefix }
     };
     let amqp = {
-        let t = w.section(tree, "amqp").unwrap_or(&empty);
+        let p = Section::Amqp.key();
+        let t = w.section(tree, p).unwrap_or(&empty);
         w.unknown_keys(
             t,
-            "amqp",
+            p,
             &[
                 "url",
                 "url-file",
@@ -67,32 +57,32 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         );
         let url = w.secret_url(
             t,
-            "amqp",
+            p,
             "url",
             "amqp://guest:guest@127.0.0.1:5672/%2f",
             &["amqp", "amqps"],
         );
         let prefix = w
-            .name(t, "amqp", "prefix", Some("mailagent"))
+            .name(t, p, "prefix", Some("mailagent"))
             .unwrap_or_default();
-        let queue_type = match w.string(t, "amqp", "queue-type").as_deref() {
+        let queue_type = match w.string(t, p, "queue-type").as_deref() {
             None | Some("classic") => QueueType::Classic,
             Some("quorum") => QueueType::Quorum,
             Some(other) => {
                 w.err(
-                    "amqp.queue-type",
+                    join(p, "queue-type"),
                     format!("unknown queue type {other:?}: expected \"classic\" or \"quorum\""),
                 );
                 QueueType::Classic
             }
         };
-        let delivery_limit = w.int_in(t, "amqp", "delivery-limit", 1, 1000, 5) as u32;
-        let declare = match w.string(t, "amqp", "declare").as_deref() {
+        let delivery_limit = w.int_in(t, p, "delivery-limit", 1, 1000, 5) as u32;
+        let declare = match w.string(t, p, "declare").as_deref() {
             None | Some("full") => Declare::Full,
             Some("passive") => Declare::Passive,
             Some(other) => {
                 w.err(
-                    "amqp.declare",
+                    join(p, "declare"),
                     format!("unknown mode {other:?}: expected \"full\" (default) or \"passive\""),
                 );
                 Declare::Full
@@ -110,44 +100,42 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
     };
     let (amqp, amqp_declare) = amqp;
     let tls = {
-        let t = w.section(tree, "tls").unwrap_or(&empty);
-        w.unknown_keys(t, "tls", &["extra-ca-file"]);
-        let extra_ca_file = w.string(t, "tls", "extra-ca-file").map(PathBuf::from);
+        let p = Section::Tls.key();
+        let t = w.section(tree, p).unwrap_or(&empty);
+        w.unknown_keys(t, p, &["extra-ca-file"]);
+        let extra_ca_file = w.string(t, p, "extra-ca-file").map(PathBuf::from);
         if let Some(path) = &extra_ca_file {
-            w.check_ca_file(path, "tls.extra-ca-file");
+            w.check_ca_file(path, &join(p, "extra-ca-file"));
         }
         TlsConfig { extra_ca_file }
     };
     let admin = {
-        let t = w.section(tree, "admin").unwrap_or(&empty);
-        w.unknown_keys(
-            t,
-            "admin",
-            &["listen", "metrics-prefix", "heartbeat-interval"],
-        );
+        let p = Section::Admin.key();
+        let t = w.section(tree, p).unwrap_or(&empty);
+        w.unknown_keys(t, p, &["listen", "metrics-prefix", "heartbeat-interval"]);
         let listen_text = w
-            .string(t, "admin", "listen")
+            .string(t, p, "listen")
             .unwrap_or_else(|| "127.0.0.1:9100".to_string());
         let listen = match listen_text.parse() {
             Ok(addr) => addr,
             Err(_) => {
                 w.err(
-                    "admin.listen",
+                    join(p, "listen"),
                     format!("{listen_text:?} is not an address like 127.0.0.1:9100 (port 0: any free port)"),
                 );
                 ([127, 0, 0, 1], 0).into()
             }
         };
         let metrics_prefix = w
-            .string(t, "admin", "metrics-prefix")
+            .string(t, p, "metrics-prefix")
             .unwrap_or_else(|| "mailagent".into());
         if !is_metric_name(&metrics_prefix) {
             w.err(
-                "admin.metrics-prefix",
+                join(p, "metrics-prefix"),
                 "must be letters, digits and underscores, starting with a letter",
             );
         }
-        let heartbeat_interval = w.secs(t, "admin", "heartbeat-interval", 1, 3600, 5);
+        let heartbeat_interval = w.secs(t, p, "heartbeat-interval", 1, 3600, 5);
         AdminConfig {
             listen,
             metrics_prefix,
@@ -155,12 +143,14 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         }
     };
     let token_broker = {
-        let t = w.section(tree, "token-broker").unwrap_or(&empty);
+        let t = w
+            .section(tree, Section::TokenBroker.key())
+            .unwrap_or(&empty);
         parse_token_broker(&mut w, t)
     };
     let form_processor = {
-        let t = w.section(tree, "form-processor").unwrap_or(&empty);
-        let p = "form-processor";
+        let p = Section::FormProcessor.key();
+        let t = w.section(tree, p).unwrap_or(&empty);
         w.unknown_keys(
             t,
             p,
@@ -209,33 +199,33 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
     };
 
     let oauth_profiles: Vec<OAuthProfile> = w
-        .tables(tree, "oauth-profiles")
+        .tables(tree, Section::OAuthProfiles.key())
         .into_iter()
         .filter_map(|(path, t)| parse_profile(&mut w, &path, t))
         .collect();
     let incoming_mail: Vec<IncomingMail> = w
-        .tables(tree, "incoming-mail")
+        .tables(tree, Section::IncomingMail.key())
         .into_iter()
         .filter_map(|(path, t)| parse_mail(&mut w, &path, t, &oauth_profiles))
         .collect();
     let topics: Vec<Topic> = w
-        .tables(tree, "topics")
+        .tables(tree, Section::Topics.key())
         .into_iter()
         .filter_map(|(path, t)| parse_topic(&mut w, &path, t))
         .collect();
 
     w.duplicates(
-        "oauth-profiles",
+        Section::OAuthProfiles.key(),
         oauth_profiles.iter().map(|p| p.name.clone()),
         "name",
     );
     w.duplicates(
-        "incoming-mail",
+        Section::IncomingMail.key(),
         incoming_mail.iter().map(|m| m.name.clone()),
         "name",
     );
     w.duplicates(
-        "topics",
+        Section::Topics.key(),
         topics.iter().map(|t| t.subject.to_lowercase()),
         "subject",
     );
@@ -252,7 +242,7 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
             );
             if !seen.insert(key) {
                 w.err(
-                    format!("incoming-mail[{i}]"),
+                    format!("{}[{i}]", Section::IncomingMail.key()),
                     format!(
                         "{} reads the same mailbox and folder as an earlier config",
                         m.name
@@ -281,7 +271,7 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
 }
 
 fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
-    let p = "token-broker";
+    let p = Section::TokenBroker.key();
     w.unknown_keys(
         t,
         p,
@@ -315,7 +305,7 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
         Some("none") => {
             if !key_files.is_empty() {
                 w.err(
-                    "token-broker.token-encryption",
+                    join(p, "token-encryption"),
                     "is \"none\" but encryption key files are also set: choose one",
                 );
             }
@@ -324,7 +314,7 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
         None | Some("aes-256-gcm") => {
             if key_files.is_empty() {
                 w.err(
-                    "token-broker.encryption-key-file",
+                    join(p, "encryption-key-file"),
                     "missing: tokens are encrypted in Redis with this key (base64 of 32 bytes); set token-encryption = \"none\" to store them in clear",
                 );
             }
@@ -333,9 +323,9 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
                 let mut ids = HashSet::new();
                 for (i, file) in key_files.iter().enumerate() {
                     let path = if i == 0 && t.contains_key("encryption-key-file") {
-                        "token-broker.encryption-key-file".to_string()
+                        join(p, "encryption-key-file")
                     } else {
-                        format!("token-broker.encryption-key-files ({})", file.display())
+                        format!("{} ({})", join(p, "encryption-key-files"), file.display())
                     };
                     if let Some(key) = read_key(w, file, &path) {
                         if !ids.insert(key.id.clone()) {
@@ -349,7 +339,7 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
         }
         Some(other) => {
             w.err(
-                "token-broker.token-encryption",
+                join(p, "token-encryption"),
                 format!("unknown mode {other:?}: expected \"aes-256-gcm\" (default) or \"none\""),
             );
             TokenEncryption::None
@@ -359,7 +349,7 @@ fn parse_token_broker(w: &mut Walker, t: &Dict) -> TokenBrokerConfig {
     let max_fraction = w.fraction(t, p, "refresh-max-fraction", 0.5);
     if lead_fraction > max_fraction {
         w.err(
-            "token-broker.refresh-lead-fraction",
+            join(p, "refresh-lead-fraction"),
             "is larger than refresh-max-fraction",
         );
     }
