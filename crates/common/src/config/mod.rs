@@ -9,6 +9,7 @@
 mod error;
 mod load;
 mod parse;
+mod reader;
 mod section;
 
 use std::net::SocketAddr;
