@@ -9,6 +9,7 @@ use std::time::Duration;
 use figment::value::{Dict, Value};
 
 use super::error::ConfigError;
+use super::section::Section;
 use super::Component;
 use crate::secret::{Secret, SecretUrl};
 
@@ -65,20 +66,29 @@ impl Walker {
         }
     }
 
-    /// The single table `[key]`, if present.
-    pub(super) fn section<'a>(&mut self, tree: &'a Dict, key: &str) -> Option<&'a Dict> {
+    /// The single table `[section]`. An absent one, or one that is not a
+    /// table (an error), reads as empty: every key takes its default.
+    pub(super) fn section<'a>(&mut self, tree: &'a Dict, section: Section) -> &'a Dict {
+        static EMPTY: Dict = Dict::new();
+        let key = section.key();
         match tree.get(key) {
-            None => None,
-            Some(Value::Dict(_, d)) => Some(d),
+            None => &EMPTY,
+            Some(Value::Dict(_, d)) => d,
             Some(other) => {
                 self.err(key, format!("must be a table, found {}", kind(other)));
-                None
+                &EMPTY
             }
         }
     }
 
-    /// The array of tables `[[key]]`, each with its key path (`key[i]`).
-    pub(super) fn tables<'a>(&mut self, tree: &'a Dict, key: &str) -> Vec<(String, &'a Dict)> {
+    /// The array of tables `[[section]]`, each with its key path
+    /// (`section[i]`).
+    pub(super) fn tables<'a>(
+        &mut self,
+        tree: &'a Dict,
+        section: Section,
+    ) -> Vec<(String, &'a Dict)> {
+        let key = section.key();
         match tree.get(key) {
             None => Vec::new(),
             Some(Value::Array(_, items)) => items
@@ -461,10 +471,11 @@ impl Walker {
     /// `section[i].key`.
     pub(super) fn duplicates(
         &mut self,
-        section: &str,
+        section: Section,
         names: impl Iterator<Item = String>,
         key: &str,
     ) {
+        let section = section.key();
         let mut seen = HashSet::new();
         for (i, n) in names.enumerate() {
             if !seen.insert(n.clone()) {
