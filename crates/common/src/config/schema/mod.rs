@@ -112,3 +112,67 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         Err(ConfigErrors(w.errors))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use figment::providers::{Format, Toml};
+
+    use super::*;
+
+    fn errors(toml: &str) -> Vec<String> {
+        let tree: Dict = figment::Figment::from(Toml::string(toml))
+            .extract()
+            .unwrap();
+        match parse(&tree, Component::FormProcessor) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn every_section_is_a_known_top_level_key() {
+        let mut toml = String::new();
+        for s in Section::ALL.into_iter().filter(|s| !s.is_single()) {
+            toml.push_str(&format!("{} = []\n", s.key()));
+        }
+        for s in Section::ALL.into_iter().filter(|s| s.is_single()) {
+            toml.push_str(&format!("[{}]\n", s.key()));
+            if s == Section::TokenBroker {
+                toml.push_str("token-encryption = \"none\"\n");
+            }
+        }
+        assert_eq!(errors(&toml), Vec::<String>::new(), "{toml}");
+    }
+
+    #[test]
+    fn top_level_mistakes_name_the_section() {
+        let topic = |subject: &str| {
+            format!(
+                "[[topics]]\nsubject = {subject:?}\nmodule = \"m\"\n\
+                 business-object = \"b\"\nsenders = [\"*\"]\n"
+            )
+        };
+        let cases = [
+            (
+                "incoming_mail = 1".to_string(),
+                "incoming_mail: unknown key (did you mean \"incoming-mail\"?)",
+            ),
+            (
+                "redis = 1".to_string(),
+                "redis: must be a table, found a number",
+            ),
+            (
+                "topics = 1".to_string(),
+                "topics: must be an array of tables ([[topics]]), found a number",
+            ),
+            (
+                topic("Same") + &topic("same"),
+                "topics[1].subject: duplicate subject \"same\"",
+            ),
+        ];
+        for (toml, want) in cases {
+            let toml = format!("{toml}\n[token-broker]\ntoken-encryption = \"none\"\n");
+            assert_eq!(errors(&toml), [want], "{toml}");
+        }
+    }
+}
