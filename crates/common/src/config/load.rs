@@ -6,7 +6,8 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::Figment;
 
-use super::parse::{ConfigError, ConfigErrors};
+use super::error::{ConfigError, ConfigErrors};
+use super::section::Section;
 use super::{Component, Config};
 
 /// The environment variable naming the config file when `--config` is absent.
@@ -14,16 +15,6 @@ pub const CONFIG_ENV: &str = "MAILAGENT_CONFIG";
 
 /// Prefix of environment overrides.
 const ENV_PREFIX: &str = "MAILAGENT_";
-
-/// The sections the environment may override (§2): the single-valued ones.
-const ENV_SECTIONS: &[&str] = &[
-    "redis",
-    "amqp",
-    "tls",
-    "admin",
-    "token-broker",
-    "form-processor",
-];
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, Default)]
@@ -141,12 +132,8 @@ fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
         let lowered = rest.to_ascii_lowercase();
         let parts: Vec<String> = lowered.split("__").map(|p| p.replace('_', "-")).collect();
         let section = parts[0].as_str();
-        if !ENV_SECTIONS.contains(&section) {
-            if parts.len() == 1
-                && ENV_SECTIONS
-                    .iter()
-                    .any(|s| section.starts_with(&format!("{s}-")))
-            {
+        if !env_sections().any(|s| s == section) {
+            if parts.len() == 1 && env_sections().any(|s| section.starts_with(&format!("{s}-"))) {
                 errors.push(ConfigError::new(
                     format!("environment {name}"),
                     "separate the section from the key with a double underscore, e.g. MAILAGENT_REDIS__URL".to_string(),
@@ -164,6 +151,14 @@ fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
         insert(&mut tree, &parts, Value::from(value.clone()));
     }
     (tree, errors)
+}
+
+/// The sections the environment may override (§2): the single-valued ones.
+fn env_sections() -> impl Iterator<Item = &'static str> {
+    Section::ALL
+        .into_iter()
+        .filter(|s| s.is_single())
+        .map(Section::key)
 }
 
 fn insert(tree: &mut Dict, path: &[String], value: Value) {
