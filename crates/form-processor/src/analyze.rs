@@ -9,6 +9,7 @@ use crate::mime::{self, Mail, MimeLimits};
 use crate::objectmap::Form;
 use crate::reject::{Checked, Reason, Rejection};
 use crate::route;
+use crate::store::{NewRecord, Source};
 use crate::workbook::{self, Limits};
 
 /// What the mail says about itself, kept with a record or a rejection.
@@ -44,6 +45,18 @@ pub struct Accepted {
     pub form: Form,
     /// (field, canonical value) of the topic's unique fields that are present.
     pub unique: Vec<(String, String)>,
+}
+
+impl Accepted {
+    /// The record to create for this form, from `source`.
+    pub fn into_record(self, source: Source) -> NewRecord {
+        NewRecord {
+            topic: self.topic,
+            form: self.form,
+            unique: self.unique,
+            source,
+        }
+    }
 }
 
 /// Checks a form against its topic: business object, action, required fields.

@@ -291,10 +291,11 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
     let settled = match result {
         Ok(accepted) => {
             let topic = accepted.topic.clone();
+            let record = accepted.into_record(source.clone());
             let created = or_leave!(
                 retry(ctx, "create the record", || ctx
                     .store
-                    .create(accepted.clone(), source.clone()))
+                    .create(record.clone()))
                 .await
             );
             match created {
