@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::analyze::{self, MailInfo};
+use crate::analyze::{self, Analysis, MailInfo};
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::reject::{Reason, Rejection};
@@ -268,20 +268,24 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
     let body = delivery.data.clone();
     let panic_on = ctx.hooks.panic_on_subject.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let (info, result) = analyze::analyze(&body, &config, &topics);
+        let analysis = analyze::analyze(&body, &config, &topics);
         if let Some(p) = panic_on {
-            if info.subject.contains(&p) {
+            if analysis.info.subject.contains(&p) {
                 panic!(
                     "test hook: processing panics for subject {:?}",
-                    info.subject
+                    analysis.info.subject
                 );
             }
         }
-        (info, result)
+        analysis
     })
     .await;
     drop(permit);
-    let (info, result) = match joined {
+    let Analysis {
+        info,
+        topic,
+        result,
+    } = match joined {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => return Err(SettleError::Join(e.to_string())),
@@ -315,11 +319,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 }
             }
         }
-        Err(rejection) => {
-            let topic =
-                crate::route::find_topic(&ctx.topics, &info.subject).map(|t| t.subject.clone());
-            reject(ctx, delivery, rejection, topic, source.clone()).await?
-        }
+        Err(rejection) => reject(ctx, delivery, rejection, topic, source.clone()).await?,
     };
     forget_deliveries(ctx, &envelope.dedupe_key).await;
     Ok(settled)
