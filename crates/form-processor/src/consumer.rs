@@ -235,10 +235,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
             dead_lettered,
         }) => {
             if !dead_lettered {
-                ctx.dead
-                    .publish(&delivery.properties, &delivery.data, &reason, &detail)
-                    .await?;
-                let _ = ctx.store.mark_dead_lettered(id).await;
+                dead_letter(ctx, delivery, Some(id), &reason, &detail).await?;
             }
             return Ok(Settled::Acked("already-known", ""));
         }
@@ -309,7 +306,8 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 }
                 Ok(Created::AlreadyKnown) => Settled::Acked("already-known", ""),
                 Ok(Created::Duplicate(failure, rejection)) => {
-                    dead_letter(ctx, delivery, failure, &rejection).await?;
+                    let (reason, detail) = (rejection.reason.code(), &rejection.detail);
+                    dead_letter(ctx, delivery, Some(failure), reason, detail).await?;
                     Settled::Acked("rejected", rejection.reason.code())
                 }
                 Err(e) => {
@@ -354,21 +352,16 @@ async fn reject(
             .reject(failure.clone()))
         .await
     );
-    match stored {
-        Ok(Stored::Failure(id)) => dead_letter(ctx, delivery, id, &rejection).await?,
+    let failure = match stored {
+        Ok(Stored::Failure(id)) => Some(id),
         Ok(Stored::AlreadyKnown) => return Ok(Settled::Acked("already-known", "")),
         Err(e) => {
             tracing::error!(error = %e, "cannot store the rejection; dead-lettering it anyway");
-            ctx.dead
-                .publish(
-                    &delivery.properties,
-                    &delivery.data,
-                    rejection.reason.code(),
-                    &rejection.detail,
-                )
-                .await?;
+            None
         }
-    }
+    };
+    let (reason, detail) = (rejection.reason.code(), &rejection.detail);
+    dead_letter(ctx, delivery, failure, reason, detail).await?;
     let outcome = if rejection.reason == Reason::Poison {
         "poison"
     } else {
@@ -377,20 +370,21 @@ async fn reject(
     Ok(Settled::Acked(outcome, rejection.reason.code()))
 }
 
+/// Publishes the message to the dead-letter exchange with its reason
+/// (confirmed), then notes that on its stored failure, if any.
 async fn dead_letter(
     ctx: &Context,
     delivery: &Delivery,
-    failure: i64,
-    rejection: &Rejection,
+    failure: Option<i64>,
+    reason: &str,
+    detail: &str,
 ) -> Result<(), SettleError> {
     ctx.dead
-        .publish(
-            &delivery.properties,
-            &delivery.data,
-            rejection.reason.code(),
-            &rejection.detail,
-        )
+        .publish(&delivery.properties, &delivery.data, reason, detail)
         .await?;
+    let Some(failure) = failure else {
+        return Ok(());
+    };
     if let Err(e) = ctx.store.mark_dead_lettered(failure).await {
         tracing::warn!(error = %e, failure, "cannot mark the failure dead-lettered; a redelivery would publish it again");
     }
