@@ -9,7 +9,8 @@ use form_processor::store::Store;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 
-use crate::records::{format_utc, open_store};
+use crate::dates::format_utc;
+use crate::records::open_store;
 
 /// `mailagent dead-letters`
 #[derive(Debug, clap::Subcommand)]

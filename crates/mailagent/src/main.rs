@@ -1,5 +1,6 @@
 //! `mailagent`: the operator CLI (§7).
 
+mod dates;
 mod dead_letters;
 mod records;
 mod setup;
