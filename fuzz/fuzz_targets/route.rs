@@ -1,6 +1,6 @@
 //! The subject router and the trust checks: `SubjectMatcher::from_subject`,
 //! `route::find_topic`, `route::sender_allowed`, `route::authenticated_by`
-//! and `route::route`.
+//! and `route::admit`.
 //!
 //! Input: text lines — the topic's configured subject (exact or `/regex/`),
 //! its senders (comma-separated), the trusted authserv-ids
@@ -52,12 +52,12 @@ fuzz_target!(|data: &[u8]| {
         auth_results: lines.map(str::to_string).collect(),
         ..Mail::default()
     };
-    let _ = route::find_topic(&topics, &mail.subject);
+    let topic = route::find_topic(&topics, &mail.subject);
     for address in mail.from.iter().chain(mail.sender.iter()) {
         let _ = route::sender_allowed(&topics[0].senders, address);
     }
     for header in &mail.auth_results {
         let _ = route::authenticated_by(header, &trusted);
     }
-    let _ = route::route(&topics, &trusted, &mail);
+    let _ = route::admit(topic, &trusted, &mail);
 });

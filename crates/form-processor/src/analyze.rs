@@ -9,6 +9,7 @@ use crate::mime::{self, Mail, MimeLimits};
 use crate::objectmap::Form;
 use crate::reject::{Checked, Reason, Rejection};
 use crate::route;
+use crate::store::{NewRecord, Source};
 use crate::workbook::{self, Limits};
 
 /// What the mail says about itself, kept with a record or a rejection.
@@ -44,6 +45,30 @@ pub struct Accepted {
     pub form: Form,
     /// (field, canonical value) of the topic's unique fields that are present.
     pub unique: Vec<(String, String)>,
+}
+
+impl Accepted {
+    /// The record to create for this form, from `source`.
+    pub fn into_record(self, source: Source) -> NewRecord {
+        NewRecord {
+            topic: self.topic,
+            form: self.form,
+            unique: self.unique,
+            source,
+        }
+    }
+}
+
+/// What the checks found: the mail's own details and the topic its subject
+/// names (both kept with a rejection too), and the verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    /// What the mail says about itself (empty when it could not be parsed).
+    pub info: MailInfo,
+    /// The configured subject of the topic the mail's subject names, if any.
+    pub topic: Option<String>,
+    /// The accepted form, or why the message is rejected.
+    pub result: Checked<Accepted>,
 }
 
 /// Checks a form against its topic: business object, action, required fields.
@@ -93,23 +118,26 @@ pub fn validate(topic: &Topic, form: Form) -> Checked<Accepted> {
 }
 
 /// Runs every check that needs only the message. The mail's own details
-/// come back even when the message is rejected, for the failures table.
-pub fn analyze(
-    raw: &[u8],
-    config: &FormProcessorConfig,
-    topics: &[Topic],
-) -> (MailInfo, Checked<Accepted>) {
+/// and its topic come back even when the message is rejected, for the
+/// failures table.
+pub fn analyze(raw: &[u8], config: &FormProcessorConfig, topics: &[Topic]) -> Analysis {
     let mime_limits = MimeLimits {
         max_depth: config.max_mime_depth,
         max_parts: config.max_mime_parts,
     };
     let mail = match mime::parse_mail(raw, &mime_limits) {
         Ok(mail) => mail,
-        Err(r) => return (MailInfo::default(), Err(r)),
+        Err(r) => {
+            return Analysis {
+                info: MailInfo::default(),
+                topic: None,
+                result: Err(r),
+            }
+        }
     };
-    let info = MailInfo::from(&mail);
+    let topic = route::find_topic(topics, &mail.subject);
     let result = (|| {
-        let topic = route::route(topics, &config.trusted_authserv_ids, &mail)?;
+        let topic = route::admit(topic, &config.trusted_authserv_ids, &mail)?;
         let attachment = match mail.workbooks.as_slice() {
             [] => {
                 return Err(Rejection::new(
@@ -131,7 +159,11 @@ pub fn analyze(
         let form = workbook::read_form(&attachment.bytes, &Limits::from(config))?;
         validate(topic, form)
     })();
-    (info, result)
+    Analysis {
+        info: MailInfo::from(&mail),
+        topic: topic.map(|t| t.subject.clone()),
+        result,
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +227,54 @@ mod tests {
                 ),
                 Some(r) => assert_eq!(got.unwrap_err().reason, r, "{f:?}"),
             }
+        }
+    }
+
+    fn config() -> FormProcessorConfig {
+        FormProcessorConfig {
+            store: common::secret::SecretUrl::new("sqlite::memory:"),
+            prefetch: 1,
+            delivery_limit: 5,
+            trusted_authserv_ids: vec![],
+            max_workbook_bytes: 1 << 20,
+            max_decompressed_bytes: 1 << 20,
+            max_sheets: 10,
+            max_rows: 100,
+            max_cells: 1000,
+            max_mime_depth: 10,
+            max_mime_parts: 10,
+        }
+    }
+
+    #[test]
+    fn a_rejection_keeps_the_topic_its_subject_named() {
+        let mut allow_one = topic();
+        allow_one.senders = vec!["@contoso.com".into()];
+        let cases = [
+            (
+                "ann@contoso.com",
+                "lease",
+                Some("LEASE"),
+                Reason::NoWorkbook,
+            ),
+            (
+                "eve@evil.com",
+                "lease",
+                Some("LEASE"),
+                Reason::SenderNotAllowed,
+            ),
+            ("ann@contoso.com", "other", None, Reason::NoTopic),
+        ];
+        for (from, subject, want, reason) in cases {
+            let raw = format!("From: {from}\r\nSubject: {subject}\r\n\r\nno attachment\r\n");
+            let analysis = analyze(raw.as_bytes(), &config(), std::slice::from_ref(&allow_one));
+            assert_eq!(analysis.topic.as_deref(), want, "{subject} from {from}");
+            assert_eq!(analysis.info.subject, subject);
+            assert_eq!(
+                analysis.result.unwrap_err().reason,
+                reason,
+                "{subject} from {from}"
+            );
         }
     }
 }

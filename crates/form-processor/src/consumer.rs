@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::analyze::{self, MailInfo};
+use crate::analyze::{self, Analysis, MailInfo};
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
 use crate::reject::{Reason, Rejection};
@@ -235,10 +235,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
             dead_lettered,
         }) => {
             if !dead_lettered {
-                ctx.dead
-                    .publish(&delivery.properties, &delivery.data, &reason, &detail)
-                    .await?;
-                let _ = ctx.store.mark_dead_lettered(id).await;
+                dead_letter(ctx, delivery, Some(id), &reason, &detail).await?;
             }
             return Ok(Settled::Acked("already-known", ""));
         }
@@ -268,20 +265,24 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
     let body = delivery.data.clone();
     let panic_on = ctx.hooks.panic_on_subject.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let (info, result) = analyze::analyze(&body, &config, &topics);
+        let analysis = analyze::analyze(&body, &config, &topics);
         if let Some(p) = panic_on {
-            if info.subject.contains(&p) {
+            if analysis.info.subject.contains(&p) {
                 panic!(
                     "test hook: processing panics for subject {:?}",
-                    info.subject
+                    analysis.info.subject
                 );
             }
         }
-        (info, result)
+        analysis
     })
     .await;
     drop(permit);
-    let (info, result) = match joined {
+    let Analysis {
+        info,
+        topic,
+        result,
+    } = match joined {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => return Err(SettleError::Join(e.to_string())),
@@ -291,10 +292,11 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
     let settled = match result {
         Ok(accepted) => {
             let topic = accepted.topic.clone();
+            let record = accepted.into_record(source.clone());
             let created = or_leave!(
                 retry(ctx, "create the record", || ctx
                     .store
-                    .create(accepted.clone(), source.clone()))
+                    .create(record.clone()))
                 .await
             );
             match created {
@@ -304,7 +306,8 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 }
                 Ok(Created::AlreadyKnown) => Settled::Acked("already-known", ""),
                 Ok(Created::Duplicate(failure, rejection)) => {
-                    dead_letter(ctx, delivery, failure, &rejection).await?;
+                    let (reason, detail) = (rejection.reason.code(), &rejection.detail);
+                    dead_letter(ctx, delivery, Some(failure), reason, detail).await?;
                     Settled::Acked("rejected", rejection.reason.code())
                 }
                 Err(e) => {
@@ -314,11 +317,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 }
             }
         }
-        Err(rejection) => {
-            let topic =
-                crate::route::find_topic(&ctx.topics, &info.subject).map(|t| t.subject.clone());
-            reject(ctx, delivery, rejection, topic, source.clone()).await?
-        }
+        Err(rejection) => reject(ctx, delivery, rejection, topic, source.clone()).await?,
     };
     forget_deliveries(ctx, &envelope.dedupe_key).await;
     Ok(settled)
@@ -353,21 +352,16 @@ async fn reject(
             .reject(failure.clone()))
         .await
     );
-    match stored {
-        Ok(Stored::Failure(id)) => dead_letter(ctx, delivery, id, &rejection).await?,
+    let failure = match stored {
+        Ok(Stored::Failure(id)) => Some(id),
         Ok(Stored::AlreadyKnown) => return Ok(Settled::Acked("already-known", "")),
         Err(e) => {
             tracing::error!(error = %e, "cannot store the rejection; dead-lettering it anyway");
-            ctx.dead
-                .publish(
-                    &delivery.properties,
-                    &delivery.data,
-                    rejection.reason.code(),
-                    &rejection.detail,
-                )
-                .await?;
+            None
         }
-    }
+    };
+    let (reason, detail) = (rejection.reason.code(), &rejection.detail);
+    dead_letter(ctx, delivery, failure, reason, detail).await?;
     let outcome = if rejection.reason == Reason::Poison {
         "poison"
     } else {
@@ -376,20 +370,21 @@ async fn reject(
     Ok(Settled::Acked(outcome, rejection.reason.code()))
 }
 
+/// Publishes the message to the dead-letter exchange with its reason
+/// (confirmed), then notes that on its stored failure, if any.
 async fn dead_letter(
     ctx: &Context,
     delivery: &Delivery,
-    failure: i64,
-    rejection: &Rejection,
+    failure: Option<i64>,
+    reason: &str,
+    detail: &str,
 ) -> Result<(), SettleError> {
     ctx.dead
-        .publish(
-            &delivery.properties,
-            &delivery.data,
-            rejection.reason.code(),
-            &rejection.detail,
-        )
+        .publish(&delivery.properties, &delivery.data, reason, detail)
         .await?;
+    let Some(failure) = failure else {
+        return Ok(());
+    };
     if let Err(e) = ctx.store.mark_dead_lettered(failure).await {
         tracing::warn!(error = %e, failure, "cannot mark the failure dead-lettered; a redelivery would publish it again");
     }

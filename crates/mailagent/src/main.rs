@@ -1,5 +1,7 @@
 //! `mailagent`: the operator CLI (§7).
 
+mod dates;
+mod dead_letters;
 mod records;
 mod setup;
 mod status;
@@ -45,7 +47,7 @@ enum Command {
     DeadLetters {
         /// What to do (default: list).
         #[command(subcommand)]
-        command: Option<records::DeadLettersCommand>,
+        command: Option<dead_letters::DeadLettersCommand>,
     },
 }
 
@@ -81,8 +83,8 @@ fn main() -> ExitCode {
             with_config(&args.config, Component::Cli, |config| async move {
                 let command = command
                     .as_ref()
-                    .unwrap_or(&records::DeadLettersCommand::List);
-                records::dead_letters(&config, command).await
+                    .unwrap_or(&dead_letters::DeadLettersCommand::List);
+                dead_letters::dead_letters(&config, command).await
             })
         }
     }

@@ -164,7 +164,7 @@ fn parse_all(mails: &[Vec<u8>], config: &common::Config) -> anyhow::Result<Figur
     let started = Instant::now();
     let mut accepted = Vec::with_capacity(mails.len());
     for (i, m) in mails.iter().enumerate() {
-        let (_, result) = analyze::analyze(m, &config.form_processor, &config.topics);
+        let result = analyze::analyze(m, &config.form_processor, &config.topics).result;
         match result {
             Ok(a) => accepted.push(a),
             Err(r) => bail!("X: mail {i} rejected: {r:?}"),

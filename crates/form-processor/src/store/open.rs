@@ -1,0 +1,179 @@
+//! Opening the store: which backend a URL names, the connection pool (SQLite
+//! in WAL mode, created when absent), the schema migrations, and the writer
+//! task.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::Executor;
+use tokio::sync::mpsc;
+
+use super::writer::{writer, BatchObserver, MAX_BATCH};
+use super::{Error, Result, Store};
+
+/// Which backend a store URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend of a store URL.
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// A SQLite URL with `mode=rwc` (create the file), and its parent directory.
+fn sqlite_url(url: &str) -> (String, Option<PathBuf>) {
+    let path = url
+        .trim_start_matches("sqlite:")
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let parent = Path::new(&path).parent().map(|p| p.to_path_buf());
+    let url = if url.contains("mode=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    };
+    (url, parent.filter(|p| !p.as_os_str().is_empty()))
+}
+
+static DRIVERS: Once = Once::new();
+
+impl Store {
+    /// Opens (and for SQLite creates) the store, applies the schema and
+    /// starts the writer task. `observe` is called after every batch.
+    pub async fn open(url: &str, observe: Option<BatchObserver>) -> Result<Self> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = Backend::of(url).ok_or_else(|| Error::Permanent {
+            action: "open",
+            source: sqlx::Error::Configuration(
+                "the store URL must start with sqlite: or postgres:".into(),
+            ),
+        })?;
+        let (url, max) = match backend {
+            Backend::Sqlite => {
+                let (url, parent) = sqlite_url(url);
+                if let Some(dir) = parent {
+                    std::fs::create_dir_all(&dir).map_err(|e| Error::Permanent {
+                        action: "create the store directory",
+                        source: sqlx::Error::Io(e),
+                    })?;
+                }
+                (url, 4)
+            }
+            Backend::Postgres => (url.to_string(), 8),
+        };
+        let options: AnyConnectOptions = url
+            .parse()
+            .map_err(|e| Error::from_sqlx("parse the store URL", e))?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 5000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|e| Error::from_sqlx("connect", e))?;
+        migrate(&pool, backend).await?;
+        let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
+        tokio::spawn(writer(pool.clone(), rx, observe));
+        Ok(Self {
+            pool,
+            backend,
+            writer: tx,
+        })
+    }
+}
+
+/// Applies the backend's schema. Several processes may start on one new
+/// store at once: the loser of that race fails ("table already exists", a
+/// lock) and, retried, finds the schema applied.
+async fn migrate(pool: &sqlx::AnyPool, backend: Backend) -> Result<()> {
+    let migrator = match backend {
+        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
+        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match migrator.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                tracing::debug!(error = %e, attempt, "applying the schema failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(sqlx::migrate::MigrateError::Execute(source)) => {
+                return Err(Error::from_sqlx("apply the schema", source))
+            }
+            Err(other) => {
+                return Err(Error::Permanent {
+                    action: "apply the schema",
+                    source: sqlx::Error::Migrate(Box::new(other)),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_table() {
+        let cases = [
+            ("sqlite:data/records.db", Some(Backend::Sqlite)),
+            ("postgres://u@h/db", Some(Backend::Postgres)),
+            ("postgresql://u@h/db", Some(Backend::Postgres)),
+            ("mysql://u@h/db", None),
+        ];
+        for (url, want) in cases {
+            assert_eq!(Backend::of(url), want, "{url}");
+        }
+        let cases = [
+            (
+                "sqlite:data/records.db",
+                "sqlite:data/records.db?mode=rwc",
+                Some("data"),
+            ),
+            (
+                "sqlite://data/r.db?cache=shared",
+                "sqlite://data/r.db?cache=shared&mode=rwc",
+                Some("data"),
+            ),
+            ("sqlite:r.db?mode=ro", "sqlite:r.db?mode=ro", None),
+        ];
+        for (url, want, dir) in cases {
+            let (got, parent) = sqlite_url(url);
+            assert_eq!(got, want, "{url}");
+            assert_eq!(parent.as_deref(), dir.map(Path::new), "{url}");
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! `mailagent dead-letters` (§7): list rejections with their dead-letter
+//! state, and replay a dead-lettered message into the CREATE queue.
+
+use anyhow::{anyhow, bail};
+use common::config::Config;
+use common::envelope::headers::REASON;
+use form_processor::deadletter::REASON_DETAIL;
+use form_processor::store::Store;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::AMQPValue;
+
+use crate::dates::format_utc;
+use crate::records::open_store;
+
+/// `mailagent dead-letters`
+#[derive(Debug, clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// List rejections (failures table) and what waits in the dead-letter queue.
+    List,
+    /// Send a dead-lettered message back to the CREATE queue: its failure
+    /// is forgotten so it is processed afresh. ID is the failure id.
+    Replay {
+        /// Failure id (from `dead-letters list`).
+        id: i64,
+    },
+}
+
+fn header_text(props: &lapin::BasicProperties, name: &str) -> String {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// `mailagent dead-letters …`
+pub async fn dead_letters(config: &Config, command: &DeadLettersCommand) -> anyhow::Result<()> {
+    let store = open_store(config).await?;
+    let conn = common::connect::amqp(config, "mailagent-cli").await?;
+    let channel = conn.create_channel().await?;
+    let topology = common::topology::declare(&channel, &config.amqp, true).await?;
+    let depth = common::topology::queue_depth(&channel, &topology.dead_queue).await?;
+    let result = match command {
+        DeadLettersCommand::List => {
+            let failures = store.failures().await?;
+            for f in &failures {
+                println!(
+                    "#{} {} dead-lettered={} {} from {} \"{}\": {}",
+                    f.id,
+                    f.reason,
+                    f.dead_lettered,
+                    format_utc(f.created_at),
+                    f.source.sender,
+                    f.source.subject,
+                    f.detail
+                );
+            }
+            println!(
+                "{} failure(s); {depth} message(s) waiting in {}",
+                failures.len(),
+                topology.dead_queue
+            );
+            Ok(())
+        }
+        DeadLettersCommand::Replay { id } => replay(&store, &channel, &topology, depth, *id).await,
+    };
+    // Closing the channel returns every message we looked at but did not ack.
+    let _ = channel.close(200, "done").await;
+    let _ = conn.close(200, "done").await;
+    store.close().await;
+    result
+}
+
+async fn replay(
+    store: &Store,
+    channel: &lapin::Channel,
+    topology: &common::topology::Topology,
+    depth: u32,
+    id: i64,
+) -> anyhow::Result<()> {
+    let failure = store
+        .failures()
+        .await?
+        .into_iter()
+        .find(|f| f.id == id)
+        .ok_or_else(|| anyhow!("no failure #{id}"))?;
+    let key = failure.source.dedupe_key.clone();
+    for _ in 0..depth {
+        let Some(m) = channel
+            .basic_get(&topology.dead_queue, BasicGetOptions::default())
+            .await?
+        else {
+            break;
+        };
+        if m.properties.message_id().as_ref().map(|s| s.as_str()) != Some(key.as_str()) {
+            continue;
+        }
+        let reason = header_text(&m.properties, REASON);
+        let mut headers = m.properties.headers().clone().unwrap_or_default();
+        let mut inner = headers.inner().clone();
+        inner.remove(REASON);
+        inner.remove(REASON_DETAIL);
+        headers = inner.into();
+        let props = m.properties.clone().with_headers(headers);
+        store.forget(&key).await?;
+        let publisher = channel.clone();
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let confirm = publisher
+            .basic_publish(
+                &topology.exchange,
+                "create",
+                BasicPublishOptions::default(),
+                &m.data,
+                props,
+            )
+            .await?
+            .await?;
+        if !confirm.is_ack() {
+            bail!("RabbitMQ did not confirm the replayed message");
+        }
+        m.acker.ack(BasicAckOptions::default()).await?;
+        println!(
+            "replayed failure #{id} ({reason}) into {}",
+            topology.create_queue
+        );
+        return Ok(());
+    }
+    bail!(
+        "failure #{id} has no message waiting in {}",
+        topology.dead_queue
+    )
+}
