@@ -537,8 +537,17 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     );
     assert!(
         got.len() <= 10 + 5,
-        "{} publishes for 10 mails: more than a handful republished",
-        got.len()
+        "{} publishes for 10 mails: more than a handful republished: {:?}",
+        got.len(),
+        got.iter()
+            .map(
+                |e| String::from_utf8_lossy(&e.body[..120.min(e.body.len())])
+                    .lines()
+                    .nth(2)
+                    .unwrap_or_default()
+                    .to_string()
+            )
+            .collect::<Vec<_>>()
     );
     let mut redis = fx.redis().await;
     let recorded: Vec<String> = redis

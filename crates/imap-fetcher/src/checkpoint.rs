@@ -15,9 +15,14 @@
 //!   the last checkpoint write;
 //! - a scan covers UIDs up to `scan_until` (UIDNEXT−1 when it began); after
 //!   each batch `last_uid` advances; when done, `last_uid = scan_until` and
-//!   normal operation (UIDs above `last_uid`) resumes.
+//!   normal operation (UIDs above `last_uid`) resumes;
+//! - `last_uid` only moves over UIDs handed over (confirmed, or recorded as
+//!   oversized) or gone from the server. A message not handed over (a FETCH
+//!   reply without its body, say) holds it back; the UIDs handed over above
+//!   it are kept in `ahead`, so the next pass retries just that message and
+//!   publishes nothing twice.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use common::keys::Keys;
 use redis::aio::ConnectionManager;
@@ -49,6 +54,9 @@ pub struct Checkpoint {
     pub scan_criterion: String,
     /// When this checkpoint was written (epoch seconds).
     pub saved_at: u64,
+    /// UIDs above `last_uid` already handed over (a message below them was
+    /// not, yet).
+    pub ahead: BTreeSet<u32>,
 }
 
 impl Checkpoint {
@@ -64,7 +72,42 @@ impl Checkpoint {
             ("scan-until", self.scan_until.to_string()),
             ("scan-criterion", self.scan_criterion.clone()),
             ("saved-at", self.saved_at.to_string()),
+            (
+                "ahead",
+                self.ahead
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         ]
+    }
+
+    /// Moves `last_uid` over the longest run of `chunk` (ascending UIDs above
+    /// it) that is `handled` (handed over or recorded as oversized), already
+    /// `ahead`, or not `present` on the server any more; what is handled
+    /// beyond that run is remembered in `ahead`. Returns true when it
+    /// changed.
+    pub fn advance(
+        &mut self,
+        chunk: &[u32],
+        handled: &HashSet<u32>,
+        present: impl Fn(u32) -> bool,
+    ) -> bool {
+        let before = (self.last_uid, self.ahead.clone());
+        let mut last = self.last_uid;
+        for &uid in chunk {
+            if handled.contains(&uid) || self.ahead.contains(&uid) || !present(uid) {
+                last = last.max(uid);
+            } else {
+                break;
+            }
+        }
+        self.last_uid = last;
+        self.ahead
+            .extend(handled.iter().copied().filter(|u| *u > last));
+        self.ahead.retain(|u| *u > last);
+        (self.last_uid, &self.ahead) != (before.0, &before.1)
     }
 
     fn from_fields(map: &HashMap<String, String>) -> Option<Self> {
@@ -75,6 +118,10 @@ impl Checkpoint {
             scan_until: num("scan-until").unwrap_or(0) as u32,
             scan_criterion: map.get("scan-criterion").cloned().unwrap_or_default(),
             saved_at: num("saved-at").unwrap_or(0),
+            ahead: map
+                .get("ahead")
+                .map(|v| v.split(',').filter_map(|u| u.parse().ok()).collect())
+                .unwrap_or_default(),
         })
     }
 }
@@ -194,6 +241,7 @@ mod tests {
             scan_until: 12,
             scan_criterion: "UNSEEN".into(),
             saved_at: 99,
+            ahead: BTreeSet::from([13, 15]),
         };
         let map: HashMap<String, String> = cp
             .fields()
@@ -202,5 +250,27 @@ mod tests {
             .collect();
         assert_eq!(Checkpoint::from_fields(&map), Some(cp));
         assert_eq!(Checkpoint::from_fields(&HashMap::new()), None);
+    }
+
+    #[test]
+    fn a_message_not_handed_over_holds_the_checkpoint_and_what_follows_waits_ahead() {
+        let mut cp = Checkpoint {
+            last_uid: 10,
+            ..Default::default()
+        };
+        let present = |_| true;
+        // 12 came without its body: 11 is passed, 13 and 14 wait ahead.
+        let handled = HashSet::from([11, 13, 14]);
+        assert!(cp.advance(&[11, 12, 13, 14], &handled, present));
+        assert_eq!(cp.last_uid, 11);
+        assert_eq!(cp.ahead, BTreeSet::from([13, 14]));
+        // The next pass hands over 12 (and new 15): all of it is passed.
+        assert!(cp.advance(&[12, 15], &HashSet::from([12, 15]), present));
+        assert_eq!(cp.last_uid, 15);
+        assert!(cp.ahead.is_empty());
+        // A message gone from the server does not hold it back.
+        assert!(cp.advance(&[16, 17], &HashSet::from([17]), |u| u != 16));
+        assert_eq!(cp.last_uid, 17);
+        assert!(!cp.advance(&[], &HashSet::new(), present));
     }
 }

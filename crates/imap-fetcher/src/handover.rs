@@ -78,7 +78,7 @@ impl Worker<'_> {
                     last_uid: 0,
                     scan_until: top,
                     scan_criterion: c,
-                    saved_at: 0,
+                    ..Default::default()
                 },
                 _ => Checkpoint {
                     uidvalidity,
@@ -102,12 +102,21 @@ impl Worker<'_> {
                 .search(session, &query)
                 .await?
                 .into_iter()
-                .filter(|u| *u > lo && *u <= hi)
+                .filter(|u| *u > lo && *u <= hi && !cp.ahead.contains(u))
                 .collect();
             if !self.process(session, &uids, &mut cp, caps).await? {
                 return Ok(());
             }
+            if uids
+                .iter()
+                .any(|u| *u > cp.last_uid && !cp.ahead.contains(u))
+            {
+                // A message of the scan was not handed over: the scan goes on
+                // at the next pass, and nothing above it is looked at yet.
+                return Ok(());
+            }
             cp.last_uid = cp.scan_until;
+            cp.ahead.retain(|u| *u > cp.scan_until);
             cp.scan_until = 0;
             cp.scan_criterion.clear();
             checkpoint::save(&mut redis, &kit.keys, name, &kit.instance, &cp).await?;
@@ -117,7 +126,7 @@ impl Worker<'_> {
             .search(session, &format!("UID {}:*", last.saturating_add(1)))
             .await?
             .into_iter()
-            .filter(|u| *u > last)
+            .filter(|u| *u > last && !cp.ahead.contains(u))
             .collect();
         self.process(session, &uids, &mut cp, caps).await?;
         Ok(())
@@ -251,7 +260,13 @@ impl Worker<'_> {
                     stopped = true;
                     continue;
                 }
-                let (Some(uid), Some(body)) = (f.uid, f.body()) else {
+                let Some(uid) = f.uid else {
+                    continue; // an unsolicited FETCH (flags of another message)
+                };
+                let Some(body) = f.body() else {
+                    // Not handed over: the checkpoint waits for it, and the
+                    // next pass asks for it again.
+                    tracing::warn!(config = %name, uid, "FETCH reply without BODY[]; the message is fetched again on the next pass");
                     continue;
                 };
                 let message_ref = MessageRef::Imap {
@@ -309,19 +324,10 @@ impl Worker<'_> {
         self.after_fetch(session, &uids, &cfg.after_fetch, caps)
             .await?;
         flushed.map_err(FetchError::from)?;
-        // Advance the checkpoint over the longest prefix of the chunk that is
-        // fully handed over (confirmed, oversized, or gone from the server).
+        // Advance the checkpoint over what is fully handed over (confirmed,
+        // oversized, or gone from the server); see `Checkpoint::advance`.
         let handled: HashSet<u32> = uids.iter().chain(oversized.iter()).copied().collect();
-        let mut last = cp.last_uid;
-        for uid in chunk {
-            if handled.contains(uid) || !sizes.contains_key(uid) {
-                last = last.max(*uid);
-            } else {
-                break;
-            }
-        }
-        if last > cp.last_uid {
-            cp.last_uid = last;
+        if cp.advance(chunk, &handled, |uid| sizes.contains_key(&uid)) {
             let mut redis = mb.kit.redis.clone();
             checkpoint::save(&mut redis, &mb.kit.keys, name, &mb.kit.instance, cp).await?;
         }

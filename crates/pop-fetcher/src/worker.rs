@@ -244,6 +244,17 @@ impl Worker<'_> {
             if failure.is_some() {
                 break;
             }
+            if too_large.is_none() && todo.is_empty() {
+                // The last confirms; the broker may refuse a message here too.
+                match publisher.flush(&mut confirmed).await {
+                    Ok(()) => {}
+                    Err(e @ PublishError::TooLarge { .. }) => too_large = Some(e),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
             if let Some(e) = too_large {
                 let refused = publisher.take_refused();
                 total += self
