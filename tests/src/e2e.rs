@@ -782,7 +782,7 @@ poll-interval = 1
     /// Writes a batch into the mailboxes' Maildirs.
     pub fn seed(&self, batch: &Batch) {
         for (mailbox, mails) in self.mailboxes.iter().zip(&batch.mails) {
-            crate::pop_support::seed_maildir(&self.env, mailbox, mails);
+            crate::maildir::seed(&self.env, mailbox, mails);
         }
     }
 
@@ -849,7 +849,7 @@ poll-interval = 1
             Duration::from_secs(1),
             || async {
                 for m in &self.mailboxes[2..] {
-                    if maildrop_len(&self.env, m) != 0 {
+                    if crate::maildir::len(&self.env, m) != 0 {
                         return false;
                     }
                 }
@@ -1083,10 +1083,7 @@ poll-interval = 1
             let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
         }
         for m in &self.mailboxes {
-            let maildir = crate::pop_support::maildir(&self.env, m);
-            if let Some(home) = maildir.parent() {
-                let _ = std::fs::remove_dir_all(home);
-            }
+            crate::maildir::remove(&self.env, m);
         }
     }
 
@@ -1113,19 +1110,6 @@ impl Drop for Stack {
             }
         }
     }
-}
-
-/// Files in a mailbox's Maildir (`new` + `cur`).
-pub fn maildrop_len(env: &Endpoints, mailbox: &str) -> usize {
-    let root = crate::pop_support::maildir(env, mailbox);
-    ["new", "cur"]
-        .iter()
-        .map(|d| {
-            std::fs::read_dir(root.join(d))
-                .map(|r| r.count())
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 /// Polls `check` every `every` until it is true; panics naming `what`

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::shutdown::CancellationToken;
 use imap_fetcher::Options;
 use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::maildir;
 use tokio::task::JoinHandle;
 
 fn options() -> Options {
@@ -52,9 +53,9 @@ async fn checkpoint_of(fx: &Fixture, config: &str) -> HashMap<String, String> {
 async fn publishes_500_seeded_messages_then_marks_them_seen() {
     let fx = Fixture::new("b500");
     let seeded: Vec<Vec<u8>> = (0..500)
-        .map(|i| support::message(&fx.prefix, i, 2048))
+        .map(|i| maildir::message(&fx.prefix, i, 2048, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (config, _) = fx.config(&[fx.mail_table("m500", &fx.mailbox, "batch-size = 100")]);
     let (shutdown, task) = start(config, options());
@@ -108,8 +109,8 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
         .collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        let msgs: Vec<Vec<u8>> = (0..5).map(|i| support::message(b, i, 600)).collect();
-        support::seed_maildir(&fx.env, b, &msgs);
+        let msgs: Vec<Vec<u8>> = (0..5).map(|i| maildir::message(b, i, 600, false)).collect();
+        maildir::seed(&fx.env, b, &msgs);
     }
     // The move target has a non-ASCII name: modified UTF-7 on the wire.
     support::create_folder(&fx.env, &boxes[0], "Trait&AOk-s").await;
@@ -153,8 +154,10 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_from_now_skips_existing_mail_and_idle_publishes_new_mail() {
     let fx = Fixture::new("now");
-    let old: Vec<Vec<u8>> = (0..3).map(|i| support::message("old", i, 500)).collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &old);
+    let old: Vec<Vec<u8>> = (0..3)
+        .map(|i| maildir::message("old", i, 500, false))
+        .collect();
+    maildir::seed(&fx.env, &fx.mailbox, &old);
     fx.plant_token().await;
     let (config, _) = fx.config(&[fx.mail_table(
         "now",
@@ -171,7 +174,7 @@ async fn start_from_now_skips_existing_mail_and_idle_publishes_new_mail() {
     // Give IDLE a moment to be in place is not needed: mail appended before
     // IDLE starts is found by the next pass anyway. Poll interval is an hour,
     // so only IDLE can deliver it in time.
-    let new = support::message(&fx.prefix, 99, 700);
+    let new = maildir::message(&fx.prefix, 99, 700, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &new).await;
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 2, Duration::from_secs(20)).await;
@@ -235,10 +238,10 @@ async fn app_without_grant_gets_a_permission_error_and_no_tight_loop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     let fx = Fixture::new("tok");
-    support::seed_maildir(
+    maildir::seed(
         &fx.env,
         &fx.mailbox,
-        &[support::message(&fx.prefix, 1, 500)],
+        &[maildir::message(&fx.prefix, 1, 500, false)],
     );
     // A token whose JWT has expired although Redis still holds it as current
     // (it expired between polls).
@@ -309,10 +312,10 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
     use mailagent_tests::exchange_front::{ExchangeFront, Mode};
     let fx = Fixture::new("exok");
     let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
-    support::seed_maildir(
+    maildir::seed(
         &fx.env,
         &fx.mailbox,
-        &[support::message(&fx.prefix, 1, 500)],
+        &[maildir::message(&fx.prefix, 1, 500, false)],
     );
     fx.plant_token().await;
     let table = fx.mail_table("exok", &fx.mailbox, "").replace(

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::shutdown::CancellationToken;
 use imap_fetcher::Options;
 use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::maildir;
 use mailagent_tests::private_rabbit::PrivateRabbit;
 use mailagent_tests::relay::Relay;
 use tokio::task::JoinHandle;
@@ -72,9 +73,9 @@ async fn last_error(fx: &Fixture) -> Option<String> {
 
 fn seed(fx: &Fixture, tag: &str, n: usize) -> BTreeSet<Vec<u8>> {
     let msgs: Vec<Vec<u8>> = (0..n)
-        .map(|i| support::message(&format!("{}{tag}", fx.prefix), i, 1500))
+        .map(|i| maildir::message(&format!("{}{tag}", fx.prefix), i, 1500, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
     msgs.into_iter().collect()
 }
 
@@ -244,7 +245,7 @@ async fn uidvalidity_change_rescans_unseen_mail_without_replaying_handed_over_ma
     // Dovecot forgets its UID list and index and assigns a new UIDVALIDITY
     // and new UIDs; the \Seen flags stay (Maildir keeps them in file names).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let dir = support::maildir(&fx.env, &fx.mailbox);
+    let dir = maildir::maildir(&fx.env, &fx.mailbox);
     for entry in std::fs::read_dir(&dir).expect("maildir") {
         let path = entry.expect("entry").path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -296,7 +297,7 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
     let (config, _) = fx.config(&[table]);
     let (shutdown, task) = start(config);
     wait_started(&fx, "exp").await;
-    let first = support::message(&fx.prefix, 1, 600);
+    let first = maildir::message(&fx.prefix, 1, 600, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &first).await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "published with the first token");
@@ -320,7 +321,7 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
         request.contains(&failed.fingerprint),
         "refresh of the refused token: {request}"
     );
-    let second = support::message(&fx.prefix, 2, 600);
+    let second = maildir::message(&fx.prefix, 2, 600, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &second).await;
     // Act as the broker: the refreshed token.
     fx.plant_token().await;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use mailagent_tests::env::bin_path;
 use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::maildir;
 use tokio::process::{Child, Command};
 
 fn spawn(config: &Path, log: &Path) -> Child {
@@ -51,9 +52,9 @@ async fn wait_depth(channel: &lapin::Channel, queue: &str, at_least: u32, deadli
 async fn kill_9_mid_mailbox_then_restart_publishes_every_message_at_least_once() {
     let fx = Fixture::new("k9");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (_, path) = fx.config(&[fx.mail_table("k9", &fx.mailbox, "batch-size = 100")]);
     let channel = fx.channel().await;
@@ -94,9 +95,9 @@ async fn kill_9_mid_mailbox_then_restart_publishes_every_message_at_least_once()
 async fn sigterm_mid_batch_exits_0_and_flags_exactly_what_was_published() {
     let fx = Fixture::new("term");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (_, path) = fx.config(&[fx.mail_table("term", &fx.mailbox, "batch-size = 400")]);
     let channel = fx.channel().await;
@@ -138,7 +139,7 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     let boxes: Vec<String> = (0..9).map(|i| format!("l{i}-{}", fx.mailbox)).collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        support::seed_maildir(&fx.env, b, &[support::message(b, 0, 400)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 0, 400, false)]);
     }
     fx.plant_token().await;
     let tables: Vec<String> = boxes
@@ -218,7 +219,7 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     eprintln!("taken over in {:?}", killed_at.elapsed());
     // Nothing lost: new mail in every mailbox arrives.
     for b in &boxes {
-        support::append(&fx.env, b, "INBOX", &support::message(b, 1, 400)).await;
+        support::append(&fx.env, b, "INBOX", &maildir::message(b, 1, 400, false)).await;
     }
     let got = support::drain(&channel, &fx.queue(), 9, Duration::from_secs(30)).await;
     assert_eq!(

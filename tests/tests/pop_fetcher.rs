@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::envelope::{dedupe_key, MessageRef};
-use mailagent_tests::pop_support::{
-    self, drain, eventually, message, seed_maildir, Fixture, InProcess,
-};
+use mailagent_tests::maildir::{message, seed as seed_maildir};
+use mailagent_tests::pop_support::{self, drain, eventually, Fixture, InProcess};
 
 /// Seeds `n` messages (every 7th with lines starting with "."), returns
 /// them by Message-ID tag index.

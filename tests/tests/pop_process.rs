@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::envelope::dedupe_key;
 use mailagent_tests::env::bin_path;
+use mailagent_tests::maildir;
 use mailagent_tests::pop_support::{self as support, Fixture};
 use tokio::process::{Child, Command};
 
@@ -54,9 +55,9 @@ async fn stop(mut child: Child) {
 async fn kill_9_mid_maildrop_then_restart_loses_nothing_and_empties_the_maildrop() {
     let fx = Fixture::new("pk9");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024, i % 11 == 0))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, i % 11 == 0))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     let by_key: HashMap<String, Vec<u8>> = seeded
         .iter()
         .map(|m| (dedupe_key(&fx.mailbox, m), m.clone()))
@@ -132,7 +133,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     let boxes: Vec<String> = (0..6).map(|i| format!("r{i}-{}", fx.mailbox)).collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        support::seed_maildir(&fx.env, b, &[support::message(b, 0, 600, false)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 0, 600, false)]);
     }
     fx.plant_token().await;
     let configs: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
@@ -199,7 +200,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
 
     // Nothing lost: new mail in every mailbox arrives, and every maildrop empties.
     for b in &boxes {
-        support::seed_maildir(&fx.env, b, &[support::message(b, 1, 600, false)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 1, 600, false)]);
     }
     let got = support::drain(&channel, &fx.queue(), 6, Duration::from_secs(30)).await;
     let configs_seen: BTreeSet<String> = got.iter().map(|e| e.mail_config.clone()).collect();

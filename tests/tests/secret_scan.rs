@@ -23,7 +23,7 @@ use mailagent_tests::env::{bin_path, unique, Endpoints};
 use mailagent_tests::forms::{self, Attachment, Lease};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
-use mailagent_tests::{imap_support, pop_support};
+use mailagent_tests::maildir;
 
 /// What must never appear, by name.
 struct Secrets(Vec<(String, Vec<u8>)>);
@@ -256,8 +256,8 @@ senders = ["@contoso.com"]
         .unwrap();
 
     // Mail in: a valid form in each mailbox, and one rejected (no workbook).
-    imap_support::seed_maildir(&env, &imap_mailbox, &[form("S-IMAP")]);
-    pop_support::seed_maildir(
+    maildir::seed(&env, &imap_mailbox, &[form("S-IMAP")]);
+    maildir::seed(
         &env,
         &pop_mailbox,
         &[
@@ -265,7 +265,7 @@ senders = ["@contoso.com"]
             forms::mail(forms::LEASE_SUBJECT, "ann@contoso.com", &[], &[]),
         ],
     );
-    imap_support::seed_maildir(&env, &pw_mailbox, &[form("S-PASSWORD")]);
+    maildir::seed(&env, &pw_mailbox, &[form("S-PASSWORD")]);
 
     let logs = cfg.dir().join("logs");
     std::fs::create_dir_all(&logs).unwrap();

@@ -54,7 +54,8 @@ use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
 use mailagent_tests::idp::TestIdp;
-use mailagent_tests::{imap_support, mailclient, pop_support};
+use mailagent_tests::maildir;
+use mailagent_tests::{imap_support, mailclient};
 use tokio::process::{Child, Command};
 
 /// Measures F, P, X, E, IDLE latency and RSS (see the module documentation).
@@ -634,10 +635,7 @@ async fn clean_up(env: &Endpoints, prefixes: &[&str], mailboxes: &[&str]) {
         }
     }
     for m in mailboxes {
-        let maildir = imap_support::maildir(env, m);
-        if let Some(home) = maildir.parent() {
-            let _ = std::fs::remove_dir_all(home);
-        }
+        maildir::remove(env, m);
     }
 }
 
@@ -752,16 +750,16 @@ async fn run(
         mails.iter().map(Vec::len).min().unwrap_or(0),
         mails.iter().map(Vec::len).max().unwrap_or(0),
     );
-    imap_support::seed_maildir(env, bulk, &mails);
+    maildir::seed(env, bulk, &mails);
     let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.size);
-    pop_support::seed_maildir(env, pop, &pop_mails);
+    maildir::seed(env, pop, &pop_mails);
     // The IDLE mailbox exists before the fetcher logs in; this message is
     // not a form and is skipped (`start-from = "now"`).
     imap_support::append(
         env,
         idle,
         "INBOX",
-        &imap_support::message("idle-warm", 0, 300),
+        &maildir::message("idle-warm", 0, 300, false),
     )
     .await;
     let warm = bench::warm_up(env, bulk).await?;

@@ -31,6 +31,7 @@ use lapin::options::BasicConsumeOptions;
 use mailagent_tests::bench::{self, percentile, rss_kb, Figure};
 use mailagent_tests::imap_support::{self as support, Fixture};
 use mailagent_tests::mailclient;
+use mailagent_tests::maildir;
 
 /// Measures F, P, R, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
@@ -120,7 +121,7 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
         &fx.env,
         &mailbox,
         "INBOX",
-        &support::message("idle-warm", 0, 300),
+        &maildir::message("idle-warm", 0, 300, false),
     )
     .await;
     let (config, _) = fx.config(&[fx.mail_table(
@@ -162,7 +163,7 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
     let mut conn = support::master(&fx.env, &mailbox).await;
     let mut latencies = Vec::with_capacity(appends);
     for i in 0..appends {
-        let m = support::message("idle", i + 1, 2048);
+        let m = maildir::message("idle", i + 1, 2048, false);
         let t0 = Instant::now();
         mailclient::imap_append(&mut conn, &format!("a{i}"), "INBOX", &m).await?;
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
@@ -251,7 +252,7 @@ async fn throughput(
     bodies: &[Vec<u8>],
     total: u64,
 ) -> anyhow::Result<()> {
-    support::seed_maildir(&fx.env, &fx.mailbox, bodies);
+    maildir::seed(&fx.env, &fx.mailbox, bodies);
     // Warm-up: Dovecot indexes the new Maildir files once (not measured as F).
     let warm = bench::warm_up(&fx.env, &fx.mailbox).await?;
     println!(
@@ -297,7 +298,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let bodies: Vec<Vec<u8>> = (0..args.messages)
         .map(|i| {
-            let mut m = support::message(&fx.prefix, i, args.size);
+            let mut m = maildir::message(&fx.prefix, i, args.size, false);
             m.truncate(args.size.max(200));
             m
         })

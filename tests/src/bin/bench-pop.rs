@@ -28,6 +28,7 @@ use lapin::options::{
 };
 use lapin::BasicProperties;
 use mailagent_tests::mailclient::{self, AuthOutcome};
+use mailagent_tests::maildir;
 use mailagent_tests::pop_support::{self, Fixture};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -85,11 +86,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let fx = Fixture::new("benchpop");
     let msgs: Vec<Vec<u8>> = (0..args.messages)
-        .map(|i| pop_support::message(&fx.prefix, i, args.size, false))
+        .map(|i| maildir::message(&fx.prefix, i, args.size, false))
         .collect();
     let total_bytes: u64 = msgs.iter().map(|m| m.len() as u64).sum();
     let seeding = Instant::now();
-    pop_support::seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
     println!(
         "seeded {} messages of {} bytes ({:.1} MB) in {:.1} s into {}",
         msgs.len(),
