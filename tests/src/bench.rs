@@ -224,21 +224,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`).
-pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
-/// Current and peak resident set size of a process, kB (`VmRSS`, `VmHWM`).
-pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
-    Some((status_kb(pid, "VmRSS:")?, status_kb(pid, "VmHWM:")?))
-}
-
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on
 /// every Linux this runs on).
 pub const TICKS_PER_SEC: f64 = 100.0;
@@ -321,12 +306,4 @@ pub fn grant_all(env: &Endpoints, app: &str, mailboxes: &[String]) -> anyhow::Re
         .write_all(lines.as_bytes())?;
     std::thread::sleep(Duration::from_millis(1100));
     Ok(())
-}
-
-/// Sends SIGTERM to one process, by its (positive) pid.
-pub fn sigterm(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-s", "TERM", "--", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .status();
 }

@@ -34,7 +34,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,10 +43,9 @@ use common::keys::Keys;
 use form_processor::store::Store;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::env::{bin_path, unique, Endpoints};
+use crate::env::{unique, Endpoints};
 use crate::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
 use crate::idp::TestIdp;
 pub use crate::relay::Relay;
@@ -166,36 +164,18 @@ async fn supervise(
 ) {
     loop {
         let n = starts.fetch_add(1, Ordering::SeqCst);
-        let log = std::fs::File::create(logs.join(format!("{name}.{n}.log"))).expect("log file");
-        let mut child = Command::new(bin_path(bin.name()))
-            .arg("--config")
-            .arg(&config)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("MAILAGENT_IMAP_LEASE_TTL", "5")
-            .env("MAILAGENT_IMAP_BACKOFF_MS", "300")
-            .env("MAILAGENT_IMAP_BACKOFF_MAX_MS", "2000")
-            .env("MAILAGENT_POP3_LEASE_TTL", "5")
-            .env("MAILAGENT_POP3_BACKOFF_MS", "300")
-            .env("MAILAGENT_POP3_BACKOFF_MAX_MS", "2000")
+        let mut child = crate::process::launch(bin.name(), &config)
+            .clean_env()
+            .log_level("info")
+            .fast_fetch(5)
             .env("MAILAGENT_POP3_TOKEN_WAIT_MS", "2000")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.name()));
+            .log(&logs.join(format!("{name}.{n}.log")))
+            .spawn();
         *pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
         let status = tokio::select! {
             status = child.wait() => status,
             _ = stop.cancelled() => {
-                if let Some(id) = child.id() {
-                    signal("-TERM", id);
-                }
-                if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
-                }
+                crate::process::stop(&mut child, Duration::from_secs(15)).await;
                 *pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return;
             }
@@ -213,14 +193,6 @@ async fn supervise(
             _ = stop.cancelled() => return,
         }
     }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .arg(sig)
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// An HTTP front before the test identity provider: it forwards token
@@ -835,7 +807,7 @@ poll-interval = 1
             None => Policy::Stay,
         };
         let pid = p.pid().unwrap_or_else(|| panic!("{name} is not running"));
-        signal("-KILL", pid);
+        crate::process::signal("KILL", pid);
         eprintln!("[e2e] kill -9 {name} (pid {pid})");
     }
 

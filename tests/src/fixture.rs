@@ -4,6 +4,7 @@
 //! helpers (drain, depth, purge). [`crate::imap_support::Fixture`] and
 //! [`crate::pop_support::Fixture`] are this fixture for IMAP and POP3.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -212,6 +213,31 @@ allow-insecure = true
             .await
             .expect("declare topology");
         channel
+    }
+
+    /// Starts the fetcher binary with config `path` (short lease and
+    /// backoff times), logging to `log` in the fixture's directory.
+    pub fn spawn(&self, path: &std::path::Path, log: &str) -> tokio::process::Child {
+        crate::process::launch(P::COMPONENT.name(), path)
+            .fast_fetch(3)
+            .log_level("info")
+            .log(&self.dir.path().join(log))
+            .spawn()
+    }
+
+    /// Current lease owners (instance ids) of the mail configs `configs`.
+    pub async fn lease_owners(&self, configs: &[String]) -> HashMap<String, String> {
+        use redis::AsyncCommands;
+        let mut redis = self.redis().await;
+        let keys = self.keys();
+        let mut out = HashMap::new();
+        for c in configs {
+            let o: Option<String> = redis.get(keys.lease(c)).await.unwrap_or(None);
+            if let Some(o) = o {
+                out.insert(c.clone(), o);
+            }
+        }
+        out
     }
 
     /// Files in the mailbox's Maildir (`new` + `cur`): the maildrop's size.

@@ -16,5 +16,6 @@ pub mod mailclient;
 pub mod maildir;
 pub mod pop_support;
 pub mod private_rabbit;
+pub mod process;
 pub mod relay;
 pub mod restricted;

@@ -13,17 +13,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
 use common::Component;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use mailagent_tests::env::{bin_path, unique, Endpoints};
+use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{self, Attachment, Lease};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
+use mailagent_tests::process;
+use tokio::process::Child;
 
 /// What must never appear, by name.
 struct Secrets(Vec<(String, Vec<u8>)>);
@@ -43,18 +44,6 @@ impl Secrets {
             .map(|(n, _)| n.clone())
             .collect()
     }
-}
-
-fn spawn(name: &str, config: &Path, logs: &Path) -> Child {
-    let out = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    Command::new(bin_path(name))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {name}: {e}"))
 }
 
 fn form(id: &str) -> Vec<u8> {
@@ -144,26 +133,16 @@ async fn amqp_dump(channel: &lapin::Channel, queue: &str) -> Vec<Vec<u8>> {
     out
 }
 
-fn sigterm(children: Vec<(String, Child)>) {
+/// SIGTERM to every child, then each must exit 0 within 30 s.
+async fn sigterm(children: Vec<(String, Child)>) {
     for (_, c) in &children {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        process::sigterm(c.id().expect("pid"));
     }
     for (name, mut c) in children {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                assert!(status.success(), "{name} exited {status} on SIGTERM");
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("{name} did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = process::wait_exit(&mut c, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("{name} did not stop on SIGTERM"));
+        assert!(status.success(), "{name} exited {status} on SIGTERM");
     }
 }
 
@@ -280,7 +259,11 @@ senders = ["@contoso.com"]
     .into_iter()
     .map(|c| {
         let name = c.name();
-        (name.to_string(), spawn(name, &cfg.path_for(c), &logs))
+        let child = process::launch(name, &cfg.path_for(c))
+            .log_level("trace")
+            .log(&logs.join(format!("{name}.log")))
+            .spawn();
+        (name.to_string(), child)
     })
     .collect();
 
@@ -305,7 +288,7 @@ senders = ["@contoso.com"]
     .await;
     // Let one more token refresh cycle and heartbeat be logged either way.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    sigterm(children);
+    sigterm(children).await;
     if outcome.is_err() {
         let tails: Vec<String> = files_under(&logs)
             .iter()

@@ -37,7 +37,6 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,8 +54,8 @@ use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
-use mailagent_tests::{imap_support, mailclient};
-use tokio::process::{Child, Command};
+use mailagent_tests::{imap_support, mailclient, process};
+use tokio::process::Child;
 
 /// Measures F, P, X, E, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
@@ -206,28 +205,14 @@ struct Proc {
 impl Proc {
     /// Starts `target/release/<name> --config <config>`, logging to `dir`.
     fn start(name: &'static str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?.with_file_name(name);
-        ensure!(
-            exe.exists(),
-            "{} is not built: cargo build --release --bins",
-            exe.display()
-        );
         let admin = free_port()?;
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&exe)
-            .arg("--config")
-            .arg(config)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+        let child = process::launch(name, config)
+            .clean_env()
+            .log_level("info")
             .env("MAILAGENT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", exe.display()))?;
+            .log(&log)
+            .try_spawn()?;
         let pid = child.id().context("pid")?;
         Ok(Self {
             name,
@@ -261,18 +246,14 @@ impl Proc {
 
     /// SIGTERM by pid, then waits (SIGKILL after 20 s).
     async fn stop(mut self) -> Option<std::process::ExitStatus> {
-        bench::sigterm(self.pid);
-        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
-            Ok(status) => status.ok(),
-            Err(_) => {
-                eprintln!(
-                    "{} did not stop within 20 s of SIGTERM; killing it",
-                    self.name
-                );
-                let _ = self.child.kill().await;
-                None
-            }
+        let status = process::stop(&mut self.child, Duration::from_secs(20)).await;
+        if status.is_none() {
+            eprintln!(
+                "{} did not stop within 20 s of SIGTERM; killed it",
+                self.name
+            );
         }
+        status
     }
 }
 
@@ -888,7 +869,7 @@ async fn run(
         println!("{:<16} {:>12} {:>12} {:>14}", "binary", "peak RSS", "RSS now", "CPU total");
         for p in procs.iter_mut() {
             p.check_alive()?;
-            let (rss, hwm) = bench::rss_kb(p.pid).context("read /proc/<pid>/status")?;
+            let (rss, hwm) = process::rss_kb(p.pid).context("read /proc/<pid>/status")?;
             let cpu = bench::cpu_ticks(p.pid).map(|c| c.1).unwrap_or(0);
             println!(
                 "{:<16} {:>9.1} MB {:>9.1} MB {:>12.2} s",

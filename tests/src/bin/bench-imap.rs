@@ -28,10 +28,11 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use futures::StreamExt;
 use lapin::options::BasicConsumeOptions;
-use mailagent_tests::bench::{self, percentile, rss_kb, Figure};
+use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::imap_support::{self as support, Fixture};
 use mailagent_tests::mailclient;
 use mailagent_tests::maildir;
+use mailagent_tests::process::{self, rss_kb};
 
 /// Measures F, P, R, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
@@ -190,24 +191,11 @@ async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Durati
         .map(|(i, m)| fx.mail_table(&format!("rss{i}"), m, "poll-interval = 3600"))
         .collect();
     let (_, path) = fx.config(&tables);
-    let log = std::fs::File::create(fx.dir.path().join("rss.log"))?;
     // The release binary next to this one (target/release/).
-    let exe = std::env::current_exe()?;
-    let fetcher = exe.with_file_name("imap-fetcher");
-    ensure!(
-        fetcher.exists(),
-        "{} is not built: cargo build --release -p imap-fetcher",
-        fetcher.display()
-    );
-    let mut child = tokio::process::Command::new(fetcher)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawn imap-fetcher")?;
+    let mut child = process::launch("imap-fetcher", &path)
+        .log_level("warn")
+        .log(&fx.dir.path().join("rss.log"))
+        .try_spawn()?;
     let pid = child.id().context("pid")?;
     let started = Instant::now();
     let mut redis = fx.redis().await;
@@ -235,13 +223,7 @@ async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Durati
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, hwm) = rss_kb(pid).context("read /proc status")?;
     // SIGTERM to this one positive pid, then wait for the graceful exit.
-    bench::sigterm(pid);
-    if tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .is_err()
-    {
-        child.kill().await?;
-    }
+    process::stop(&mut child, Duration::from_secs(20)).await;
     Ok((rss, hwm, ready))
 }
 
