@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::env::{unique, Endpoints};
 use crate::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use crate::harness::{mail_table, TestConfig};
 use crate::idp::TestIdp;
 pub use crate::relay::Relay;
 
@@ -470,13 +471,6 @@ impl Stack {
     pub async fn start(label: &str, imap_idle: bool) -> Self {
         let env = Endpoints::load();
         let prefix = unique(label);
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("mailagent-{prefix}-"))
-            .tempdir()
-            .expect("tempdir");
-        let logs = dir.path().join("logs");
-        std::fs::create_dir_all(&logs).expect("logs dir");
-
         let idp = TestIdp::start(&env).await;
         idp.set_lifetime(TOKEN_LIFETIME);
         let (app, secret) = idp.register_app();
@@ -497,95 +491,45 @@ impl Stack {
         }
         let configs: [String; 4] = ["imap-a", "imap-b", "pop-a", "pop-b"].map(String::from);
 
-        let key: [u8; 32] = rand::random();
-        use base64::Engine;
-        let key_file = dir.path().join("token-key");
-        std::fs::write(
-            &key_file,
-            base64::engine::general_purpose::STANDARD.encode(key),
-        )
-        .expect("key file");
-        let secret_file = dir.path().join("client-secret");
-        std::fs::write(&secret_file, &secret).expect("secret file");
-        let store_url = format!("sqlite://{}/records.db", dir.path().display());
+        // Each binary reaches the servers through the relays.
+        let redis_via = via(redis_url, &redis_relay);
+        let amqp_via = via(amqp_url, &amqp_relay);
+        let mut cfg = TestConfig::with_prefix(&env, &prefix);
+        cfg.servers(&redis_via, &amqp_via);
+        for line in [
+            "refresh-lead-min = 0",
+            "forced-refresh-min-interval = 1",
+            "failing-retry-interval = 5",
+            "backoff-initial-ms = 200",
+            "backoff-max = 2",
+            "request-timeout = 5",
+            "lock-ttl = 5",
+        ] {
+            cfg.broker_setting(line);
+        }
+        let store_url = cfg.sqlite_store();
+        cfg.section_line("form-processor", "prefetch = 32")
+            .idp_profile(PROFILE, &token_url, &app, &secret)
+            .lease_topic();
         let imaps = env.mail_addr("IMAPS").port();
         let pop3s = env.mail_addr("POP3S").port();
-        let mut toml = format!(
-            r#"[redis]
-url = "{redis}"
-prefix = "{prefix}"
-[amqp]
-url = "{amqp}"
-prefix = "{prefix}"
-[tls]
-extra-ca-file = "{ca}"
-[admin]
-listen = "127.0.0.1:0"
-heartbeat-interval = 1
-[token-broker]
-encryption-key-file = "{key}"
-refresh-lead-min = 0
-forced-refresh-min-interval = 1
-failing-retry-interval = 5
-backoff-initial-ms = 200
-backoff-max = 2
-request-timeout = 5
-lock-ttl = 5
-[form-processor]
-store = "{store_url}"
-prefetch = 32
-
-[[oauth-profiles]]
-name = "{PROFILE}"
-provider = "azure"
-access-type = "application"
-application-key = "{app}"
-application-secret-file = "{secret}"
-token-url = "{token_url}"
-scope = "https://outlook.office365.com/.default"
-allow-insecure = true
-
-[[topics]]
-subject = "{LEASE_SUBJECT}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-"#,
-            redis = via(redis_url.clone(), &redis_relay),
-            amqp = via(amqp_url.clone(), &amqp_relay),
-            ca = env.ca_file().display(),
-            key = key_file.display(),
-            secret = secret_file.display(),
-        );
+        let auth = format!("oauth-profile = \"{PROFILE}\"");
         for (i, (name, mailbox)) in configs.iter().zip(&mailboxes).enumerate() {
-            let (port, kind, after) = if i < 2 {
-                (imaps, "imaps", "mark-seen")
+            let extra = if i < 2 {
+                format!("after-fetch = \"mark-seen\"\nidle = {imap_idle}\n")
             } else {
-                (pop3s, "pop3s", "delete")
+                "after-fetch = \"delete\"\n".to_string()
             };
-            let idle = if i < 2 {
-                format!("idle = {imap_idle}\n")
+            let (port, kind) = if i < 2 {
+                (imaps, "imaps")
             } else {
-                String::new()
+                (pop3s, "pop3s")
             };
-            toml.push_str(&format!(
-                r#"
-[[incoming-mail]]
-name = "{name}"
-host = "localhost"
-port = {port}
-mail-server-type = "{kind}"
-username = "{mailbox}"
-oauth-profile = "{PROFILE}"
-after-fetch = "{after}"
-poll-interval = 1
-{idle}"#
-            ));
+            cfg.incoming_mail(&mail_table(name, mailbox, port, kind, &auth, &extra));
         }
-        let config_path = dir.path().join("mailagent.toml");
-        std::fs::write(&config_path, &toml).expect("config file");
+        let config_path = cfg.file("mailagent.toml", &cfg.toml);
+        let logs = cfg.dir().join("logs");
+        std::fs::create_dir_all(&logs).expect("logs dir");
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
@@ -611,14 +555,10 @@ poll-interval = 1
 
         // Each binary runs as its least-privilege users (crate::restricted),
         // through the same relays.
-        let redis_via = via(redis_url, &redis_relay);
-        let amqp_via = via(amqp_url, &amqp_relay);
         let bin_config = |bin: Bin| {
-            let path = dir.path().join(format!("{}.toml", bin.name()));
             let toml =
-                crate::restricted::restrict_via(&toml, bin.component(), &redis_via, &amqp_via);
-            std::fs::write(&path, toml).expect("config file");
-            path
+                crate::restricted::restrict_via(&cfg.toml, bin.component(), &redis_via, &amqp_via);
+            cfg.file(&format!("{}.toml", bin.name()), &toml)
         };
         let configs_by_bin: HashMap<&'static str, PathBuf> = [
             Bin::TokenBroker,
@@ -658,7 +598,7 @@ poll-interval = 1
             config_path,
             redis,
             channel,
-            dir: Some(dir),
+            dir: Some(cfg.dir),
             procs,
             dead_letters: Mutex::new(Vec::new()),
         };

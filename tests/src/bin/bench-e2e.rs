@@ -41,7 +41,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use base64::Engine;
 use clap::Parser;
 use common::config::{Component, LoadOptions};
 use common::envelope::dedupe_key;
@@ -52,6 +51,7 @@ use lapin::options::QueueDeleteOptions;
 use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use mailagent_tests::harness::{mail_table, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
 use mailagent_tests::{imap_support, mailclient, process};
@@ -367,87 +367,45 @@ impl LoadSamples {
     }
 }
 
-/// The configuration every process reads.
-#[allow(clippy::too_many_arguments)]
-fn config_toml(
+/// The configuration every process reads: the lease topic, a SQLite
+/// store in the run's directory, the IdP's app, and the three mailboxes.
+fn configure(
+    cfg: &mut TestConfig,
     env: &Endpoints,
-    prefix: &str,
-    dir: &Path,
-    app: &str,
-    token_url: &str,
-    bulk: &str,
-    idle: &str,
-    pop: &str,
-) -> String {
+    (app, secret, token_url): (&str, &str, &str),
+    [bulk, idle, pop]: [&String; 3],
+) {
     let imaps = env.mail_addr("IMAPS").port();
     let pop3s = env.mail_addr("POP3S").port();
-    format!(
-        r#"[redis]
-url = "{redis}"
-prefix = "{prefix}"
-[amqp]
-url = "{amqp}"
-prefix = "{prefix}"
-[tls]
-extra-ca-file = "{ca}"
-[admin]
-listen = "127.0.0.1:0"
-heartbeat-interval = 1
-[token-broker]
-encryption-key-file = "{dir}/token-key"
-[form-processor]
-store = "sqlite://{dir}/records.db"
-
-[[oauth-profiles]]
-name = "{PROFILE}"
-provider = "azure"
-access-type = "application"
-application-key = "{app}"
-application-secret-file = "{dir}/client-secret"
-token-url = "{token_url}"
-scope = "https://outlook.office365.com/.default"
-allow-insecure = true
-
-[[topics]]
-subject = "{LEASE_SUBJECT}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-
-[[incoming-mail]]
-name = "{BULK}"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{bulk}"
-oauth-profile = "{PROFILE}"
-
-[[incoming-mail]]
-name = "{IDLE}"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{idle}"
-oauth-profile = "{PROFILE}"
-start-from = "now"
-
-[[incoming-mail]]
-name = "{POP}"
-host = "localhost"
-port = {pop3s}
-mail-server-type = "pop3s"
-username = "{pop}"
-oauth-profile = "{PROFILE}"
-after-fetch = "delete"
-poll-interval = 1
-"#,
-        redis = env.redis_url(),
-        amqp = env.amqp_url(),
-        ca = env.ca_file().display(),
-        dir = dir.display(),
-    )
+    let auth = format!("oauth-profile = \"{PROFILE}\"");
+    let store = format!("sqlite://{}/records.db", cfg.dir().display());
+    cfg.store(&store)
+        .idp_profile(PROFILE, token_url, app, secret)
+        .lease_topic()
+        .incoming_mail(&mail_table(
+            BULK,
+            bulk,
+            imaps,
+            "imaps",
+            &auth,
+            "poll-interval = 60\n",
+        ))
+        .incoming_mail(&mail_table(
+            IDLE,
+            idle,
+            imaps,
+            "imaps",
+            &auth,
+            "poll-interval = 60\nstart-from = \"now\"\n",
+        ))
+        .incoming_mail(&mail_table(
+            POP,
+            pop,
+            pop3s,
+            "pop3s",
+            &auth,
+            "after-fetch = \"delete\"\n",
+        ));
 }
 
 fn load_config(path: &Path, component: Component) -> anyhow::Result<common::Config> {
@@ -626,10 +584,7 @@ async fn main() -> anyhow::Result<()> {
     let env = Endpoints::load();
     let prefix = unique("e2eb");
     let private = unique("e2ep");
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("bench-e2e-{prefix}-"))
-        .tempdir()?;
-    let dir = tmp.path().to_path_buf();
+    let mut cfg = TestConfig::with_prefix(&env, &prefix);
     let load = LoadSamples::default();
     let sampler = load.start();
     let started_at = std::process::Command::new("date")
@@ -646,7 +601,7 @@ async fn main() -> anyhow::Result<()> {
         &env,
         &prefix,
         &private,
-        &dir,
+        &mut cfg,
         &load,
         [&bulk, &idle, &pop],
     )
@@ -664,13 +619,13 @@ async fn main() -> anyhow::Result<()> {
             if args.keep {
                 println!(
                     "config, logs, metrics and records.db kept in {}",
-                    tmp.keep().display()
+                    cfg.dir.keep().display()
                 );
             }
             Ok(())
         }
         Err(e) => {
-            eprintln!("logs and config kept in {}", tmp.keep().display());
+            eprintln!("logs and config kept in {}", cfg.dir.keep().display());
             Err(e)
         }
     }
@@ -682,7 +637,7 @@ async fn run(
     env: &Endpoints,
     prefix: &str,
     private: &str,
-    dir: &Path,
+    cfg: &mut TestConfig,
     load: &LoadSamples,
     [bulk, idle, pop]: [&String; 3],
 ) -> anyhow::Result<()> {
@@ -703,17 +658,15 @@ async fn run(
         &app,
         &[bulk.to_string(), idle.to_string(), pop.to_string()],
     )?;
-    let key: [u8; 32] = rand::random();
-    std::fs::write(
-        dir.join("token-key"),
-        base64::engine::general_purpose::STANDARD.encode(key),
-    )?;
-    std::fs::write(dir.join("client-secret"), &secret)?;
-    let config_path = dir.join("mailagent.toml");
-    std::fs::write(
-        &config_path,
-        config_toml(env, prefix, dir, &app, &idp.token_url(), bulk, idle, pop),
-    )?;
+    configure(
+        cfg,
+        env,
+        (&app, &secret, &idp.token_url()),
+        [bulk, idle, pop],
+    );
+    let dir = cfg.dir().to_path_buf();
+    let dir = dir.as_path();
+    let config_path = cfg.file("mailagent.toml", &cfg.toml);
     let processor_config = load_config(&config_path, Component::FormProcessor)?;
     let mut publish_config = load_config(&config_path, Component::ImapFetcher)?;
     publish_config.amqp.prefix = private.to_string();
