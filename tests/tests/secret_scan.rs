@@ -20,7 +20,7 @@ use common::Component;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{self, Attachment, Lease};
-use mailagent_tests::harness::{wait_for, TestConfig};
+use mailagent_tests::harness::{mail_table, wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
 use mailagent_tests::process;
@@ -182,53 +182,35 @@ async fn a_trace_level_demo_cycle_leaves_no_secret_in_logs_redis_amqp_or_the_sto
     std::fs::create_dir_all(&store_dir).unwrap();
     let imaps = env.mail_addr("IMAPS").port();
     let pop3s = env.mail_addr("POP3S").port();
-    cfg.push(&format!(
-        r#"[form-processor]
-store = "sqlite://{store}/records.db"
-
-[[incoming-mail]]
-name = "scan-imap"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{imap_mailbox}"
-oauth-profile = "scan"
-after-fetch = "mark-seen"
-start-from = "all"
-poll-interval = 1
-
-[[incoming-mail]]
-name = "scan-pop"
-host = "localhost"
-port = {pop3s}
-mail-server-type = "pop3s"
-username = "{pop_mailbox}"
-oauth-profile = "scan"
-after-fetch = "delete"
-poll-interval = 1
-
-[[incoming-mail]]
-name = "scan-password"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{login}"
-password = "{mail_password}"
-after-fetch = "mark-seen"
-start-from = "all"
-poll-interval = 1
-
-[[topics]]
-subject = "{subject}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-"#,
-        store = store_dir.display(),
-        subject = forms::LEASE_SUBJECT,
-    ));
+    let oauth = "oauth-profile = \"scan\"";
+    let password = format!("password = \"{mail_password}\"");
+    let imap_rules = "after-fetch = \"mark-seen\"\nstart-from = \"all\"\n";
+    cfg.store(&format!("sqlite://{}/records.db", store_dir.display()))
+        .incoming_mail(&mail_table(
+            "scan-imap",
+            &imap_mailbox,
+            imaps,
+            "imaps",
+            oauth,
+            imap_rules,
+        ))
+        .incoming_mail(&mail_table(
+            "scan-pop",
+            &pop_mailbox,
+            pop3s,
+            "pop3s",
+            oauth,
+            "after-fetch = \"delete\"\n",
+        ))
+        .incoming_mail(&mail_table(
+            "scan-password",
+            &login,
+            imaps,
+            "imaps",
+            &password,
+            imap_rules,
+        ))
+        .lease_topic();
     let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
     let key_raw = base64::engine::general_purpose::STANDARD
         .decode(key_b64.trim())
@@ -441,53 +423,41 @@ fn assert_clean(what: &str, text: &str, secrets: &[&str]) {
 /// error types, built from inputs that hold every kind of secret.
 #[tokio::test]
 async fn debug_of_configs_tokens_and_errors_shows_no_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let key: [u8; 32] = rand::random();
-    let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
-    std::fs::write(dir.path().join("token-key"), &key_b64).unwrap();
-    let toml = format!(
-        r#"[redis]
-url = "redis://agent:{DBG_REDIS_PASSWORD}@127.0.0.1:1/0"
-[amqp]
-url = "amqp://agent:{DBG_AMQP_PASSWORD}@127.0.0.1:1/%2f"
-[token-broker]
-encryption-key-file = "{key}"
-[form-processor]
-store = "postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records"
-[[oauth-profiles]]
-name = "contoso"
-provider = "azure"
+    // Servers, store and mail hosts that do not exist: only the config
+    // is needed, with a password in every place one can be.
+    let mut cfg = TestConfig::new(&Endpoints::load());
+    let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key_b64.trim())
+        .unwrap();
+    let legacy = |name: &str, host: &str, server_type: &str| {
+        format!(
+            "name = \"{name}\"\nhost = \"{host}\"\nusername = \"forms@example.net\"\npassword = \"{DBG_MAIL_PASSWORD}\"\nmail-server-type = \"{server_type}\"\n"
+        )
+    };
+    cfg.servers(
+        &format!("redis://agent:{DBG_REDIS_PASSWORD}@127.0.0.1:1/0"),
+        &format!("amqp://agent:{DBG_AMQP_PASSWORD}@127.0.0.1:1/%2f"),
+    )
+    .store(&format!("postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records"))
+    .oauth_profile(
+        "contoso",
+        &format!(
+            r#"provider = "azure"
 application-key = "00000000-0000-0000-0000-000000000000"
 application-secret = "{DBG_CLIENT_SECRET}"
 token-url = "https://login.microsoftonline.com/t/oauth2/v2.0/token"
-[[incoming-mail]]
-name = "oauth"
-host = "outlook.office365.com"
-username = "forms@contoso.com"
-mail-server-type = "imaps"
-oauth-profile = "contoso"
-[[incoming-mail]]
-name = "legacy-pop"
-host = "pop.example.net"
-username = "forms@example.net"
-password = "{DBG_MAIL_PASSWORD}"
-mail-server-type = "pop3s"
-[[incoming-mail]]
-name = "legacy-imap"
-host = "imap.example.net"
-username = "forms@example.net"
-password = "{DBG_MAIL_PASSWORD}"
-mail-server-type = "imaps"
-[[topics]]
-subject = "LEASE ABSTRACT FORM"
-module = "triContract"
-business-object = "triLeaseAbstract"
-senders = ["@contoso.com"]
-"#,
-        key = dir.path().join("token-key").display(),
-    );
-    let path = dir.path().join("mailagent.toml");
-    std::fs::write(&path, toml).unwrap();
+"#
+        ),
+    )
+    .incoming_mail(
+        "name = \"oauth\"\nhost = \"outlook.office365.com\"\nusername = \"forms@contoso.com\"\nmail-server-type = \"imaps\"\noauth-profile = \"contoso\"\n",
+    )
+    .incoming_mail(&legacy("legacy-pop", "pop.example.net", "pop3s"))
+    .incoming_mail(&legacy("legacy-imap", "imap.example.net", "imaps"))
+    .topic("LEASE ABSTRACT FORM", "senders = [\"@contoso.com\"]\n");
+    let path = cfg.path();
+    let key_b64 = key_b64.trim().to_string();
     let key_text = String::from_utf8_lossy(&key).to_string();
     let secrets = [
         DBG_CLIENT_SECRET,
