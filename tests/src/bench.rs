@@ -307,3 +307,19 @@ pub fn grant_all(env: &Endpoints, app: &str, mailboxes: &[String]) -> anyhow::Re
     std::thread::sleep(Duration::from_millis(1100));
     Ok(())
 }
+
+/// The command-line options every fetch benchmark has: how much mail, how
+/// big, and the publisher's confirm window.
+#[derive(Debug, clap::Args)]
+pub struct MailArgs {
+    /// Messages in the mailbox (form mails for bench-e2e).
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Size of each message in bytes (bench-e2e pads a form mail with a
+    /// text body to it; a mail whose workbook alone is larger stays larger).
+    #[arg(long, default_value_t = 8192)]
+    pub size: usize,
+    /// Outstanding publisher confirms in P (the fetcher's default window).
+    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
+    pub window: usize,
+}

@@ -963,12 +963,7 @@ impl Stack {
             .await
             .expect("basic_get")
         {
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
+            let id = crate::fixture::message_id(&m.properties);
             m.acker.ack(BasicAckOptions::default()).await.expect("ack");
             out.push(id);
         }
@@ -1026,20 +1021,13 @@ impl Drop for Stack {
 
 /// Polls `check` every `every` until it is true; panics naming `what`
 /// after `within`.
-pub async fn poll_until<F, Fut>(what: &str, within: Duration, every: Duration, mut check: F)
+pub async fn poll_until<F, Fut>(what: &str, within: Duration, every: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(every).await;
-    }
+    assert!(
+        crate::harness::poll(within, every, check).await,
+        "timed out after {within:?} waiting for {what}"
+    );
 }

@@ -240,6 +240,42 @@ allow-insecure = true
         out
     }
 
+    /// The mail config `config`'s checkpoint hash (empty before the first).
+    pub async fn checkpoint(&self, config: &str) -> HashMap<String, String> {
+        use redis::AsyncCommands;
+        let mut r = self.redis().await;
+        r.hgetall(self.keys().checkpoint(config))
+            .await
+            .expect("hgetall")
+    }
+
+    /// The last error in this prefix's heartbeats of the fetcher, if any.
+    pub async fn last_error(&self) -> Option<String> {
+        let mut redis = self.redis().await;
+        common::heartbeat::list_agents(&mut redis, &self.keys())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.component == P::COMPONENT.name())
+            .find_map(|a| a.last_error)
+    }
+
+    /// A relay in front of RabbitMQ (cut it to take RabbitMQ "down" for
+    /// this test alone), and the AMQP URL through it.
+    pub async fn amqp_relay(&self) -> (crate::relay::Relay, common::secret::SecretUrl) {
+        let mut url: url::Url = self.env.amqp_url().parse().expect("amqp url");
+        let target = format!(
+            "{}:{}",
+            url.host_str().expect("host"),
+            url.port().expect("port")
+        )
+        .parse()
+        .expect("loopback address");
+        let relay = crate::relay::Relay::start(target).await;
+        url.set_port(Some(relay.addr.port())).expect("port");
+        (relay, common::secret::SecretUrl::new(url.to_string()))
+    }
+
     /// Files in the mailbox's Maildir (`new` + `cur`): the maildrop's size.
     pub fn maildrop_len(&self) -> usize {
         crate::maildir::len(&self.env, &self.mailbox)
@@ -279,6 +315,15 @@ pub async fn drain(
     out
 }
 
+/// The message-id property of a delivery ("" when it has none).
+pub fn message_id(properties: &lapin::BasicProperties) -> String {
+    properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default()
+}
+
 /// Ready messages in a queue (0 when it does not exist yet).
 pub async fn depth(channel: &lapin::Channel, queue: &str) -> u32 {
     common::topology::queue_depth(channel, queue)
@@ -294,19 +339,10 @@ pub async fn purge(channel: &lapin::Channel, queue: &str) {
 }
 
 /// Polls `check` every 100 ms until it returns true or `deadline` passes.
-pub async fn eventually<F, Fut>(deadline: Duration, mut check: F) -> bool
+pub async fn eventually<F, Fut>(deadline: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = Instant::now() + deadline;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    crate::harness::poll(deadline, Duration::from_millis(100), check).await
 }

@@ -453,12 +453,7 @@ impl Harness {
                     _ => None,
                 })
                 .unwrap_or_default();
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
+            let id = crate::fixture::message_id(&m.properties);
             m.acker.ack(BasicAckOptions::default()).await.unwrap();
             out.push((reason, id));
         }

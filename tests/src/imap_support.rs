@@ -4,6 +4,10 @@
 //! seeding writes Maildir files ([`crate::maildir`]).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::shutdown::CancellationToken;
+use tokio::task::JoinHandle;
 
 use crate::env::Endpoints;
 use crate::mailclient::{self, Conn};
@@ -15,6 +19,41 @@ pub const PROFILE: &str = <Imap as crate::fixture::Protocol>::PROFILE;
 
 /// One IMAP test's world.
 pub type Fixture = crate::fixture::Fixture<Imap>;
+
+/// Short lease and backoff times for an in-process fetcher.
+pub fn options() -> imap_fetcher::Options {
+    imap_fetcher::Options {
+        lease_ttl: Duration::from_secs(3),
+        backoff_initial: Duration::from_millis(300),
+        backoff_max: Duration::from_secs(2),
+        ..imap_fetcher::Options::default()
+    }
+}
+
+/// Starts the IMAP fetcher in this process; the task panics when the run
+/// fails. Stop it with [`stop`].
+pub fn start(
+    config: common::Config,
+    options: imap_fetcher::Options,
+) -> (CancellationToken, JoinHandle<()>) {
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        common::fetch::run(imap_fetcher::Imap, config, options, s)
+            .await
+            .expect("fetcher run");
+    });
+    (shutdown, task)
+}
+
+/// Graceful stop of a fetcher from [`start`], within 15 s.
+pub async fn stop(shutdown: CancellationToken, task: JoinHandle<()>) {
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("fetcher stops within 15 s")
+        .expect("fetcher task");
+}
 
 impl Fixture {
     /// A mail config table for `mailbox` over IMAPS with XOAUTH2; `extra`

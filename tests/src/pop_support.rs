@@ -87,15 +87,3 @@ impl Drop for InProcess {
         self.shutdown.cancel();
     }
 }
-
-/// The last error in this prefix's pop-fetcher heartbeats, if any.
-pub async fn last_error(fx: &Fixture) -> Option<String> {
-    let mut redis = fx.redis().await;
-    let agents = common::heartbeat::list_agents(&mut redis, &fx.keys())
-        .await
-        .ok()?;
-    agents
-        .into_iter()
-        .filter(|a| a.component == "pop-fetcher")
-        .find_map(|a| a.last_error)
-}

@@ -51,7 +51,7 @@ use lapin::options::QueueDeleteOptions;
 use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
-use mailagent_tests::harness::{mail_table, TestConfig};
+use mailagent_tests::harness::{self, mail_table, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
 use mailagent_tests::{imap_support, mailclient, process};
@@ -60,22 +60,15 @@ use tokio::process::Child;
 /// Measures F, P, X, E, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Form mails in the IMAP mailbox.
-    #[arg(long, default_value_t = 10_000)]
-    messages: usize,
-    /// Size of each form mail in bytes (a text body pads the mail to it;
-    /// a mail whose workbook alone is larger stays larger).
-    #[arg(long, default_value_t = 8192)]
-    size: usize,
+    /// Amount and size of the mail, confirm window.
+    #[command(flatten)]
+    mail: bench::MailArgs,
     /// Appends for the IDLE latency (0 skips it).
     #[arg(long, default_value_t = 200)]
     appends: usize,
     /// Form mails in the POP3 maildrop (processed before E starts).
     #[arg(long, default_value_t = 20)]
     pop_messages: usize,
-    /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
-    window: usize,
     /// Keep the config, the logs, the metrics and the SQLite file.
     #[arg(long)]
     keep: bool,
@@ -270,20 +263,21 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return Ok(());
+    let mut exited = None;
+    let done = harness::poll(within, every, || {
+        let fut = check();
+        if exited.is_none() {
+            exited = procs.iter_mut().find_map(|p| p.check_alive().err());
         }
-        for p in procs.iter_mut() {
-            p.check_alive()?;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(every).await;
+        let stop = exited.is_some();
+        async move { stop || fut.await }
+    })
+    .await;
+    if let Some(e) = exited {
+        return Err(e);
     }
+    ensure!(done, "timed out after {within:?} waiting for {what}");
+    Ok(())
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing's JSON
@@ -498,7 +492,7 @@ async fn idle_latency(
     mailbox: &str,
     args: &Args,
 ) -> anyhow::Result<Vec<Duration>> {
-    let (appends, size) = (args.appends, args.size);
+    let (appends, size) = (args.appends, args.mail.size);
     let checkpoint = keys.checkpoint(IDLE);
     wait_for(
         "the IDLE config's first pass",
@@ -643,8 +637,8 @@ async fn run(
 ) -> anyhow::Result<()> {
     println!(
         "bench-e2e: {} form mails of ~{} bytes, {} appends, {} POP3 mails; prefix {prefix}; load average {}",
-        args.messages,
-        args.size,
+        args.mail.messages,
+        args.mail.size,
         args.appends,
         args.pop_messages,
         bench::load_average()
@@ -673,7 +667,7 @@ async fn run(
 
     // The mails.
     let t = Instant::now();
-    let mails = form_mails(prefix, args.messages, args.size);
+    let mails = form_mails(prefix, args.mail.messages, args.mail.size);
     let bytes: u64 = mails.iter().map(|m| m.len() as u64).sum();
     let workbook = lease_workbook(&Lease::default()).len();
     println!(
@@ -685,7 +679,7 @@ async fn run(
         mails.iter().map(Vec::len).max().unwrap_or(0),
     );
     maildir::seed(env, bulk, &mails);
-    let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.size);
+    let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.mail.size);
     maildir::seed(env, pop, &pop_mails);
     // The IDLE mailbox exists before the fetcher logs in; this message is
     // not a form and is skipped (`start-from = "now"`).
@@ -703,9 +697,9 @@ async fn run(
     );
 
     // F, P, X.
-    let f = bench::raw_fetch(env, bulk, args.messages).await?;
+    let f = bench::raw_fetch(env, bulk, args.mail.messages).await?;
     f.print();
-    let p = bench::raw_publish(&publish_config, bulk, &mails, args.window).await?;
+    let p = bench::raw_publish(&publish_config, bulk, &mails, args.mail.window).await?;
     p.print();
     let x = {
         let mails = &mails;
@@ -760,7 +754,7 @@ async fn run(
             &config_path,
             dir,
             args.pop_messages,
-            args.messages,
+            args.mail.messages,
             bytes,
         )
         .await?;
@@ -770,7 +764,7 @@ async fn run(
         println!(
             "   (from the fetcher's spawn: {:.2} s = {:.0} msg/s; its first fetch {:.0} ms after spawn; first record {:.2} s after spawn; {failures} rejections)",
             e.from_spawn.as_secs_f64(),
-            args.messages as f64 / e.from_spawn.as_secs_f64(),
+            args.mail.messages as f64 / e.from_spawn.as_secs_f64(),
             e.startup.as_secs_f64() * 1e3,
             e.first_record.as_secs_f64(),
         );

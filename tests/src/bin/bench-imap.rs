@@ -37,15 +37,9 @@ use mailagent_tests::process::{self, rss_kb};
 /// Measures F, P, R, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Messages in the mailbox.
-    #[arg(long, default_value_t = 10_000)]
-    messages: usize,
-    /// Size of each message in bytes.
-    #[arg(long, default_value_t = 8192)]
-    size: usize,
-    /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
-    window: usize,
+    /// Amount and size of the mail, confirm window.
+    #[command(flatten)]
+    mail: bench::MailArgs,
     /// The fetcher's `batch-size` in R.
     #[arg(long, default_value_t = 200)]
     batch_size: u32,
@@ -242,7 +236,7 @@ async fn throughput(
         warm.as_secs_f64()
     );
 
-    let f = bench::raw_fetch(&fx.env, &fx.mailbox, args.messages).await?;
+    let f = bench::raw_fetch(&fx.env, &fx.mailbox, args.mail.messages).await?;
     f.print();
     let (config, _) = fx.config(&[fx.mail_table(
         "bench-r",
@@ -253,9 +247,16 @@ async fn throughput(
     // the fixture gives it one) may not do: P connects as the servers' admin.
     let mut p_config = config.clone();
     p_config.amqp.url = common::secret::SecretUrl::new(fx.env.amqp_url().to_string());
-    let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.window).await?;
+    let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.mail.window).await?;
     p.print();
-    let r = measure_fetcher(fx, config, args.messages, total, args.messages as u32).await?;
+    let r = measure_fetcher(
+        fx,
+        config,
+        args.mail.messages,
+        total,
+        args.mail.messages as u32,
+    )
+    .await?;
     r.print();
     let ceiling = bench::ceiling(&[&f, &p]);
     println!(
@@ -276,12 +277,12 @@ async fn main() -> anyhow::Result<()> {
     let fx = Fixture::new("bench");
     println!(
         "bench-imap: {} messages of {} bytes, window {}, batch-size {}; mailbox {}",
-        args.messages, args.size, args.window, args.batch_size, fx.mailbox
+        args.mail.messages, args.mail.size, args.mail.window, args.batch_size, fx.mailbox
     );
-    let bodies: Vec<Vec<u8>> = (0..args.messages)
+    let bodies: Vec<Vec<u8>> = (0..args.mail.messages)
         .map(|i| {
-            let mut m = maildir::message(&fx.prefix, i, args.size, false);
-            m.truncate(args.size.max(200));
+            let mut m = maildir::message(&fx.prefix, i, args.mail.size, false);
+            m.truncate(args.mail.size.max(200));
             m
         })
         .collect();
