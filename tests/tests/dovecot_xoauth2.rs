@@ -78,11 +78,11 @@ async fn imaps_accepts_a_granted_app_token_and_selects_inbox() {
         user,
         ..
     } = &g;
-    let token = token_from_idp(&idp, &app, &secret).await;
+    let token = token_from_idp(idp, app, secret).await;
 
     let mut conn = g.connect_tls("IMAPS").await;
     mailclient::imap_greeting(&mut conn).await.unwrap();
-    let outcome = mailclient::imap_xoauth2(&mut conn, &user, &token)
+    let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
         .await
         .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -120,7 +120,7 @@ async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
     assert!(tagged.starts_with("a1 OK"), "{tagged}");
     let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
     let outcome =
-        mailclient::imap_xoauth2(&mut tls, &user, &idp.mint(&app, Duration::from_secs(600)))
+        mailclient::imap_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
             .await
             .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -136,12 +136,12 @@ async fn pop3s_two_step_xoauth2_is_accepted() {
         user,
         ..
     } = &g;
-    let token = token_from_idp(&idp, &app, &secret).await;
+    let token = token_from_idp(idp, app, secret).await;
 
     let mut conn = g.connect_tls("POP3S").await;
     let greeting = conn.read_line().await.unwrap();
     assert!(greeting.starts_with("+OK"), "{greeting}");
-    let outcome = mailclient::pop3_xoauth2(&mut conn, &user, &token)
+    let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
         .await
         .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -170,7 +170,7 @@ async fn pop3_stls_then_xoauth2_works() {
     assert!(plain.read_line().await.unwrap().starts_with("+OK"));
     let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
     let outcome =
-        mailclient::pop3_xoauth2(&mut tls, &user, &idp.mint(&app, Duration::from_secs(600)))
+        mailclient::pop3_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
             .await
             .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -207,10 +207,10 @@ async fn imaps_refuses_bad_tokens_without_hanging() {
         user,
         ..
     } = &g;
-    for (what, token) in refused_cases(&env, &idp, &app) {
+    for (what, token) in refused_cases(env, idp, app) {
         let mut conn = g.connect_tls("IMAPS").await;
         mailclient::imap_greeting(&mut conn).await.unwrap();
-        let outcome = mailclient::imap_xoauth2(&mut conn, &user, &token)
+        let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
             .await
             .unwrap();
         match outcome {
@@ -243,10 +243,10 @@ async fn pop3s_refuses_bad_tokens() {
         user,
         ..
     } = &g;
-    for (what, token) in refused_cases(&env, &idp, &app) {
+    for (what, token) in refused_cases(env, idp, app) {
         let mut conn = g.connect_tls("POP3S").await;
         assert!(conn.read_line().await.unwrap().starts_with("+OK"));
-        let outcome = mailclient::pop3_xoauth2(&mut conn, &user, &token)
+        let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
             .await
             .unwrap();
         assert!(!outcome.accepted(), "{what} was accepted: {outcome:?}");
