@@ -224,21 +224,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`).
-pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
-/// Current and peak resident set size of a process, kB (`VmRSS`, `VmHWM`).
-pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
-    Some((status_kb(pid, "VmRSS:")?, status_kb(pid, "VmHWM:")?))
-}
-
 /// Clock ticks per second of `/proc/<pid>/stat` times (`USER_HZ`, 100 on
 /// every Linux this runs on).
 pub const TICKS_PER_SEC: f64 = 100.0;
@@ -323,10 +308,18 @@ pub fn grant_all(env: &Endpoints, app: &str, mailboxes: &[String]) -> anyhow::Re
     Ok(())
 }
 
-/// Sends SIGTERM to one process, by its (positive) pid.
-pub fn sigterm(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-s", "TERM", "--", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .status();
+/// The command-line options every fetch benchmark has: how much mail, how
+/// big, and the publisher's confirm window.
+#[derive(Debug, clap::Args)]
+pub struct MailArgs {
+    /// Messages in the mailbox (form mails for bench-e2e).
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: usize,
+    /// Size of each message in bytes (bench-e2e pads a form mail with a
+    /// text body to it; a mail whose workbook alone is larger stays larger).
+    #[arg(long, default_value_t = 8192)]
+    pub size: usize,
+    /// Outstanding publisher confirms in P (the fetcher's default window).
+    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
+    pub window: usize,
 }

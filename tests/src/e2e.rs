@@ -34,7 +34,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,11 +43,11 @@ use common::keys::Keys;
 use form_processor::store::Store;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeleteOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use crate::env::{bin_path, unique, Endpoints};
+use crate::env::{unique, Endpoints};
 use crate::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use crate::harness::{mail_table, TestConfig};
 use crate::idp::TestIdp;
 pub use crate::relay::Relay;
 
@@ -166,36 +165,18 @@ async fn supervise(
 ) {
     loop {
         let n = starts.fetch_add(1, Ordering::SeqCst);
-        let log = std::fs::File::create(logs.join(format!("{name}.{n}.log"))).expect("log file");
-        let mut child = Command::new(bin_path(bin.name()))
-            .arg("--config")
-            .arg(&config)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("MAILAGENT_IMAP_LEASE_TTL", "5")
-            .env("MAILAGENT_IMAP_BACKOFF_MS", "300")
-            .env("MAILAGENT_IMAP_BACKOFF_MAX_MS", "2000")
-            .env("MAILAGENT_POP3_LEASE_TTL", "5")
-            .env("MAILAGENT_POP3_BACKOFF_MS", "300")
-            .env("MAILAGENT_POP3_BACKOFF_MAX_MS", "2000")
+        let mut child = crate::process::launch(bin.name(), &config)
+            .clean_env()
+            .log_level("info")
+            .fast_fetch(5)
             .env("MAILAGENT_POP3_TOKEN_WAIT_MS", "2000")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.name()));
+            .log(&logs.join(format!("{name}.{n}.log")))
+            .spawn();
         *pid.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
         let status = tokio::select! {
             status = child.wait() => status,
             _ = stop.cancelled() => {
-                if let Some(id) = child.id() {
-                    signal("-TERM", id);
-                }
-                if tokio::time::timeout(Duration::from_secs(15), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
-                }
+                crate::process::stop(&mut child, Duration::from_secs(15)).await;
                 *pid.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 return;
             }
@@ -213,14 +194,6 @@ async fn supervise(
             _ = stop.cancelled() => return,
         }
     }
-}
-
-fn signal(sig: &str, pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .arg(sig)
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// An HTTP front before the test identity provider: it forwards token
@@ -498,13 +471,6 @@ impl Stack {
     pub async fn start(label: &str, imap_idle: bool) -> Self {
         let env = Endpoints::load();
         let prefix = unique(label);
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("mailagent-{prefix}-"))
-            .tempdir()
-            .expect("tempdir");
-        let logs = dir.path().join("logs");
-        std::fs::create_dir_all(&logs).expect("logs dir");
-
         let idp = TestIdp::start(&env).await;
         idp.set_lifetime(TOKEN_LIFETIME);
         let (app, secret) = idp.register_app();
@@ -525,95 +491,45 @@ impl Stack {
         }
         let configs: [String; 4] = ["imap-a", "imap-b", "pop-a", "pop-b"].map(String::from);
 
-        let key: [u8; 32] = rand::random();
-        use base64::Engine;
-        let key_file = dir.path().join("token-key");
-        std::fs::write(
-            &key_file,
-            base64::engine::general_purpose::STANDARD.encode(key),
-        )
-        .expect("key file");
-        let secret_file = dir.path().join("client-secret");
-        std::fs::write(&secret_file, &secret).expect("secret file");
-        let store_url = format!("sqlite://{}/records.db", dir.path().display());
+        // Each binary reaches the servers through the relays.
+        let redis_via = via(redis_url, &redis_relay);
+        let amqp_via = via(amqp_url, &amqp_relay);
+        let mut cfg = TestConfig::with_prefix(&env, &prefix);
+        cfg.servers(&redis_via, &amqp_via);
+        for line in [
+            "refresh-lead-min = 0",
+            "forced-refresh-min-interval = 1",
+            "failing-retry-interval = 5",
+            "backoff-initial-ms = 200",
+            "backoff-max = 2",
+            "request-timeout = 5",
+            "lock-ttl = 5",
+        ] {
+            cfg.broker_setting(line);
+        }
+        let store_url = cfg.sqlite_store();
+        cfg.section_line("form-processor", "prefetch = 32")
+            .idp_profile(PROFILE, &token_url, &app, &secret)
+            .lease_topic();
         let imaps = env.mail_addr("IMAPS").port();
         let pop3s = env.mail_addr("POP3S").port();
-        let mut toml = format!(
-            r#"[redis]
-url = "{redis}"
-prefix = "{prefix}"
-[amqp]
-url = "{amqp}"
-prefix = "{prefix}"
-[tls]
-extra-ca-file = "{ca}"
-[admin]
-listen = "127.0.0.1:0"
-heartbeat-interval = 1
-[token-broker]
-encryption-key-file = "{key}"
-refresh-lead-min = 0
-forced-refresh-min-interval = 1
-failing-retry-interval = 5
-backoff-initial-ms = 200
-backoff-max = 2
-request-timeout = 5
-lock-ttl = 5
-[form-processor]
-store = "{store_url}"
-prefetch = 32
-
-[[oauth-profiles]]
-name = "{PROFILE}"
-provider = "azure"
-access-type = "application"
-application-key = "{app}"
-application-secret-file = "{secret}"
-token-url = "{token_url}"
-scope = "https://outlook.office365.com/.default"
-allow-insecure = true
-
-[[topics]]
-subject = "{LEASE_SUBJECT}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-"#,
-            redis = via(redis_url.clone(), &redis_relay),
-            amqp = via(amqp_url.clone(), &amqp_relay),
-            ca = env.ca_file().display(),
-            key = key_file.display(),
-            secret = secret_file.display(),
-        );
+        let auth = format!("oauth-profile = \"{PROFILE}\"");
         for (i, (name, mailbox)) in configs.iter().zip(&mailboxes).enumerate() {
-            let (port, kind, after) = if i < 2 {
-                (imaps, "imaps", "mark-seen")
+            let extra = if i < 2 {
+                format!("after-fetch = \"mark-seen\"\nidle = {imap_idle}\n")
             } else {
-                (pop3s, "pop3s", "delete")
+                "after-fetch = \"delete\"\n".to_string()
             };
-            let idle = if i < 2 {
-                format!("idle = {imap_idle}\n")
+            let (port, kind) = if i < 2 {
+                (imaps, "imaps")
             } else {
-                String::new()
+                (pop3s, "pop3s")
             };
-            toml.push_str(&format!(
-                r#"
-[[incoming-mail]]
-name = "{name}"
-host = "localhost"
-port = {port}
-mail-server-type = "{kind}"
-username = "{mailbox}"
-oauth-profile = "{PROFILE}"
-after-fetch = "{after}"
-poll-interval = 1
-{idle}"#
-            ));
+            cfg.incoming_mail(&mail_table(name, mailbox, port, kind, &auth, &extra));
         }
-        let config_path = dir.path().join("mailagent.toml");
-        std::fs::write(&config_path, &toml).expect("config file");
+        let config_path = cfg.file("mailagent.toml", &cfg.toml);
+        let logs = cfg.dir().join("logs");
+        std::fs::create_dir_all(&logs).expect("logs dir");
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
@@ -639,14 +555,10 @@ poll-interval = 1
 
         // Each binary runs as its least-privilege users (crate::restricted),
         // through the same relays.
-        let redis_via = via(redis_url, &redis_relay);
-        let amqp_via = via(amqp_url, &amqp_relay);
         let bin_config = |bin: Bin| {
-            let path = dir.path().join(format!("{}.toml", bin.name()));
             let toml =
-                crate::restricted::restrict_via(&toml, bin.component(), &redis_via, &amqp_via);
-            std::fs::write(&path, toml).expect("config file");
-            path
+                crate::restricted::restrict_via(&cfg.toml, bin.component(), &redis_via, &amqp_via);
+            cfg.file(&format!("{}.toml", bin.name()), &toml)
         };
         let configs_by_bin: HashMap<&'static str, PathBuf> = [
             Bin::TokenBroker,
@@ -686,7 +598,7 @@ poll-interval = 1
             config_path,
             redis,
             channel,
-            dir: Some(dir),
+            dir: Some(cfg.dir),
             procs,
             dead_letters: Mutex::new(Vec::new()),
         };
@@ -782,7 +694,7 @@ poll-interval = 1
     /// Writes a batch into the mailboxes' Maildirs.
     pub fn seed(&self, batch: &Batch) {
         for (mailbox, mails) in self.mailboxes.iter().zip(&batch.mails) {
-            crate::pop_support::seed_maildir(&self.env, mailbox, mails);
+            crate::maildir::seed(&self.env, mailbox, mails);
         }
     }
 
@@ -835,7 +747,7 @@ poll-interval = 1
             None => Policy::Stay,
         };
         let pid = p.pid().unwrap_or_else(|| panic!("{name} is not running"));
-        signal("-KILL", pid);
+        crate::process::signal("KILL", pid);
         eprintln!("[e2e] kill -9 {name} (pid {pid})");
     }
 
@@ -849,7 +761,7 @@ poll-interval = 1
             Duration::from_secs(1),
             || async {
                 for m in &self.mailboxes[2..] {
-                    if maildrop_len(&self.env, m) != 0 {
+                    if crate::maildir::len(&self.env, m) != 0 {
                         return false;
                     }
                 }
@@ -1051,12 +963,7 @@ poll-interval = 1
             .await
             .expect("basic_get")
         {
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
+            let id = crate::fixture::message_id(&m.properties);
             m.acker.ack(BasicAckOptions::default()).await.expect("ack");
             out.push(id);
         }
@@ -1083,10 +990,7 @@ poll-interval = 1
             let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut r).await;
         }
         for m in &self.mailboxes {
-            let maildir = crate::pop_support::maildir(&self.env, m);
-            if let Some(home) = maildir.parent() {
-                let _ = std::fs::remove_dir_all(home);
-            }
+            crate::maildir::remove(&self.env, m);
         }
     }
 
@@ -1115,35 +1019,15 @@ impl Drop for Stack {
     }
 }
 
-/// Files in a mailbox's Maildir (`new` + `cur`).
-pub fn maildrop_len(env: &Endpoints, mailbox: &str) -> usize {
-    let root = crate::pop_support::maildir(env, mailbox);
-    ["new", "cur"]
-        .iter()
-        .map(|d| {
-            std::fs::read_dir(root.join(d))
-                .map(|r| r.count())
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
 /// Polls `check` every `every` until it is true; panics naming `what`
 /// after `within`.
-pub async fn poll_until<F, Fut>(what: &str, within: Duration, every: Duration, mut check: F)
+pub async fn poll_until<F, Fut>(what: &str, within: Duration, every: Duration, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(every).await;
-    }
+    assert!(
+        crate::harness::poll(within, every, check).await,
+        "timed out after {within:?} waiting for {what}"
+    );
 }

@@ -102,12 +102,15 @@ impl Endpoints {
     }
 }
 
-/// The path of one of the workspace's binaries, built next to the test
-/// executable (`scripts/test` builds them all before running the suite).
+/// The path of one of the workspace's binaries, built next to the running
+/// executable: a test's (`target/<profile>/deps/`) or a benchmark's
+/// (`target/<profile>/`). `scripts/test` builds them all before the suite.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

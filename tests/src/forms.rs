@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine;
-use common::config::{Action, Component, Config, LoadOptions};
+use common::config::{Action, Component, Config};
 use common::envelope::{dedupe_key, Envelope, MessageRef};
 use common::shutdown::CancellationToken;
 use common::topology::Topology;
@@ -18,6 +18,7 @@ use lapin::{Channel, Connection, ConnectionProperties};
 use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
 
 use crate::env::{unique, Endpoints};
+use crate::harness::TestConfig;
 use crate::relay::Relay;
 
 /// The object-map sheet name.
@@ -313,6 +314,7 @@ pub struct Harness {
     /// The proxy in front of the store ([`StoreKind::PostgresViaProxy`]).
     pub proxy: Option<Relay>,
     _dir: tempfile::TempDir,
+    _cfg: TestConfig,
 }
 
 /// Extra `[form-processor]` lines for a harness.
@@ -338,51 +340,19 @@ impl Harness {
                 url.to_string()
             }
         };
-        let toml = format!(
-            r#"
-[redis]
-url = "{redis}"
-prefix = "{prefix}"
-[amqp]
-url = "{amqp}"
-prefix = "{prefix}"
-[admin]
-listen = "127.0.0.1:0"
-[token-broker]
-token-encryption = "none"
-[form-processor]
-store = "{store_url}"
-{settings}
-
-[[topics]]
-subject = "{LEASE_SUBJECT}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-
-[[topics]]
-subject = "/^{SECURE_SUBJECT}$/"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-senders = ["@contoso.com"]
-require-authenticated-sender = true
-"#,
-            redis = env.redis_url(),
-            amqp = env.amqp_url(),
-            settings = form_processor_settings(extra),
-        );
-        let path: PathBuf = dir.path().join("mailagent.toml");
-        let toml = crate::restricted::restrict(&toml, Component::FormProcessor);
-        std::fs::write(&path, toml).unwrap();
-        let options = LoadOptions {
-            path: Some(path.clone()),
-            env: Vec::new(),
-        };
-        let config = common::config::load(&options, Component::FormProcessor)
-            .unwrap_or_else(|e| panic!("config: {e}"));
+        let mut cfg = TestConfig::with_prefix(&env, &prefix);
+        cfg.no_token_encryption()
+            .store(&store_url)
+            .lease_topic()
+            .topic(
+                &format!("/^{SECURE_SUBJECT}$/"),
+                "required = [\"triIdTX\"]\nsenders = [\"@contoso.com\"]\nrequire-authenticated-sender = true\n",
+            );
+        for line in form_processor_settings(extra) {
+            cfg.section_line("form-processor", &line);
+        }
+        let path = cfg.path_for(Component::FormProcessor);
+        let config = cfg.load(Component::FormProcessor);
         let conn = Connection::connect(env.amqp_url(), ConnectionProperties::default())
             .await
             .unwrap();
@@ -404,6 +374,7 @@ require-authenticated-sender = true
             config_path: path,
             proxy,
             _dir: dir,
+            _cfg: cfg,
         }
     }
 
@@ -482,12 +453,7 @@ require-authenticated-sender = true
                     _ => None,
                 })
                 .unwrap_or_default();
-            let id = m
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
+            let id = crate::fixture::message_id(&m.properties);
             m.acker.ack(BasicAckOptions::default()).await.unwrap();
             out.push((reason, id));
         }
@@ -502,28 +468,18 @@ require-authenticated-sender = true
     }
 }
 
-/// The `[form-processor]` lines: the test defaults, overridden by `extra`.
-fn form_processor_settings(extra: &[&str]) -> String {
-    let defaults = [
+/// The `[form-processor]` lines: the test defaults and `extra` (an
+/// `extra` line replaces the default of its key).
+fn form_processor_settings(extra: &[&str]) -> Vec<String> {
+    [
         "prefetch = 32".to_string(),
         format!("trusted-authserv-ids = [\"{TRUSTED_AUTHSERV}\"]"),
         "max-decompressed-bytes = 20000000".to_string(),
         "max-workbook-bytes = 5000000".to_string(),
-    ];
-    let key = |line: &str| {
-        line.split('=')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    let overridden: Vec<String> = extra.iter().map(|l| key(l)).collect();
-    defaults
-        .into_iter()
-        .filter(|d| !overridden.contains(&key(d)))
-        .chain(extra.iter().map(|l| l.to_string()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|l| l.to_string()))
+    .collect()
 }
 
 /// A processor running in this process.

@@ -21,9 +21,18 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
-    /// Base sections pointing at the test servers, with a fresh token key.
+    /// Base sections pointing at the test servers, with a fresh token key
+    /// and a fresh prefix.
     pub fn new(env: &Endpoints) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::with_prefix(env, &unique("t"))
+    }
+
+    /// Base sections with `prefix` as the Redis and AMQP prefix.
+    pub fn with_prefix(env: &Endpoints, prefix: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mailagent-{prefix}-"))
+            .tempdir()
+            .expect("tempdir");
         let key: [u8; 32] = rand::random();
         use base64::Engine;
         std::fs::write(
@@ -31,7 +40,7 @@ impl TestConfig {
             base64::engine::general_purpose::STANDARD.encode(key),
         )
         .expect("write key");
-        let redis_prefix = unique("t");
+        let redis_prefix = prefix.to_string();
         let amqp_prefix = redis_prefix.clone();
         let toml = format!(
             r#"[redis]
@@ -77,10 +86,72 @@ encryption-key-file = "{key}"
 
     /// Adds a `[token-broker]`-section key (placed before any array table).
     pub fn broker_setting(&mut self, line: &str) -> &mut Self {
-        self.toml = self
-            .toml
-            .replacen("[token-broker]\n", &format!("[token-broker]\n{line}\n"), 1);
+        self.section_line("token-broker", line)
+    }
+
+    /// Adds `line` (`key = value`) to `[section]`, adding the section
+    /// before the first array table when it is missing. A key already in
+    /// the section is replaced.
+    pub fn section_line(&mut self, section: &str, line: &str) -> &mut Self {
+        let header = format!("[{section}]\n");
+        let start = match find_header(&self.toml, &header) {
+            Some(at) => at + header.len(),
+            None => {
+                let at = self.toml.find("\n[[").map_or(self.toml.len(), |i| i + 1);
+                self.toml.insert_str(at, &header);
+                at + header.len()
+            }
+        };
+        let end = self.toml[start..]
+            .find("\n[")
+            .map_or(self.toml.len(), |i| start + i + 1);
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let existing = self.toml[start..end]
+            .lines()
+            .find(|l| l.split('=').next().unwrap_or_default().trim() == key)
+            .map(str::to_string);
+        match existing {
+            Some(old) => {
+                let at = start + self.toml[start..end].find(&old).expect("line");
+                self.toml.replace_range(at..at + old.len(), line);
+            }
+            None => self.toml.insert_str(start, &format!("{line}\n")),
+        }
         self
+    }
+
+    /// Points the config at other Redis and AMQP URLs (relays, other users).
+    pub fn servers(&mut self, redis_url: &str, amqp_url: &str) -> &mut Self {
+        self.section_line("redis", &format!("url = \"{redis_url}\""))
+            .section_line("amqp", &format!("url = \"{amqp_url}\""))
+    }
+
+    /// Tokens in Redis in clear (`token-encryption = "none"`) instead of
+    /// sealed with the generated key.
+    pub fn no_token_encryption(&mut self) -> &mut Self {
+        let line = format!(
+            "encryption-key-file = \"{}\"\n",
+            self.dir.path().join("token-key").display()
+        );
+        self.toml = self.toml.replacen(&line, "", 1);
+        self.broker_setting("token-encryption = \"none\"")
+    }
+
+    /// Sets the form processor's record store.
+    pub fn store(&mut self, url: &str) -> &mut Self {
+        self.section_line("form-processor", &format!("store = \"{url}\""))
+    }
+
+    /// A SQLite record store in the test directory; returns its URL.
+    pub fn sqlite_store(&mut self) -> String {
+        let url = format!("sqlite://{}/records.db", self.dir.path().display());
+        self.store(&url);
+        url
+    }
+
+    /// Adds an `[[oauth-profiles]]` table: `name` and the `body` lines.
+    pub fn oauth_profile(&mut self, name: &str, body: &str) -> &mut Self {
+        self.push(&format!("[[oauth-profiles]]\nname = \"{name}\"\n{body}"))
     }
 
     /// Adds an OAuth profile for the test IdP (http token URL, allowed insecure).
@@ -92,17 +163,40 @@ encryption-key-file = "{key}"
         secret: &str,
     ) -> &mut Self {
         let secret_file = self.file(&format!("{name}-secret"), secret);
-        self.push(&format!(
-            r#"[[oauth-profiles]]
-name = "{name}"
-provider = "azure"
+        self.oauth_profile(
+            name,
+            &format!(
+                r#"provider = "azure"
 application-key = "{client_id}"
 application-secret-file = "{secret}"
 token-url = "{token_url}"
 allow-insecure = true
 "#,
-            secret = secret_file.display()
+                secret = secret_file.display()
+            ),
+        )
+    }
+
+    /// Adds an `[[incoming-mail]]` table (see [`mail_table`]).
+    pub fn incoming_mail(&mut self, table: &str) -> &mut Self {
+        self.push(&format!("[[incoming-mail]]\n{table}\n"))
+    }
+
+    /// Adds a `[[topics]]` table for lease forms under `subject`: module
+    /// `triContract`, business object `triLeaseAbstract`, then `body`.
+    pub fn topic(&mut self, subject: &str, body: &str) -> &mut Self {
+        self.push(&format!(
+            "[[topics]]\nsubject = \"{subject}\"\nmodule = \"triContract\"\nbusiness-object = \"triLeaseAbstract\"\n{body}"
         ))
+    }
+
+    /// The usual lease topic: `triIdTX` required and unique, senders
+    /// `@contoso.com`.
+    pub fn lease_topic(&mut self) -> &mut Self {
+        self.topic(
+            crate::forms::LEASE_SUBJECT,
+            "required = [\"triIdTX\"]\nunique = [\"triIdTX\"]\nsenders = [\"@contoso.com\"]\n",
+        )
     }
 
     /// The config file path (written on each call).
@@ -136,6 +230,32 @@ allow-insecure = true
     }
 }
 
+/// Where `header` starts a line of `toml`.
+fn find_header(toml: &str, header: &str) -> Option<usize> {
+    if toml.starts_with(header) {
+        return Some(0);
+    }
+    toml.find(&format!("\n{header}")).map(|i| i + 1)
+}
+
+/// The body of an `[[incoming-mail]]` table: `mailbox` on `localhost:port`
+/// as `server_type` (`imaps`, `pop3s`, `pop3`…), then `auth` (an
+/// `oauth-profile = …` or `password = …` line) and the `extra` lines; a
+/// poll interval of 1 s unless `extra` sets one.
+pub fn mail_table(
+    name: &str,
+    mailbox: &str,
+    port: u16,
+    server_type: &str,
+    auth: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "name = \"{name}\"\nhost = \"localhost\"\nport = {port}\nmail-server-type = \"{server_type}\"\nusername = \"{mailbox}\"\n{auth}\n{poll}{extra}",
+        poll = if extra.contains("poll-interval") { "" } else { "poll-interval = 1\n" },
+    )
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`
 /// naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
@@ -152,5 +272,28 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls `check` every `every` until it returns true (then true) or
+/// `within` has passed (then false).
+pub async fn poll<F, Fut>(
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut check: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
     }
 }

@@ -207,9 +207,7 @@ impl Drop for PrivateRabbit {
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .filter(|p| *p > 1);
             if let Some(pid) = pid {
-                let _ = std::process::Command::new("kill")
-                    .args(["-s", "KILL", "--", &pid.to_string()])
-                    .status();
+                crate::process::signal("KILL", pid);
             }
         }
         let _ = self.child.kill();

@@ -14,13 +14,12 @@
 //! ```
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::envelope::Envelope;
 use mailagent_tests::corpus::{self, Entry, Expect};
-use mailagent_tests::env::bin_path;
 use mailagent_tests::forms::*;
+use mailagent_tests::process::{self, peak_rss_kib};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -188,18 +187,6 @@ async fn every_corpus_entry_gets_its_expected_outcome_and_the_processor_keeps_ru
     result.unwrap().unwrap();
 }
 
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Measurement: the form-processor binary's peak RSS (VmHWM) over the whole
 /// corpus (one round; raise the round count for more traffic). Prints the
 /// figure for docs/benchmarks.md. Its stderr goes to
@@ -209,17 +196,11 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn peak_rss_of_the_processor_process_over_the_corpus() {
     let entries = entries();
     let h = Harness::new(StoreKind::Sqlite, &[]).await;
-    let mut child = Command::new(bin_path("form-processor"))
-        .arg("--config")
-        .arg(&h.config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(std::env::temp_dir().join("corpus-rss-processor.log")).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    let pid = child.id();
+    let mut child = process::launch("form-processor", &h.config_path)
+        .log_level("warn")
+        .log(&std::env::temp_dir().join("corpus-rss-processor.log"))
+        .spawn();
+    let pid = child.id().expect("pid");
     let started = Instant::now();
     let mut all = Vec::new();
     for round in 0..1 {
@@ -256,11 +237,9 @@ async fn peak_rss_of_the_processor_process_over_the_corpus() {
     assert!(alive(), "the form processor exited");
     let hwm = peak_rss_kib(pid);
     let took = started.elapsed();
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    let status = child.wait().unwrap();
+    let status = process::stop(&mut child, Duration::from_secs(30))
+        .await
+        .expect("the form processor stops on SIGTERM");
     let sampled = sampler.await.unwrap();
     println!(
         "corpus: {} messages ({} entries), settled in {took:?}; form-processor VmHWM = {} KiB ({:.1} MiB), sampled peak {} KiB; exit {status}",

@@ -32,24 +32,57 @@ async fn token_from_idp(idp: &TestIdp, client_id: &str, secret: &str) -> String 
         .to_string()
 }
 
-fn mailbox() -> String {
-    format!("{}@example.com", unique("box"))
+/// A fresh mailbox granted to a fresh app of a running test IdP.
+struct Granted {
+    env: Endpoints,
+    idp: TestIdp,
+    app: String,
+    secret: String,
+    user: String,
+}
+
+impl Granted {
+    async fn new() -> Self {
+        let env = Endpoints::load();
+        let idp = TestIdp::start(&env).await;
+        let (app, secret) = idp.register_app();
+        let user = format!("{}@example.com", unique("box"));
+        env.grant(&app, &user);
+        Self {
+            env,
+            idp,
+            app,
+            secret,
+            user,
+        }
+    }
+
+    /// A TLS connection to `listener` (`IMAPS`, `POP3S`).
+    async fn connect_tls(
+        &self,
+        listener: &str,
+    ) -> mailclient::Conn<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        mailclient::connect_tls(self.env.mail_addr(listener), &self.env.ca_file())
+            .await
+            .unwrap()
+    }
 }
 
 #[tokio::test]
 async fn imaps_accepts_a_granted_app_token_and_selects_inbox() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
-    let token = token_from_idp(&idp, &app, &secret).await;
+    let g = Granted::new().await;
+    let Granted {
+        idp,
+        app,
+        secret,
+        user,
+        ..
+    } = &g;
+    let token = token_from_idp(idp, app, secret).await;
 
-    let mut conn = mailclient::connect_tls(env.mail_addr("IMAPS"), &env.ca_file())
-        .await
-        .unwrap();
+    let mut conn = g.connect_tls("IMAPS").await;
     mailclient::imap_greeting(&mut conn).await.unwrap();
-    let outcome = mailclient::imap_xoauth2(&mut conn, &user, &token)
+    let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
         .await
         .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -61,11 +94,14 @@ async fn imaps_accepts_a_granted_app_token_and_selects_inbox() {
 
 #[tokio::test]
 async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
+    let g = Granted::new().await;
+    let Granted {
+        env,
+        idp,
+        app,
+        user,
+        ..
+    } = &g;
 
     let mut plain = mailclient::connect_plain(env.mail_addr("IMAP"))
         .await
@@ -84,7 +120,7 @@ async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
     assert!(tagged.starts_with("a1 OK"), "{tagged}");
     let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
     let outcome =
-        mailclient::imap_xoauth2(&mut tls, &user, &idp.mint(&app, Duration::from_secs(600)))
+        mailclient::imap_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
             .await
             .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -92,19 +128,20 @@ async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
 
 #[tokio::test]
 async fn pop3s_two_step_xoauth2_is_accepted() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
-    let token = token_from_idp(&idp, &app, &secret).await;
+    let g = Granted::new().await;
+    let Granted {
+        idp,
+        app,
+        secret,
+        user,
+        ..
+    } = &g;
+    let token = token_from_idp(idp, app, secret).await;
 
-    let mut conn = mailclient::connect_tls(env.mail_addr("POP3S"), &env.ca_file())
-        .await
-        .unwrap();
+    let mut conn = g.connect_tls("POP3S").await;
     let greeting = conn.read_line().await.unwrap();
     assert!(greeting.starts_with("+OK"), "{greeting}");
-    let outcome = mailclient::pop3_xoauth2(&mut conn, &user, &token)
+    let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
         .await
         .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -116,11 +153,14 @@ async fn pop3s_two_step_xoauth2_is_accepted() {
 
 #[tokio::test]
 async fn pop3_stls_then_xoauth2_works() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
+    let g = Granted::new().await;
+    let Granted {
+        env,
+        idp,
+        app,
+        user,
+        ..
+    } = &g;
 
     let mut plain = mailclient::connect_plain(env.mail_addr("POP3"))
         .await
@@ -130,7 +170,7 @@ async fn pop3_stls_then_xoauth2_works() {
     assert!(plain.read_line().await.unwrap().starts_with("+OK"));
     let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
     let outcome =
-        mailclient::pop3_xoauth2(&mut tls, &user, &idp.mint(&app, Duration::from_secs(600)))
+        mailclient::pop3_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
             .await
             .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
@@ -159,17 +199,18 @@ fn refused_cases(env: &Endpoints, idp: &TestIdp, granted_app: &str) -> Vec<(&'st
 
 #[tokio::test]
 async fn imaps_refuses_bad_tokens_without_hanging() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
-    for (what, token) in refused_cases(&env, &idp, &app) {
-        let mut conn = mailclient::connect_tls(env.mail_addr("IMAPS"), &env.ca_file())
-            .await
-            .unwrap();
+    let g = Granted::new().await;
+    let Granted {
+        env,
+        idp,
+        app,
+        user,
+        ..
+    } = &g;
+    for (what, token) in refused_cases(env, idp, app) {
+        let mut conn = g.connect_tls("IMAPS").await;
         mailclient::imap_greeting(&mut conn).await.unwrap();
-        let outcome = mailclient::imap_xoauth2(&mut conn, &user, &token)
+        let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
             .await
             .unwrap();
         match outcome {
@@ -194,17 +235,18 @@ async fn imaps_refuses_bad_tokens_without_hanging() {
 
 #[tokio::test]
 async fn pop3s_refuses_bad_tokens() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
-    let user = mailbox();
-    env.grant(&app, &user);
-    for (what, token) in refused_cases(&env, &idp, &app) {
-        let mut conn = mailclient::connect_tls(env.mail_addr("POP3S"), &env.ca_file())
-            .await
-            .unwrap();
+    let g = Granted::new().await;
+    let Granted {
+        env,
+        idp,
+        app,
+        user,
+        ..
+    } = &g;
+    for (what, token) in refused_cases(env, idp, app) {
+        let mut conn = g.connect_tls("POP3S").await;
         assert!(conn.read_line().await.unwrap().starts_with("+OK"));
-        let outcome = mailclient::pop3_xoauth2(&mut conn, &user, &token)
+        let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
             .await
             .unwrap();
         assert!(!outcome.accepted(), "{what} was accepted: {outcome:?}");

@@ -19,6 +19,7 @@ use common::shutdown::CancellationToken;
 use common::Config;
 use futures::StreamExt;
 use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+use mailagent_tests::maildir;
 use mailagent_tests::{imap_support, pop_support};
 use tokio::task::JoinHandle;
 
@@ -99,17 +100,17 @@ impl Fx {
             Self::Imap(f) => (
                 &f.mailbox,
                 (0..n)
-                    .map(|i| imap_support::message(&prefix, i, 500))
+                    .map(|i| maildir::message(&prefix, i, 500, false))
                     .collect::<Vec<_>>(),
             ),
             Self::Pop3(f) => (
                 &f.mailbox,
                 (0..n)
-                    .map(|i| pop_support::message(&prefix, i, 500, false))
+                    .map(|i| maildir::message(&prefix, i, 500, false))
                     .collect(),
             ),
         };
-        mailagent_tests::imap_support::seed_maildir(self.env(), mailbox, &messages);
+        maildir::seed(self.env(), mailbox, &messages);
     }
 
     /// Seeds these messages into the fixture's mailbox.

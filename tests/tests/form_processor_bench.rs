@@ -11,23 +11,10 @@
 //!
 //! `FORM_BENCH_N` changes the number of mails. Figures go in docs/benchmarks.md.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mailagent_tests::env::bin_path;
 use mailagent_tests::forms::*;
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
+use mailagent_tests::process::{launch, peak_rss_kib, stop};
 
 async fn bench(kind: StoreKind) {
     let n: usize = std::env::var("FORM_BENCH_N")
@@ -39,18 +26,15 @@ async fn bench(kind: StoreKind) {
     h.publish_leases(n).await;
     let publish = started.elapsed();
     let store = h.store().await;
-    let mut child = Command::new(bin_path("form-processor"))
-        .arg("--config")
-        .arg(&h.config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = launch("form-processor", &h.config_path)
+        .log_level("warn")
+        .spawn();
+    let pid = child.id().expect("pid");
     let started = Instant::now();
     let mut peak = 0;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        peak = peak.max(peak_rss_kib(child.id()));
+        peak = peak.max(peak_rss_kib(pid));
         if store.count_records().await.is_ok_and(|c| c as usize >= n) {
             break;
         }
@@ -58,12 +42,8 @@ async fn bench(kind: StoreKind) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed();
-    peak = peak.max(peak_rss_kib(child.id()));
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let _ = child.wait();
+    peak = peak.max(peak_rss_kib(pid));
+    stop(&mut child, Duration::from_secs(30)).await;
     println!(
         "form-processor bench {kind:?}: {n} forms (8 fields, 3 children) in {:.2} s = {:.0} records/s; \
          peak RSS {:.1} MiB; (publishing took {:.2} s)",

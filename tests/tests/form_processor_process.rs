@@ -2,21 +2,18 @@
 //! kill -9 with messages in flight loses and doubles nothing, and the CLI
 //! prints the records as §7's JSON lines.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use mailagent_tests::env::bin_path;
 use mailagent_tests::forms::*;
+use mailagent_tests::process;
+use tokio::process::Child;
 
 fn spawn_processor(h: &Harness) -> Child {
-    Command::new(bin_path("form-processor"))
-        .arg("--config")
-        .arg(&h.config_path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    process::launch("form-processor", &h.config_path)
+        .log_level("warn")
         .spawn()
-        .expect("start form-processor")
 }
 
 #[tokio::test]
@@ -31,8 +28,7 @@ async fn kill_9_with_messages_in_flight_loses_none_and_doubles_none() {
         (r.len() >= 50).then_some(())
     })
     .await;
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.kill().await.unwrap(); // SIGKILL, and reaped
     let before = store.records(&Default::default()).await.unwrap().len();
     assert!(before < n, "killed before the end ({before} records)");
     let mut child = spawn_processor(&h);
@@ -56,29 +52,10 @@ async fn kill_9_with_messages_in_flight_loses_none_and_doubles_none() {
         "nothing rejected"
     );
     assert!(h.drain_dead().await.is_empty(), "nothing dead-lettered");
-    stop_with_sigterm(&mut child);
-}
-
-/// Stops the child with SIGTERM (graceful) and expects exit status 0.
-fn stop_with_sigterm(child: &mut Child) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "graceful stop exits 0, got {status}");
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "form-processor did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = process::stop(&mut child, Duration::from_secs(30))
+        .await
+        .expect("form-processor did not stop on SIGTERM");
+    assert!(status.success(), "graceful stop exits 0, got {status}");
 }
 
 #[tokio::test]

@@ -4,60 +4,23 @@
 //! documented, IDLE picks up new mail, leases spread configs over replicas,
 //! and permission problems are reported without a tight loop.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::shutdown::CancellationToken;
-use imap_fetcher::Options;
+use mailagent_tests::harness::wait_for;
 use mailagent_tests::imap_support::{self as support, Fixture};
-use tokio::task::JoinHandle;
-
-fn options() -> Options {
-    Options {
-        lease_ttl: Duration::from_secs(3),
-        backoff_initial: Duration::from_millis(300),
-        backoff_max: Duration::from_secs(2),
-        ..Options::default()
-    }
-}
-
-fn start(config: common::Config, options: Options) -> (CancellationToken, JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        common::fetch::run(imap_fetcher::Imap, config, options, s)
-            .await
-            .expect("fetcher run");
-    });
-    (shutdown, task)
-}
-
-async fn stop(shutdown: CancellationToken, task: JoinHandle<()>) {
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("fetcher stops within 15 s")
-        .expect("fetcher task");
-}
-
-async fn checkpoint_of(fx: &Fixture, config: &str) -> HashMap<String, String> {
-    use redis::AsyncCommands;
-    let mut r = fx.redis().await;
-    r.hgetall(fx.keys().checkpoint(config))
-        .await
-        .expect("hgetall")
-}
+use mailagent_tests::maildir;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_500_seeded_messages_then_marks_them_seen() {
     let fx = Fixture::new("b500");
     let seeded: Vec<Vec<u8>> = (0..500)
-        .map(|i| support::message(&fx.prefix, i, 2048))
+        .map(|i| maildir::message(&fx.prefix, i, 2048, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (config, _) = fx.config(&[fx.mail_table("m500", &fx.mailbox, "batch-size = 100")]);
-    let (shutdown, task) = start(config, options());
+    let (shutdown, task) = support::start(config, support::options());
 
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 500, Duration::from_secs(90)).await;
@@ -85,17 +48,17 @@ async fn publishes_500_seeded_messages_then_marks_them_seen() {
     let flags = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
     let last_uid = *flags.keys().max().expect("uids");
     let at_last = support::eventually(Duration::from_secs(10), || async {
-        checkpoint_of(&fx, "m500").await.get("last-uid") == Some(&last_uid.to_string())
+        fx.checkpoint("m500").await.get("last-uid") == Some(&last_uid.to_string())
     })
     .await;
     assert!(
         at_last,
         "checkpoint at the last UID {last_uid}: {:?}",
-        checkpoint_of(&fx, "m500").await
+        fx.checkpoint("m500").await
     );
     let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(2)).await;
     assert!(extra.is_empty(), "exactly 500 messages");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,8 +71,8 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
         .collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        let msgs: Vec<Vec<u8>> = (0..5).map(|i| support::message(b, i, 600)).collect();
-        support::seed_maildir(&fx.env, b, &msgs);
+        let msgs: Vec<Vec<u8>> = (0..5).map(|i| maildir::message(b, i, 600, false)).collect();
+        maildir::seed(&fx.env, b, &msgs);
     }
     // The move target has a non-ASCII name: modified UTF-7 on the wire.
     support::create_folder(&fx.env, &boxes[0], "Trait&AOk-s").await;
@@ -119,7 +82,7 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
         fx.mail_table("del", &boxes[1], "after-fetch = \"delete\""),
         fx.mail_table("keep", &boxes[2], "after-fetch = \"keep\""),
     ]);
-    let (shutdown, task) = start(config, options());
+    let (shutdown, task) = support::start(config, support::options());
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 15, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 15);
@@ -147,31 +110,33 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
     // Keep does not republish on the next polls.
     let again = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(3)).await;
     assert!(again.is_empty(), "kept mail is not published twice");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_from_now_skips_existing_mail_and_idle_publishes_new_mail() {
     let fx = Fixture::new("now");
-    let old: Vec<Vec<u8>> = (0..3).map(|i| support::message("old", i, 500)).collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &old);
+    let old: Vec<Vec<u8>> = (0..3)
+        .map(|i| maildir::message("old", i, 500, false))
+        .collect();
+    maildir::seed(&fx.env, &fx.mailbox, &old);
     fx.plant_token().await;
     let (config, _) = fx.config(&[fx.mail_table(
         "now",
         &fx.mailbox,
         "start-from = \"now\"\npoll-interval = 3600",
     )]);
-    let (shutdown, task) = start(config, options());
+    let (shutdown, task) = support::start(config, support::options());
     // Wait until the fetcher has recorded its starting point.
     let ready = support::eventually(Duration::from_secs(30), || async {
-        checkpoint_of(&fx, "now").await.contains_key("last-uid")
+        fx.checkpoint("now").await.contains_key("last-uid")
     })
     .await;
     assert!(ready, "checkpoint written at start");
     // Give IDLE a moment to be in place is not needed: mail appended before
     // IDLE starts is found by the next pass anyway. Poll interval is an hour,
     // so only IDLE can deliver it in time.
-    let new = support::message(&fx.prefix, 99, 700);
+    let new = maildir::message(&fx.prefix, 99, 700, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &new).await;
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 2, Duration::from_secs(20)).await;
@@ -180,7 +145,7 @@ async fn start_from_now_skips_existing_mail_and_idle_publishes_new_mail() {
     let flags = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
     let unseen = flags.values().filter(|f| !f.contains("\\Seen")).count();
     assert_eq!(unseen, 3, "old mail untouched");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,22 +154,13 @@ async fn app_without_grant_gets_a_permission_error_and_no_tight_loop() {
     let ungranted = format!("ng-{}", fx.mailbox);
     fx.plant_token().await;
     let (config, _) = fx.config(&[fx.mail_table("ng", &ungranted, "")]);
-    let (shutdown, task) = start(config, options());
-    let mut redis = fx.redis().await;
-    let keys = fx.keys();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut error = None;
-    while error.is_none() && std::time::Instant::now() < deadline {
-        let agents = common::heartbeat::list_agents(&mut redis, &keys)
-            .await
-            .unwrap_or_default();
-        error = agents.into_iter().find_map(|a| a.last_error);
-        if error.is_none() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    assert!(error.is_some(), "an error is reported in the heartbeat");
-    let error = error.unwrap();
+    let (shutdown, task) = support::start(config, support::options());
+    let error = wait_for(
+        "an error reported in the heartbeat",
+        Duration::from_secs(60),
+        || fx.last_error(),
+    )
+    .await;
     assert!(
         error.contains(&format!(
             "no permission on mailbox {ungranted} for app {}",
@@ -229,16 +185,16 @@ async fn app_without_grant_gets_a_permission_error_and_no_tight_loop() {
         during <= 8,
         "{during} login attempts in 5 s is a tight loop"
     );
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     let fx = Fixture::new("tok");
-    support::seed_maildir(
+    maildir::seed(
         &fx.env,
         &fx.mailbox,
-        &[support::message(&fx.prefix, 1, 500)],
+        &[maildir::message(&fx.prefix, 1, 500, false)],
     );
     // A token whose JWT has expired although Redis still holds it as current
     // (it expired between polls).
@@ -247,7 +203,7 @@ async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     // exactly that token, then store a fresh one.
     let mut pubsub = fx.refresh_requests().await;
     let (config, _) = fx.config(&[fx.mail_table("tok", &fx.mailbox, "")]);
-    let (shutdown, task) = start(config, options());
+    let (shutdown, task) = support::start(config, support::options());
     let request: String = {
         use futures::StreamExt;
         let mut messages = pubsub.on_message();
@@ -263,7 +219,7 @@ async fn refused_token_is_refreshed_and_the_fetch_succeeds() {
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(40)).await;
     assert_eq!(got.len(), 1, "published after the refresh");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,21 +234,13 @@ async fn authenticated_but_not_connected_is_reported_as_missing_permission() {
         &format!("port = {}", front.addr.port()),
     );
     let (config, _) = fx.config(&[table]);
-    let (shutdown, task) = start(config, options());
-    let mut redis = fx.redis().await;
-    let keys = fx.keys();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut error = None;
-    while error.is_none() && std::time::Instant::now() < deadline {
-        let agents = common::heartbeat::list_agents(&mut redis, &keys)
-            .await
-            .unwrap_or_default();
-        error = agents.into_iter().find_map(|a| a.last_error);
-        if error.is_none() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    let error = error.expect("an error is reported in the heartbeat");
+    let (shutdown, task) = support::start(config, support::options());
+    let error = wait_for(
+        "an error reported in the heartbeat",
+        Duration::from_secs(30),
+        || fx.last_error(),
+    )
+    .await;
     assert!(
         error.contains(&format!(
             "no permission on mailbox {} for app {}",
@@ -301,7 +249,7 @@ async fn authenticated_but_not_connected_is_reported_as_missing_permission() {
         "{error}"
     );
     assert!(error.contains("authenticated but not connected"), "{error}");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,10 +257,10 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
     use mailagent_tests::exchange_front::{ExchangeFront, Mode};
     let fx = Fixture::new("exok");
     let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
-    support::seed_maildir(
+    maildir::seed(
         &fx.env,
         &fx.mailbox,
-        &[support::message(&fx.prefix, 1, 500)],
+        &[maildir::message(&fx.prefix, 1, 500, false)],
     );
     fx.plant_token().await;
     let table = fx.mail_table("exok", &fx.mailbox, "").replace(
@@ -320,9 +268,9 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
         &format!("port = {}", front.addr.port()),
     );
     let (config, _) = fx.config(&[table]);
-    let (shutdown, task) = start(config, options());
+    let (shutdown, task) = support::start(config, support::options());
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "published through the front");
-    stop(shutdown, task).await;
+    support::stop(shutdown, task).await;
 }

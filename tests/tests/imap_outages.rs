@@ -4,85 +4,37 @@
 //! real Dovecot, RabbitMQ and Redis; outages are made with a per-test relay
 //! or a private RabbitMQ node, so parallel tests are not disturbed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::shutdown::CancellationToken;
-use imap_fetcher::Options;
+use mailagent_tests::imap_support::stop;
 use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::maildir;
 use mailagent_tests::private_rabbit::PrivateRabbit;
 use mailagent_tests::relay::Relay;
 use tokio::task::JoinHandle;
-
-fn options() -> Options {
-    Options {
-        lease_ttl: Duration::from_secs(3),
-        backoff_initial: Duration::from_millis(300),
-        backoff_max: Duration::from_secs(2),
-        ..Options::default()
-    }
-}
-
-fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
-    let shutdown = CancellationToken::new();
-    let s = shutdown.clone();
-    let task = tokio::spawn(async move {
-        common::fetch::run(imap_fetcher::Imap, config, options(), s)
-            .await
-            .expect("fetcher run");
-    });
-    (shutdown, task)
-}
-
-async fn stop(shutdown: CancellationToken, task: JoinHandle<()>) {
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("fetcher stops within 15 s")
-        .expect("fetcher task");
-}
-
-async fn checkpoint_of(fx: &Fixture, config: &str) -> HashMap<String, String> {
-    use redis::AsyncCommands;
-    let mut r = fx.redis().await;
-    r.hgetall(fx.keys().checkpoint(config))
-        .await
-        .expect("hgetall")
-}
 
 /// Waits until the fetcher has written its first checkpoint (it is up and
 /// has looked at the folder once).
 async fn wait_started(fx: &Fixture, config: &str) {
     let up = support::eventually(Duration::from_secs(30), || async {
-        checkpoint_of(fx, config).await.contains_key("last-uid")
+        fx.checkpoint(config).await.contains_key("last-uid")
     })
     .await;
     assert!(up, "the fetcher did not start on {config}");
 }
 
-async fn last_error(fx: &Fixture) -> Option<String> {
-    let mut redis = fx.redis().await;
-    common::heartbeat::list_agents(&mut redis, &fx.keys())
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| a.component == "imap-fetcher")
-        .find_map(|a| a.last_error)
+fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
+    support::start(config, support::options())
 }
 
 fn seed(fx: &Fixture, tag: &str, n: usize) -> BTreeSet<Vec<u8>> {
     let msgs: Vec<Vec<u8>> = (0..n)
-        .map(|i| support::message(&format!("{}{tag}", fx.prefix), i, 1500))
+        .map(|i| maildir::message(&format!("{}{tag}", fx.prefix), i, 1500, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
     msgs.into_iter().collect()
-}
-
-fn amqp_via(url: &str, addr: std::net::SocketAddr) -> common::secret::SecretUrl {
-    let mut u: url::Url = url.parse().expect("amqp url");
-    u.set_ip_host(addr.ip()).expect("host");
-    u.set_port(Some(addr.port())).expect("port");
-    common::secret::SecretUrl::new(u.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,21 +42,17 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     let fx = Fixture::new("down");
     fx.plant_token().await;
     let channel = fx.channel().await;
-    let amqp: url::Url = fx.env.amqp_url().parse().unwrap();
-    let target = format!("{}:{}", amqp.host_str().unwrap(), amqp.port().unwrap())
-        .parse()
-        .unwrap();
-    let relay = Relay::start(target).await;
+    let (relay, amqp_via_relay) = fx.amqp_relay().await;
     let (mut config, _) =
         fx.config(&[fx.mail_table("dn", &fx.mailbox, "after-fetch = \"delete\"\nidle = false")]);
-    config.amqp.url = amqp_via(fx.env.amqp_url(), relay.addr);
+    config.amqp.url = amqp_via_relay;
     let (shutdown, task) = start(config);
     wait_started(&fx, "dn").await;
 
     relay.down();
     let seeded = seed(&fx, "dn", 40);
     let noticed = support::eventually(Duration::from_secs(20), || async {
-        last_error(&fx)
+        fx.last_error()
             .await
             .is_some_and(|e| e.contains("RabbitMQ"))
     })
@@ -112,7 +60,7 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     assert!(
         noticed,
         "the outage was not reported: {:?}",
-        last_error(&fx).await
+        fx.last_error().await
     );
     // Several sessions fail meanwhile (backoff ≤ 2 s); nothing is deleted.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -183,7 +131,7 @@ async fn while_publishers_are_blocked_by_a_resource_alarm_nothing_is_flagged_the
     );
     assert_eq!(support::depth(&channel, &fx.queue()).await, 0);
     assert_eq!(
-        checkpoint_of(&fx, "al")
+        fx.checkpoint("al")
             .await
             .get("last-uid")
             .map(String::as_str),
@@ -229,22 +177,22 @@ async fn uidvalidity_change_rescans_unseen_mail_without_replaying_handed_over_ma
     .await;
     assert!(seen);
     let before = support::eventually(Duration::from_secs(10), || async {
-        checkpoint_of(&fx, "uv")
+        fx.checkpoint("uv")
             .await
             .get("last-uid")
             .map(String::as_str)
             == Some("5")
     })
     .await;
-    assert!(before, "{:?}", checkpoint_of(&fx, "uv").await);
-    let old_validity = checkpoint_of(&fx, "uv").await["uidvalidity"].clone();
+    assert!(before, "{:?}", fx.checkpoint("uv").await);
+    let old_validity = fx.checkpoint("uv").await["uidvalidity"].clone();
     stop(shutdown, task).await;
 
     // The mailbox is rebuilt (as after a restore or a server migration):
     // Dovecot forgets its UID list and index and assigns a new UIDVALIDITY
     // and new UIDs; the \Seen flags stay (Maildir keeps them in file names).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let dir = support::maildir(&fx.env, &fx.mailbox);
+    let dir = maildir::maildir(&fx.env, &fx.mailbox);
     for entry in std::fs::read_dir(&dir).expect("maildir") {
         let path = entry.expect("entry").path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
@@ -262,7 +210,7 @@ async fn uidvalidity_change_rescans_unseen_mail_without_replaying_handed_over_ma
         "the unseen mail is published after the change"
     );
     let changed = support::eventually(Duration::from_secs(15), || async {
-        let cp = checkpoint_of(&fx, "uv").await;
+        let cp = fx.checkpoint("uv").await;
         cp.get("uidvalidity") != Some(&old_validity)
             && cp.get("scan-until").is_none_or(|s| s == "0")
     })
@@ -270,7 +218,7 @@ async fn uidvalidity_change_rescans_unseen_mail_without_replaying_handed_over_ma
     assert!(
         changed,
         "checkpoint follows the new UIDVALIDITY (was {old_validity}): {:?}",
-        checkpoint_of(&fx, "uv").await
+        fx.checkpoint("uv").await
     );
     let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(3)).await;
     assert!(
@@ -296,7 +244,7 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
     let (config, _) = fx.config(&[table]);
     let (shutdown, task) = start(config);
     wait_started(&fx, "exp").await;
-    let first = support::message(&fx.prefix, 1, 600);
+    let first = maildir::message(&fx.prefix, 1, 600, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &first).await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 1, "published with the first token");
@@ -320,7 +268,7 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
         request.contains(&failed.fingerprint),
         "refresh of the refused token: {request}"
     );
-    let second = support::message(&fx.prefix, 2, 600);
+    let second = maildir::message(&fx.prefix, 2, 600, false);
     support::append(&fx.env, &fx.mailbox, "INBOX", &second).await;
     // Act as the broker: the refreshed token.
     fx.plant_token().await;

@@ -4,40 +4,12 @@
 //! take over a killed replica's configs within the lease time.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mailagent_tests::env::bin_path;
 use mailagent_tests::imap_support::{self as support, Fixture};
-use tokio::process::{Child, Command};
-
-fn spawn(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin_path("imap-fetcher"))
-        .arg("--config")
-        .arg(config)
-        .env("MAILAGENT_IMAP_LEASE_TTL", "3")
-        .env("MAILAGENT_IMAP_BACKOFF_MS", "300")
-        .env("MAILAGENT_IMAP_BACKOFF_MAX_MS", "2000")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn imap-fetcher")
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("pid");
-    let ok = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-}
+use mailagent_tests::maildir;
+use mailagent_tests::process;
+use tokio::process::Child;
 
 async fn wait_depth(channel: &lapin::Channel, queue: &str, at_least: u32, deadline: Duration) {
     let ok = support::eventually(deadline, || async {
@@ -51,19 +23,18 @@ async fn wait_depth(channel: &lapin::Channel, queue: &str, at_least: u32, deadli
 async fn kill_9_mid_mailbox_then_restart_publishes_every_message_at_least_once() {
     let fx = Fixture::new("k9");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (_, path) = fx.config(&[fx.mail_table("k9", &fx.mailbox, "batch-size = 100")]);
     let channel = fx.channel().await;
-    let log = fx.dir.path().join("k9.log");
-    let mut child = spawn(&path, &log);
+    let mut child = fx.spawn(&path, "k9.log");
     wait_depth(&channel, &fx.queue(), 300, Duration::from_secs(60)).await;
     child.kill().await.expect("kill -9");
     let at_kill = support::depth(&channel, &fx.queue()).await;
     assert!(at_kill < 2000, "killed mid-mailbox ({at_kill} published)");
-    let mut child = spawn(&path, &fx.dir.path().join("k9b.log"));
+    let mut child = fx.spawn(&path, "k9b.log");
     let expected: HashSet<String> = seeded
         .iter()
         .map(|m| common::envelope::dedupe_key(&fx.mailbox, m))
@@ -86,23 +57,22 @@ async fn kill_9_mid_mailbox_then_restart_publishes_every_message_at_least_once()
     let keys: HashSet<String> = seen.keys().cloned().collect();
     assert_eq!(keys, expected, "every message published at least once");
     eprintln!("{total} deliveries for 2000 messages after kill -9 at {at_kill}");
-    sigterm(&child);
-    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    process::stop(&mut child, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_batch_exits_0_and_flags_exactly_what_was_published() {
     let fx = Fixture::new("term");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, false))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let (_, path) = fx.config(&[fx.mail_table("term", &fx.mailbox, "batch-size = 400")]);
     let channel = fx.channel().await;
-    let mut child = spawn(&path, &fx.dir.path().join("term.log"));
+    let mut child = fx.spawn(&path, "term.log");
     wait_depth(&channel, &fx.queue(), 150, Duration::from_secs(60)).await;
-    sigterm(&child);
+    assert!(process::sigterm(child.id().expect("pid")));
     let started = Instant::now();
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
@@ -138,7 +108,7 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     let boxes: Vec<String> = (0..9).map(|i| format!("l{i}-{}", fx.mailbox)).collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        support::seed_maildir(&fx.env, b, &[support::message(b, 0, 400)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 0, 400, false)]);
     }
     fx.plant_token().await;
     let tables: Vec<String> = boxes
@@ -149,33 +119,19 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     let (_, path) = fx.config(&tables);
     let channel = fx.channel().await;
     let mut children: Vec<Child> = (0..3)
-        .map(|i| spawn(&path, &fx.dir.path().join(format!("r{i}.log"))))
+        .map(|i| fx.spawn(&path, &format!("r{i}.log")))
         .collect();
     let got = support::drain(&channel, &fx.queue(), 9, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 9, "one message per config");
 
     let mut redis = fx.redis().await;
     let keys = fx.keys();
-    let owners = |redis: redis::aio::ConnectionManager| {
-        let keys = keys.clone();
-        async move {
-            let mut redis = redis;
-            let mut out: HashMap<String, String> = HashMap::new();
-            for i in 0..9 {
-                let c = format!("c{i}");
-                let o: Option<String> = redis.get(keys.lease(&c)).await.unwrap_or(None);
-                if let Some(o) = o {
-                    out.insert(c, o);
-                }
-            }
-            out
-        }
-    };
+    let configs: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
     let spread = support::eventually(Duration::from_secs(30), || {
-        let r = redis.clone();
-        let owners = &owners;
+        let configs = &configs;
+        let fx = &fx;
         async move {
-            let map = owners(r).await;
+            let map = fx.lease_owners(configs).await;
             let mut per: HashMap<String, usize> = HashMap::new();
             for o in map.values() {
                 *per.entry(o.clone()).or_default() += 1;
@@ -187,7 +143,7 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     assert!(
         spread,
         "9 configs, 3 replicas, 3 each: {:?}",
-        owners(redis.clone()).await
+        fx.lease_owners(&configs).await
     );
 
     // kill -9 one replica; its configs are taken over within the lease time.
@@ -197,10 +153,10 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     victim.kill().await.expect("kill -9");
     let killed_at = Instant::now();
     let taken = support::eventually(Duration::from_secs(20), || {
-        let r = redis.clone();
-        let owners = &owners;
+        let configs = &configs;
+        let fx = &fx;
         async move {
-            let map = owners(r).await;
+            let map = fx.lease_owners(configs).await;
             let distinct: BTreeSet<&String> = map.values().collect();
             map.len() == 9
                 && distinct.len() == 2
@@ -213,12 +169,12 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     assert!(
         taken,
         "configs taken over: {:?}",
-        owners(redis.clone()).await
+        fx.lease_owners(&configs).await
     );
     eprintln!("taken over in {:?}", killed_at.elapsed());
     // Nothing lost: new mail in every mailbox arrives.
     for b in &boxes {
-        support::append(&fx.env, b, "INBOX", &support::message(b, 1, 400)).await;
+        support::append(&fx.env, b, "INBOX", &maildir::message(b, 1, 400, false)).await;
     }
     let got = support::drain(&channel, &fx.queue(), 9, Duration::from_secs(30)).await;
     assert_eq!(
@@ -228,9 +184,9 @@ async fn three_replicas_share_nine_configs_and_take_over_a_killed_one() {
     );
     let _: () = redis.del(keys.fetchers("imap")).await.unwrap_or(());
     for c in &children {
-        sigterm(c);
+        assert!(process::sigterm(c.id().expect("pid")));
     }
     for mut c in children {
-        let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
+        process::wait_exit(&mut c, Duration::from_secs(15)).await;
     }
 }

@@ -18,6 +18,7 @@ use mailagent_tests::env::{bin_path, Endpoints};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::imap_support::{self as support, Fixture};
+use mailagent_tests::maildir;
 use redis::AsyncCommands;
 
 /// Each role's Redis and RabbitMQ URLs under one prefix.
@@ -342,9 +343,9 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
     let fx = Fixture::new("lp");
     let env = fx.env.clone();
     let seeded: Vec<Vec<u8>> = (0..5)
-        .map(|i| support::message(&fx.prefix, i, 512))
+        .map(|i| maildir::message(&fx.prefix, i, 512, false))
         .collect();
-    support::seed_maildir(&env, &fx.mailbox, &seeded);
+    maildir::seed(&env, &fx.mailbox, &seeded);
     fx.plant_token().await;
     let toml = fx.config_toml(&[fx.mail_table("m", &fx.mailbox, "")]);
     // The observer first: the fixture's config (which it loads) makes the

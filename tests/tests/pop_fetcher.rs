@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use common::envelope::{dedupe_key, MessageRef};
-use mailagent_tests::pop_support::{
-    self, drain, eventually, message, seed_maildir, Fixture, InProcess,
-};
+use mailagent_tests::maildir::{message, seed as seed_maildir};
+use mailagent_tests::pop_support::{self, drain, eventually, Fixture, InProcess};
 
 /// Seeds `n` messages (every 7th with lines starting with "."), returns
 /// them by Message-ID tag index.
@@ -147,7 +146,7 @@ async fn error_for(fx: &Fixture, table: String) -> (String, u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut err = None;
     while err.is_none() && std::time::Instant::now() < deadline {
-        err = pop_support::last_error(fx).await;
+        err = fx.last_error().await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(err.is_some(), "no error reported");
@@ -258,15 +257,9 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     let fx = Fixture::new("popdown");
     fx.plant_token().await;
     let channel = fx.channel().await;
-    let amqp: url::Url = fx.env.amqp_url().parse().unwrap();
-    let target = format!("{}:{}", amqp.host_str().unwrap(), amqp.port().unwrap())
-        .parse()
-        .unwrap();
-    let relay = pop_support::Relay::start(target).await;
+    let (relay, amqp_via_relay) = fx.amqp_relay().await;
     let (mut config, _) = fx.config(&[fx.mail_table("pdn", "POP3S", "")]);
-    let mut via_relay = amqp.clone();
-    via_relay.set_port(Some(relay.addr.port())).unwrap();
-    config.amqp.url = common::secret::SecretUrl::new(via_relay.to_string());
+    config.amqp.url = amqp_via_relay;
     let fetcher = InProcess::start(config);
     // The fetcher is up (it polled the empty maildrop once), then RabbitMQ goes.
     let mut redis = fx.redis().await;
@@ -287,7 +280,7 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     // Several polls fail; nothing is deleted meanwhile.
     assert!(
         eventually(Duration::from_secs(20), || async {
-            pop_support::last_error(&fx).await.is_some()
+            fx.last_error().await.is_some()
         })
         .await,
         "the outage was not noticed"

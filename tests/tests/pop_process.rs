@@ -5,48 +5,19 @@
 //! configs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::envelope::dedupe_key;
-use mailagent_tests::env::bin_path;
+use mailagent_tests::maildir;
 use mailagent_tests::pop_support::{self as support, Fixture};
-use tokio::process::{Child, Command};
+use mailagent_tests::process;
+use tokio::process::Child;
 
-fn spawn(config: &Path, log: &Path) -> Child {
-    let log = std::fs::File::create(log).expect("log file");
-    Command::new(bin_path("pop-fetcher"))
-        .arg("--config")
-        .arg(config)
-        .env("MAILAGENT_POP3_LEASE_TTL", "3")
-        .env("MAILAGENT_POP3_BACKOFF_MS", "300")
-        .env("MAILAGENT_POP3_BACKOFF_MAX_MS", "2000")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn pop-fetcher")
-}
-
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("pid");
-    let ok = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-}
-
+/// SIGTERM, then a graceful exit 0 within 15 s.
 async fn stop(mut child: Child) {
-    sigterm(&child);
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    let status = process::stop(&mut child, Duration::from_secs(15))
         .await
-        .expect("exits within 15 s after SIGTERM")
-        .expect("wait");
+        .expect("exits within 15 s after SIGTERM");
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -54,9 +25,9 @@ async fn stop(mut child: Child) {
 async fn kill_9_mid_maildrop_then_restart_loses_nothing_and_empties_the_maildrop() {
     let fx = Fixture::new("pk9");
     let seeded: Vec<Vec<u8>> = (0..2000)
-        .map(|i| support::message(&fx.prefix, i, 1024, i % 11 == 0))
+        .map(|i| maildir::message(&fx.prefix, i, 1024, i % 11 == 0))
         .collect();
-    support::seed_maildir(&fx.env, &fx.mailbox, &seeded);
+    maildir::seed(&fx.env, &fx.mailbox, &seeded);
     let by_key: HashMap<String, Vec<u8>> = seeded
         .iter()
         .map(|m| (dedupe_key(&fx.mailbox, m), m.clone()))
@@ -65,7 +36,7 @@ async fn kill_9_mid_maildrop_then_restart_loses_nothing_and_empties_the_maildrop
     fx.plant_token().await;
     let (_, path) = fx.config(&[fx.mail_table("pk9", "POP3S", "batch-size = 100\n")]);
     let channel = fx.channel().await;
-    let mut child = spawn(&path, &fx.dir.path().join("pk9.log"));
+    let mut child = fx.spawn(&path, "pk9.log");
     let started = support::eventually(Duration::from_secs(60), || async {
         support::depth(&channel, &fx.queue()).await >= 300
     })
@@ -81,7 +52,7 @@ async fn kill_9_mid_maildrop_then_restart_loses_nothing_and_empties_the_maildrop
         "deleted without QUIT after kill -9"
     );
 
-    let child = spawn(&path, &fx.dir.path().join("pk9b.log"));
+    let child = fx.spawn(&path, "pk9b.log");
     let mut seen: HashMap<String, usize> = HashMap::new();
     let mut total = 0usize;
     let end = Instant::now() + Duration::from_secs(180);
@@ -110,21 +81,6 @@ async fn kill_9_mid_maildrop_then_restart_loses_nothing_and_empties_the_maildrop
     stop(child).await;
 }
 
-/// Current lease owners of `configs`.
-async fn owners(fx: &Fixture, configs: &[String]) -> HashMap<String, String> {
-    use redis::AsyncCommands;
-    let mut redis = fx.redis().await;
-    let keys = fx.keys();
-    let mut out = HashMap::new();
-    for c in configs {
-        let o: Option<String> = redis.get(keys.lease(c)).await.unwrap_or(None);
-        if let Some(o) = o {
-            out.insert(c.clone(), o);
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one() {
     let fx = Fixture::new("pls");
@@ -132,7 +88,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     let boxes: Vec<String> = (0..6).map(|i| format!("r{i}-{}", fx.mailbox)).collect();
     for b in &boxes {
         fx.env.grant(&fx.app, b);
-        support::seed_maildir(&fx.env, b, &[support::message(b, 0, 600, false)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 0, 600, false)]);
     }
     fx.plant_token().await;
     let configs: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
@@ -144,13 +100,13 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     let (_, path) = fx.config(&tables);
     let channel = fx.channel().await;
     let mut children: Vec<Child> = (0..2)
-        .map(|i| spawn(&path, &fx.dir.path().join(format!("r{i}.log"))))
+        .map(|i| fx.spawn(&path, &format!("r{i}.log")))
         .collect();
     let got = support::drain(&channel, &fx.queue(), 6, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 6, "one message per config");
 
     let spread = support::eventually(Duration::from_secs(30), || async {
-        let map = owners(&fx, &configs).await;
+        let map = fx.lease_owners(&configs).await;
         let mut per: HashMap<&String, usize> = HashMap::new();
         for o in map.values() {
             *per.entry(o).or_default() += 1;
@@ -161,10 +117,10 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     assert!(
         spread,
         "6 configs, 2 replicas, 3 each: {:?}",
-        owners(&fx, &configs).await
+        fx.lease_owners(&configs).await
     );
     // Exactly one owner per config: the lease value is one instance id.
-    let before = owners(&fx, &configs).await;
+    let before = fx.lease_owners(&configs).await;
 
     let mut victim = children.remove(0);
     let victim_pid = victim.id().expect("pid");
@@ -177,7 +133,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     victim.kill().await.expect("kill -9");
     let killed_at = Instant::now();
     let taken = support::eventually(Duration::from_secs(20), || async {
-        let map = owners(&fx, &configs).await;
+        let map = fx.lease_owners(&configs).await;
         let distinct: BTreeSet<&String> = map.values().collect();
         map.len() == 6
             && distinct.len() == 1
@@ -189,7 +145,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
     assert!(
         taken,
         "configs taken over: {:?}",
-        owners(&fx, &configs).await
+        fx.lease_owners(&configs).await
     );
     eprintln!(
         "{} configs of the killed replica taken over in {:?}",
@@ -199,7 +155,7 @@ async fn two_replicas_share_six_configs_and_the_survivor_takes_over_a_killed_one
 
     // Nothing lost: new mail in every mailbox arrives, and every maildrop empties.
     for b in &boxes {
-        support::seed_maildir(&fx.env, b, &[support::message(b, 1, 600, false)]);
+        maildir::seed(&fx.env, b, &[maildir::message(b, 1, 600, false)]);
     }
     let got = support::drain(&channel, &fx.queue(), 6, Duration::from_secs(30)).await;
     let configs_seen: BTreeSet<String> = got.iter().map(|e| e.mail_config.clone()).collect();

@@ -13,17 +13,18 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine;
 use common::Component;
 use lapin::options::{BasicAckOptions, BasicGetOptions};
-use mailagent_tests::env::{bin_path, unique, Endpoints};
+use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{self, Attachment, Lease};
-use mailagent_tests::harness::{wait_for, TestConfig};
+use mailagent_tests::harness::{mail_table, wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
-use mailagent_tests::{imap_support, pop_support};
+use mailagent_tests::maildir;
+use mailagent_tests::process;
+use tokio::process::Child;
 
 /// What must never appear, by name.
 struct Secrets(Vec<(String, Vec<u8>)>);
@@ -43,18 +44,6 @@ impl Secrets {
             .map(|(n, _)| n.clone())
             .collect()
     }
-}
-
-fn spawn(name: &str, config: &Path, logs: &Path) -> Child {
-    let out = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    Command::new(bin_path(name))
-        .arg("--config")
-        .arg(config)
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {name}: {e}"))
 }
 
 fn form(id: &str) -> Vec<u8> {
@@ -144,26 +133,16 @@ async fn amqp_dump(channel: &lapin::Channel, queue: &str) -> Vec<Vec<u8>> {
     out
 }
 
-fn sigterm(children: Vec<(String, Child)>) {
+/// SIGTERM to every child, then each must exit 0 within 30 s.
+async fn sigterm(children: Vec<(String, Child)>) {
     for (_, c) in &children {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
+        process::sigterm(c.id().expect("pid"));
     }
     for (name, mut c) in children {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.try_wait().unwrap() {
-                assert!(status.success(), "{name} exited {status} on SIGTERM");
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("{name} did not stop on SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let status = process::wait_exit(&mut c, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|| panic!("{name} did not stop on SIGTERM"));
+        assert!(status.success(), "{name} exited {status} on SIGTERM");
     }
 }
 
@@ -203,61 +182,43 @@ async fn a_trace_level_demo_cycle_leaves_no_secret_in_logs_redis_amqp_or_the_sto
     std::fs::create_dir_all(&store_dir).unwrap();
     let imaps = env.mail_addr("IMAPS").port();
     let pop3s = env.mail_addr("POP3S").port();
-    cfg.push(&format!(
-        r#"[form-processor]
-store = "sqlite://{store}/records.db"
-
-[[incoming-mail]]
-name = "scan-imap"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{imap_mailbox}"
-oauth-profile = "scan"
-after-fetch = "mark-seen"
-start-from = "all"
-poll-interval = 1
-
-[[incoming-mail]]
-name = "scan-pop"
-host = "localhost"
-port = {pop3s}
-mail-server-type = "pop3s"
-username = "{pop_mailbox}"
-oauth-profile = "scan"
-after-fetch = "delete"
-poll-interval = 1
-
-[[incoming-mail]]
-name = "scan-password"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{login}"
-password = "{mail_password}"
-after-fetch = "mark-seen"
-start-from = "all"
-poll-interval = 1
-
-[[topics]]
-subject = "{subject}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-"#,
-        store = store_dir.display(),
-        subject = forms::LEASE_SUBJECT,
-    ));
+    let oauth = "oauth-profile = \"scan\"";
+    let password = format!("password = \"{mail_password}\"");
+    let imap_rules = "after-fetch = \"mark-seen\"\nstart-from = \"all\"\n";
+    cfg.store(&format!("sqlite://{}/records.db", store_dir.display()))
+        .incoming_mail(&mail_table(
+            "scan-imap",
+            &imap_mailbox,
+            imaps,
+            "imaps",
+            oauth,
+            imap_rules,
+        ))
+        .incoming_mail(&mail_table(
+            "scan-pop",
+            &pop_mailbox,
+            pop3s,
+            "pop3s",
+            oauth,
+            "after-fetch = \"delete\"\n",
+        ))
+        .incoming_mail(&mail_table(
+            "scan-password",
+            &login,
+            imaps,
+            "imaps",
+            &password,
+            imap_rules,
+        ))
+        .lease_topic();
     let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
     let key_raw = base64::engine::general_purpose::STANDARD
         .decode(key_b64.trim())
         .unwrap();
 
     // Mail in: a valid form in each mailbox, and one rejected (no workbook).
-    imap_support::seed_maildir(&env, &imap_mailbox, &[form("S-IMAP")]);
-    pop_support::seed_maildir(
+    maildir::seed(&env, &imap_mailbox, &[form("S-IMAP")]);
+    maildir::seed(
         &env,
         &pop_mailbox,
         &[
@@ -265,7 +226,7 @@ senders = ["@contoso.com"]
             forms::mail(forms::LEASE_SUBJECT, "ann@contoso.com", &[], &[]),
         ],
     );
-    imap_support::seed_maildir(&env, &pw_mailbox, &[form("S-PASSWORD")]);
+    maildir::seed(&env, &pw_mailbox, &[form("S-PASSWORD")]);
 
     let logs = cfg.dir().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
@@ -280,7 +241,11 @@ senders = ["@contoso.com"]
     .into_iter()
     .map(|c| {
         let name = c.name();
-        (name.to_string(), spawn(name, &cfg.path_for(c), &logs))
+        let child = process::launch(name, &cfg.path_for(c))
+            .log_level("trace")
+            .log(&logs.join(format!("{name}.log")))
+            .spawn();
+        (name.to_string(), child)
     })
     .collect();
 
@@ -305,7 +270,7 @@ senders = ["@contoso.com"]
     .await;
     // Let one more token refresh cycle and heartbeat be logged either way.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    sigterm(children);
+    sigterm(children).await;
     if outcome.is_err() {
         let tails: Vec<String> = files_under(&logs)
             .iter()
@@ -458,53 +423,41 @@ fn assert_clean(what: &str, text: &str, secrets: &[&str]) {
 /// error types, built from inputs that hold every kind of secret.
 #[tokio::test]
 async fn debug_of_configs_tokens_and_errors_shows_no_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let key: [u8; 32] = rand::random();
-    let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
-    std::fs::write(dir.path().join("token-key"), &key_b64).unwrap();
-    let toml = format!(
-        r#"[redis]
-url = "redis://agent:{DBG_REDIS_PASSWORD}@127.0.0.1:1/0"
-[amqp]
-url = "amqp://agent:{DBG_AMQP_PASSWORD}@127.0.0.1:1/%2f"
-[token-broker]
-encryption-key-file = "{key}"
-[form-processor]
-store = "postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records"
-[[oauth-profiles]]
-name = "contoso"
-provider = "azure"
+    // Servers, store and mail hosts that do not exist: only the config
+    // is needed, with a password in every place one can be.
+    let mut cfg = TestConfig::new(&Endpoints::load());
+    let key_b64 = std::fs::read_to_string(cfg.dir().join("token-key")).unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key_b64.trim())
+        .unwrap();
+    let legacy = |name: &str, host: &str, server_type: &str| {
+        format!(
+            "name = \"{name}\"\nhost = \"{host}\"\nusername = \"forms@example.net\"\npassword = \"{DBG_MAIL_PASSWORD}\"\nmail-server-type = \"{server_type}\"\n"
+        )
+    };
+    cfg.servers(
+        &format!("redis://agent:{DBG_REDIS_PASSWORD}@127.0.0.1:1/0"),
+        &format!("amqp://agent:{DBG_AMQP_PASSWORD}@127.0.0.1:1/%2f"),
+    )
+    .store(&format!("postgres://agent:{DBG_PG_PASSWORD}@127.0.0.1:1/records"))
+    .oauth_profile(
+        "contoso",
+        &format!(
+            r#"provider = "azure"
 application-key = "00000000-0000-0000-0000-000000000000"
 application-secret = "{DBG_CLIENT_SECRET}"
 token-url = "https://login.microsoftonline.com/t/oauth2/v2.0/token"
-[[incoming-mail]]
-name = "oauth"
-host = "outlook.office365.com"
-username = "forms@contoso.com"
-mail-server-type = "imaps"
-oauth-profile = "contoso"
-[[incoming-mail]]
-name = "legacy-pop"
-host = "pop.example.net"
-username = "forms@example.net"
-password = "{DBG_MAIL_PASSWORD}"
-mail-server-type = "pop3s"
-[[incoming-mail]]
-name = "legacy-imap"
-host = "imap.example.net"
-username = "forms@example.net"
-password = "{DBG_MAIL_PASSWORD}"
-mail-server-type = "imaps"
-[[topics]]
-subject = "LEASE ABSTRACT FORM"
-module = "triContract"
-business-object = "triLeaseAbstract"
-senders = ["@contoso.com"]
-"#,
-        key = dir.path().join("token-key").display(),
-    );
-    let path = dir.path().join("mailagent.toml");
-    std::fs::write(&path, toml).unwrap();
+"#
+        ),
+    )
+    .incoming_mail(
+        "name = \"oauth\"\nhost = \"outlook.office365.com\"\nusername = \"forms@contoso.com\"\nmail-server-type = \"imaps\"\noauth-profile = \"contoso\"\n",
+    )
+    .incoming_mail(&legacy("legacy-pop", "pop.example.net", "pop3s"))
+    .incoming_mail(&legacy("legacy-imap", "imap.example.net", "imaps"))
+    .topic("LEASE ABSTRACT FORM", "senders = [\"@contoso.com\"]\n");
+    let path = cfg.path();
+    let key_b64 = key_b64.trim().to_string();
     let key_text = String::from_utf8_lossy(&key).to_string();
     let secrets = [
         DBG_CLIENT_SECRET,

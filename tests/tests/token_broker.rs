@@ -1,15 +1,15 @@
 //! token-broker (§3) against the test identity provider and real Redis.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::keys::Keys;
 use common::shutdown::CancellationToken;
 use common::token::{read_state, ProfileState, TokenClient};
 use common::Component;
-use mailagent_tests::env::{bin_path, Endpoints};
+use mailagent_tests::env::Endpoints;
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{Failure, TestIdp};
+use mailagent_tests::process;
 use redis::aio::ConnectionManager;
 
 const PROFILE: &str = "contoso";
@@ -479,15 +479,10 @@ async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
     idp.register(&bad_app, "something-else");
     cfg.idp_profile("failing", &idp.token_url(), &bad_app, &bad_secret);
     let log = cfg.dir().join("broker.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut child = std::process::Command::new(bin_path("token-broker"))
-        .arg("--config")
-        .arg(cfg.path_for(Component::TokenBroker))
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap();
+    let mut child = process::launch("token-broker", &cfg.path_for(Component::TokenBroker))
+        .log_level("debug")
+        .log(&log)
+        .spawn();
     let client = token_client(&env, &cfg).await;
     let first = wait_for("a token", Duration::from_secs(15), || async {
         client.current(PROFILE).await.unwrap()
@@ -509,15 +504,9 @@ async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
         (s.state == "failing").then_some(())
     })
     .await;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait())
+    let status = process::stop(&mut child, Duration::from_secs(30))
         .await
-        .unwrap()
-        .unwrap();
+        .expect("broker stops on SIGTERM");
     assert!(status.success(), "broker exited {status:?} on SIGTERM");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(

@@ -3,17 +3,16 @@
 //! the real binaries and received here by an in-process OTLP/HTTP endpoint.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use mailagent_tests::env::bin_path;
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
 use mailagent_tests::harness::wait_for;
 use mailagent_tests::imap_support::{append, Fixture};
+use mailagent_tests::process;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
 
@@ -60,28 +59,18 @@ async fn a_trace_runs_from_the_fetcher_to_the_record() {
     let fx = Fixture::new("trace");
     fx.plant_token().await;
     let store = fx.dir.path().join("records.db");
-    let mut toml =
-        fx.config_toml(&[fx.mail_table("traced", &fx.mailbox, "start-from = \"all\"\n")]);
-    toml.push_str(&format!(
-        "\n[form-processor]\nstore = \"sqlite://{}\"\n\n[[topics]]\nsubject = \"{LEASE_SUBJECT}\"\nmodule = \"triContract\"\nbusiness-object = \"triLeaseAbstract\"\nsenders = [\"@contoso.com\"]\n",
-        store.display()
-    ));
-    let config = fx.dir.path().join("traced.toml");
-    std::fs::write(&config, toml).unwrap();
+    let mut cfg = fx.test_config(&[fx.mail_table("traced", &fx.mailbox, "start-from = \"all\"\n")]);
+    cfg.store(&format!("sqlite://{}", store.display()))
+        .topic(LEASE_SUBJECT, "senders = [\"@contoso.com\"]\n");
+    let config = cfg.path();
 
     let mut children = Vec::new();
     for bin in ["imap-fetcher", "form-processor"] {
-        let child = tokio::process::Command::new(bin_path(bin))
-            .arg("--config")
-            .arg(&config)
+        let child = process::launch(bin, &config)
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .log_level("info")
+            .spawn();
         children.push(child);
     }
     let message = mail(

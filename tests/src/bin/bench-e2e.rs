@@ -37,12 +37,10 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context};
-use base64::Engine;
 use clap::Parser;
 use common::config::{Component, LoadOptions};
 use common::envelope::dedupe_key;
@@ -53,29 +51,24 @@ use lapin::options::QueueDeleteOptions;
 use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use mailagent_tests::harness::{self, mail_table, TestConfig};
 use mailagent_tests::idp::TestIdp;
-use mailagent_tests::{imap_support, mailclient, pop_support};
-use tokio::process::{Child, Command};
+use mailagent_tests::maildir;
+use mailagent_tests::{imap_support, mailclient, process};
+use tokio::process::Child;
 
 /// Measures F, P, X, E, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Form mails in the IMAP mailbox.
-    #[arg(long, default_value_t = 10_000)]
-    messages: usize,
-    /// Size of each form mail in bytes (a text body pads the mail to it;
-    /// a mail whose workbook alone is larger stays larger).
-    #[arg(long, default_value_t = 8192)]
-    size: usize,
+    /// Amount and size of the mail, confirm window.
+    #[command(flatten)]
+    mail: bench::MailArgs,
     /// Appends for the IDLE latency (0 skips it).
     #[arg(long, default_value_t = 200)]
     appends: usize,
     /// Form mails in the POP3 maildrop (processed before E starts).
     #[arg(long, default_value_t = 20)]
     pop_messages: usize,
-    /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
-    window: usize,
     /// Keep the config, the logs, the metrics and the SQLite file.
     #[arg(long)]
     keep: bool,
@@ -205,28 +198,14 @@ struct Proc {
 impl Proc {
     /// Starts `target/release/<name> --config <config>`, logging to `dir`.
     fn start(name: &'static str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?.with_file_name(name);
-        ensure!(
-            exe.exists(),
-            "{} is not built: cargo build --release --bins",
-            exe.display()
-        );
         let admin = free_port()?;
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&exe)
-            .arg("--config")
-            .arg(config)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+        let child = process::launch(name, config)
+            .clean_env()
+            .log_level("info")
             .env("MAILAGENT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("start {}", exe.display()))?;
+            .log(&log)
+            .try_spawn()?;
         let pid = child.id().context("pid")?;
         Ok(Self {
             name,
@@ -260,18 +239,14 @@ impl Proc {
 
     /// SIGTERM by pid, then waits (SIGKILL after 20 s).
     async fn stop(mut self) -> Option<std::process::ExitStatus> {
-        bench::sigterm(self.pid);
-        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
-            Ok(status) => status.ok(),
-            Err(_) => {
-                eprintln!(
-                    "{} did not stop within 20 s of SIGTERM; killing it",
-                    self.name
-                );
-                let _ = self.child.kill().await;
-                None
-            }
+        let status = process::stop(&mut self.child, Duration::from_secs(20)).await;
+        if status.is_none() {
+            eprintln!(
+                "{} did not stop within 20 s of SIGTERM; killed it",
+                self.name
+            );
         }
+        status
     }
 }
 
@@ -288,20 +263,21 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return Ok(());
+    let mut exited = None;
+    let done = harness::poll(within, every, || {
+        let fut = check();
+        if exited.is_none() {
+            exited = procs.iter_mut().find_map(|p| p.check_alive().err());
         }
-        for p in procs.iter_mut() {
-            p.check_alive()?;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(every).await;
+        let stop = exited.is_some();
+        async move { stop || fut.await }
+    })
+    .await;
+    if let Some(e) = exited {
+        return Err(e);
     }
+    ensure!(done, "timed out after {within:?} waiting for {what}");
+    Ok(())
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing's JSON
@@ -385,87 +361,45 @@ impl LoadSamples {
     }
 }
 
-/// The configuration every process reads.
-#[allow(clippy::too_many_arguments)]
-fn config_toml(
+/// The configuration every process reads: the lease topic, a SQLite
+/// store in the run's directory, the IdP's app, and the three mailboxes.
+fn configure(
+    cfg: &mut TestConfig,
     env: &Endpoints,
-    prefix: &str,
-    dir: &Path,
-    app: &str,
-    token_url: &str,
-    bulk: &str,
-    idle: &str,
-    pop: &str,
-) -> String {
+    (app, secret, token_url): (&str, &str, &str),
+    [bulk, idle, pop]: [&String; 3],
+) {
     let imaps = env.mail_addr("IMAPS").port();
     let pop3s = env.mail_addr("POP3S").port();
-    format!(
-        r#"[redis]
-url = "{redis}"
-prefix = "{prefix}"
-[amqp]
-url = "{amqp}"
-prefix = "{prefix}"
-[tls]
-extra-ca-file = "{ca}"
-[admin]
-listen = "127.0.0.1:0"
-heartbeat-interval = 1
-[token-broker]
-encryption-key-file = "{dir}/token-key"
-[form-processor]
-store = "sqlite://{dir}/records.db"
-
-[[oauth-profiles]]
-name = "{PROFILE}"
-provider = "azure"
-access-type = "application"
-application-key = "{app}"
-application-secret-file = "{dir}/client-secret"
-token-url = "{token_url}"
-scope = "https://outlook.office365.com/.default"
-allow-insecure = true
-
-[[topics]]
-subject = "{LEASE_SUBJECT}"
-module = "triContract"
-business-object = "triLeaseAbstract"
-required = ["triIdTX"]
-unique = ["triIdTX"]
-senders = ["@contoso.com"]
-
-[[incoming-mail]]
-name = "{BULK}"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{bulk}"
-oauth-profile = "{PROFILE}"
-
-[[incoming-mail]]
-name = "{IDLE}"
-host = "localhost"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{idle}"
-oauth-profile = "{PROFILE}"
-start-from = "now"
-
-[[incoming-mail]]
-name = "{POP}"
-host = "localhost"
-port = {pop3s}
-mail-server-type = "pop3s"
-username = "{pop}"
-oauth-profile = "{PROFILE}"
-after-fetch = "delete"
-poll-interval = 1
-"#,
-        redis = env.redis_url(),
-        amqp = env.amqp_url(),
-        ca = env.ca_file().display(),
-        dir = dir.display(),
-    )
+    let auth = format!("oauth-profile = \"{PROFILE}\"");
+    let store = format!("sqlite://{}/records.db", cfg.dir().display());
+    cfg.store(&store)
+        .idp_profile(PROFILE, token_url, app, secret)
+        .lease_topic()
+        .incoming_mail(&mail_table(
+            BULK,
+            bulk,
+            imaps,
+            "imaps",
+            &auth,
+            "poll-interval = 60\n",
+        ))
+        .incoming_mail(&mail_table(
+            IDLE,
+            idle,
+            imaps,
+            "imaps",
+            &auth,
+            "poll-interval = 60\nstart-from = \"now\"\n",
+        ))
+        .incoming_mail(&mail_table(
+            POP,
+            pop,
+            pop3s,
+            "pop3s",
+            &auth,
+            "after-fetch = \"delete\"\n",
+        ));
 }
 
 fn load_config(path: &Path, component: Component) -> anyhow::Result<common::Config> {
@@ -558,7 +492,7 @@ async fn idle_latency(
     mailbox: &str,
     args: &Args,
 ) -> anyhow::Result<Vec<Duration>> {
-    let (appends, size) = (args.appends, args.size);
+    let (appends, size) = (args.appends, args.mail.size);
     let checkpoint = keys.checkpoint(IDLE);
     wait_for(
         "the IDLE config's first pass",
@@ -634,10 +568,7 @@ async fn clean_up(env: &Endpoints, prefixes: &[&str], mailboxes: &[&str]) {
         }
     }
     for m in mailboxes {
-        let maildir = imap_support::maildir(env, m);
-        if let Some(home) = maildir.parent() {
-            let _ = std::fs::remove_dir_all(home);
-        }
+        maildir::remove(env, m);
     }
 }
 
@@ -647,10 +578,7 @@ async fn main() -> anyhow::Result<()> {
     let env = Endpoints::load();
     let prefix = unique("e2eb");
     let private = unique("e2ep");
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!("bench-e2e-{prefix}-"))
-        .tempdir()?;
-    let dir = tmp.path().to_path_buf();
+    let mut cfg = TestConfig::with_prefix(&env, &prefix);
     let load = LoadSamples::default();
     let sampler = load.start();
     let started_at = std::process::Command::new("date")
@@ -667,7 +595,7 @@ async fn main() -> anyhow::Result<()> {
         &env,
         &prefix,
         &private,
-        &dir,
+        &mut cfg,
         &load,
         [&bulk, &idle, &pop],
     )
@@ -685,13 +613,13 @@ async fn main() -> anyhow::Result<()> {
             if args.keep {
                 println!(
                     "config, logs, metrics and records.db kept in {}",
-                    tmp.keep().display()
+                    cfg.dir.keep().display()
                 );
             }
             Ok(())
         }
         Err(e) => {
-            eprintln!("logs and config kept in {}", tmp.keep().display());
+            eprintln!("logs and config kept in {}", cfg.dir.keep().display());
             Err(e)
         }
     }
@@ -703,14 +631,14 @@ async fn run(
     env: &Endpoints,
     prefix: &str,
     private: &str,
-    dir: &Path,
+    cfg: &mut TestConfig,
     load: &LoadSamples,
     [bulk, idle, pop]: [&String; 3],
 ) -> anyhow::Result<()> {
     println!(
         "bench-e2e: {} form mails of ~{} bytes, {} appends, {} POP3 mails; prefix {prefix}; load average {}",
-        args.messages,
-        args.size,
+        args.mail.messages,
+        args.mail.size,
         args.appends,
         args.pop_messages,
         bench::load_average()
@@ -724,24 +652,22 @@ async fn run(
         &app,
         &[bulk.to_string(), idle.to_string(), pop.to_string()],
     )?;
-    let key: [u8; 32] = rand::random();
-    std::fs::write(
-        dir.join("token-key"),
-        base64::engine::general_purpose::STANDARD.encode(key),
-    )?;
-    std::fs::write(dir.join("client-secret"), &secret)?;
-    let config_path = dir.join("mailagent.toml");
-    std::fs::write(
-        &config_path,
-        config_toml(env, prefix, dir, &app, &idp.token_url(), bulk, idle, pop),
-    )?;
+    configure(
+        cfg,
+        env,
+        (&app, &secret, &idp.token_url()),
+        [bulk, idle, pop],
+    );
+    let dir = cfg.dir().to_path_buf();
+    let dir = dir.as_path();
+    let config_path = cfg.file("mailagent.toml", &cfg.toml);
     let processor_config = load_config(&config_path, Component::FormProcessor)?;
     let mut publish_config = load_config(&config_path, Component::ImapFetcher)?;
     publish_config.amqp.prefix = private.to_string();
 
     // The mails.
     let t = Instant::now();
-    let mails = form_mails(prefix, args.messages, args.size);
+    let mails = form_mails(prefix, args.mail.messages, args.mail.size);
     let bytes: u64 = mails.iter().map(|m| m.len() as u64).sum();
     let workbook = lease_workbook(&Lease::default()).len();
     println!(
@@ -752,16 +678,16 @@ async fn run(
         mails.iter().map(Vec::len).min().unwrap_or(0),
         mails.iter().map(Vec::len).max().unwrap_or(0),
     );
-    imap_support::seed_maildir(env, bulk, &mails);
-    let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.size);
-    pop_support::seed_maildir(env, pop, &pop_mails);
+    maildir::seed(env, bulk, &mails);
+    let pop_mails = form_mails(&format!("{prefix}p"), args.pop_messages, args.mail.size);
+    maildir::seed(env, pop, &pop_mails);
     // The IDLE mailbox exists before the fetcher logs in; this message is
     // not a form and is skipped (`start-from = "now"`).
     imap_support::append(
         env,
         idle,
         "INBOX",
-        &imap_support::message("idle-warm", 0, 300),
+        &maildir::message("idle-warm", 0, 300, false),
     )
     .await;
     let warm = bench::warm_up(env, bulk).await?;
@@ -771,9 +697,9 @@ async fn run(
     );
 
     // F, P, X.
-    let f = bench::raw_fetch(env, bulk, args.messages).await?;
+    let f = bench::raw_fetch(env, bulk, args.mail.messages).await?;
     f.print();
-    let p = bench::raw_publish(&publish_config, bulk, &mails, args.window).await?;
+    let p = bench::raw_publish(&publish_config, bulk, &mails, args.mail.window).await?;
     p.print();
     let x = {
         let mails = &mails;
@@ -828,7 +754,7 @@ async fn run(
             &config_path,
             dir,
             args.pop_messages,
-            args.messages,
+            args.mail.messages,
             bytes,
         )
         .await?;
@@ -838,7 +764,7 @@ async fn run(
         println!(
             "   (from the fetcher's spawn: {:.2} s = {:.0} msg/s; its first fetch {:.0} ms after spawn; first record {:.2} s after spawn; {failures} rejections)",
             e.from_spawn.as_secs_f64(),
-            args.messages as f64 / e.from_spawn.as_secs_f64(),
+            args.mail.messages as f64 / e.from_spawn.as_secs_f64(),
             e.startup.as_secs_f64() * 1e3,
             e.first_record.as_secs_f64(),
         );
@@ -890,7 +816,7 @@ async fn run(
         println!("{:<16} {:>12} {:>12} {:>14}", "binary", "peak RSS", "RSS now", "CPU total");
         for p in procs.iter_mut() {
             p.check_alive()?;
-            let (rss, hwm) = bench::rss_kb(p.pid).context("read /proc/<pid>/status")?;
+            let (rss, hwm) = process::rss_kb(p.pid).context("read /proc/<pid>/status")?;
             let cpu = bench::cpu_ticks(p.pid).map(|c| c.1).unwrap_or(0);
             println!(
                 "{:<16} {:>9.1} MB {:>9.1} MB {:>12.2} s",

@@ -28,22 +28,18 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use futures::StreamExt;
 use lapin::options::BasicConsumeOptions;
-use mailagent_tests::bench::{self, percentile, rss_kb, Figure};
+use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::imap_support::{self as support, Fixture};
 use mailagent_tests::mailclient;
+use mailagent_tests::maildir;
+use mailagent_tests::process::{self, rss_kb};
 
 /// Measures F, P, R, IDLE latency and RSS (see the module documentation).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Messages in the mailbox.
-    #[arg(long, default_value_t = 10_000)]
-    messages: usize,
-    /// Size of each message in bytes.
-    #[arg(long, default_value_t = 8192)]
-    size: usize,
-    /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
-    window: usize,
+    /// Amount and size of the mail, confirm window.
+    #[command(flatten)]
+    mail: bench::MailArgs,
     /// The fetcher's `batch-size` in R.
     #[arg(long, default_value_t = 200)]
     batch_size: u32,
@@ -120,7 +116,7 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
         &fx.env,
         &mailbox,
         "INBOX",
-        &support::message("idle-warm", 0, 300),
+        &maildir::message("idle-warm", 0, 300, false),
     )
     .await;
     let (config, _) = fx.config(&[fx.mail_table(
@@ -162,7 +158,7 @@ async fn measure_idle(fx: &Fixture, appends: usize) -> anyhow::Result<Vec<Durati
     let mut conn = support::master(&fx.env, &mailbox).await;
     let mut latencies = Vec::with_capacity(appends);
     for i in 0..appends {
-        let m = support::message("idle", i + 1, 2048);
+        let m = maildir::message("idle", i + 1, 2048, false);
         let t0 = Instant::now();
         mailclient::imap_append(&mut conn, &format!("a{i}"), "INBOX", &m).await?;
         let delivery = tokio::time::timeout(Duration::from_secs(30), consumer.next())
@@ -189,24 +185,11 @@ async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Durati
         .map(|(i, m)| fx.mail_table(&format!("rss{i}"), m, "poll-interval = 3600"))
         .collect();
     let (_, path) = fx.config(&tables);
-    let log = std::fs::File::create(fx.dir.path().join("rss.log"))?;
     // The release binary next to this one (target/release/).
-    let exe = std::env::current_exe()?;
-    let fetcher = exe.with_file_name("imap-fetcher");
-    ensure!(
-        fetcher.exists(),
-        "{} is not built: cargo build --release -p imap-fetcher",
-        fetcher.display()
-    );
-    let mut child = tokio::process::Command::new(fetcher)
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawn imap-fetcher")?;
+    let mut child = process::launch("imap-fetcher", &path)
+        .log_level("warn")
+        .log(&fx.dir.path().join("rss.log"))
+        .try_spawn()?;
     let pid = child.id().context("pid")?;
     let started = Instant::now();
     let mut redis = fx.redis().await;
@@ -234,13 +217,7 @@ async fn measure_rss(fx: &Fixture, k: usize) -> anyhow::Result<(u64, u64, Durati
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (rss, hwm) = rss_kb(pid).context("read /proc status")?;
     // SIGTERM to this one positive pid, then wait for the graceful exit.
-    bench::sigterm(pid);
-    if tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .is_err()
-    {
-        child.kill().await?;
-    }
+    process::stop(&mut child, Duration::from_secs(20)).await;
     Ok((rss, hwm, ready))
 }
 
@@ -251,7 +228,7 @@ async fn throughput(
     bodies: &[Vec<u8>],
     total: u64,
 ) -> anyhow::Result<()> {
-    support::seed_maildir(&fx.env, &fx.mailbox, bodies);
+    maildir::seed(&fx.env, &fx.mailbox, bodies);
     // Warm-up: Dovecot indexes the new Maildir files once (not measured as F).
     let warm = bench::warm_up(&fx.env, &fx.mailbox).await?;
     println!(
@@ -259,7 +236,7 @@ async fn throughput(
         warm.as_secs_f64()
     );
 
-    let f = bench::raw_fetch(&fx.env, &fx.mailbox, args.messages).await?;
+    let f = bench::raw_fetch(&fx.env, &fx.mailbox, args.mail.messages).await?;
     f.print();
     let (config, _) = fx.config(&[fx.mail_table(
         "bench-r",
@@ -270,9 +247,16 @@ async fn throughput(
     // the fixture gives it one) may not do: P connects as the servers' admin.
     let mut p_config = config.clone();
     p_config.amqp.url = common::secret::SecretUrl::new(fx.env.amqp_url().to_string());
-    let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.window).await?;
+    let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.mail.window).await?;
     p.print();
-    let r = measure_fetcher(fx, config, args.messages, total, args.messages as u32).await?;
+    let r = measure_fetcher(
+        fx,
+        config,
+        args.mail.messages,
+        total,
+        args.mail.messages as u32,
+    )
+    .await?;
     r.print();
     let ceiling = bench::ceiling(&[&f, &p]);
     println!(
@@ -293,12 +277,12 @@ async fn main() -> anyhow::Result<()> {
     let fx = Fixture::new("bench");
     println!(
         "bench-imap: {} messages of {} bytes, window {}, batch-size {}; mailbox {}",
-        args.messages, args.size, args.window, args.batch_size, fx.mailbox
+        args.mail.messages, args.mail.size, args.mail.window, args.batch_size, fx.mailbox
     );
-    let bodies: Vec<Vec<u8>> = (0..args.messages)
+    let bodies: Vec<Vec<u8>> = (0..args.mail.messages)
         .map(|i| {
-            let mut m = support::message(&fx.prefix, i, args.size);
-            m.truncate(args.size.max(200));
+            let mut m = maildir::message(&fx.prefix, i, args.mail.size, false);
+            m.truncate(args.mail.size.max(200));
             m
         })
         .collect();

@@ -27,22 +27,18 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::BasicProperties;
+use mailagent_tests::bench::{self, Figure};
 use mailagent_tests::mailclient::{self, AuthOutcome};
+use mailagent_tests::maildir;
 use mailagent_tests::pop_support::{self, Fixture};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Measures F, P and R (see the module documentation).
 #[derive(Debug, Parser)]
 struct Args {
-    /// Messages in the maildrop.
-    #[arg(long, default_value_t = 10_000)]
-    messages: usize,
-    /// Size of each message in bytes.
-    #[arg(long, default_value_t = 8192)]
-    size: usize,
-    /// Outstanding publisher confirms in P (the fetcher's default window).
-    #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
-    window: usize,
+    /// Amount and size of the mail, confirm window.
+    #[command(flatten)]
+    mail: bench::MailArgs,
     /// RETR commands in flight in F.
     #[arg(long, default_value_t = 200)]
     pipeline: usize,
@@ -51,49 +47,20 @@ struct Args {
     batch_size: usize,
 }
 
-/// One measured phase.
-struct Figure {
-    name: &'static str,
-    messages: usize,
-    bytes: u64,
-    elapsed: Duration,
-}
-
-impl Figure {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn mb_s(&self) -> f64 {
-        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64()
-    }
-
-    fn print(&self) {
-        println!(
-            "{:<48} {:>6} msgs {:>8.2} s {:>9.0} msg/s {:>8.1} MB/s",
-            self.name,
-            self.messages,
-            self.elapsed.as_secs_f64(),
-            self.rate(),
-            self.mb_s()
-        );
-    }
-}
-
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let fx = Fixture::new("benchpop");
-    let msgs: Vec<Vec<u8>> = (0..args.messages)
-        .map(|i| pop_support::message(&fx.prefix, i, args.size, false))
+    let msgs: Vec<Vec<u8>> = (0..args.mail.messages)
+        .map(|i| maildir::message(&fx.prefix, i, args.mail.size, false))
         .collect();
     let total_bytes: u64 = msgs.iter().map(|m| m.len() as u64).sum();
     let seeding = Instant::now();
-    pop_support::seed_maildir(&fx.env, &fx.mailbox, &msgs);
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
     println!(
         "seeded {} messages of {} bytes ({:.1} MB) in {:.1} s into {}",
         msgs.len(),
-        args.size,
+        args.mail.size,
         total_bytes as f64 / 1e6,
         seeding.elapsed().as_secs_f64(),
         fx.mailbox
@@ -103,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let f = raw_retr(&fx, &args, total_bytes).await?;
     f.print();
     let channel = fx.channel().await;
-    let p = raw_publish(&fx, &channel, &msgs, args.window).await?;
+    let p = raw_publish(&fx, &channel, &msgs, args.mail.window).await?;
     p.print();
     channel
         .queue_purge(&fx.queue(), QueuePurgeOptions::default())
@@ -148,7 +115,7 @@ async fn raw_retr(fx: &Fixture, args: &Args, expected_bytes: u64) -> anyhow::Res
         other => bail!("login refused: {other:?}"),
     }
     let depth = if pipelining { args.pipeline.max(1) } else { 1 };
-    let n = args.messages;
+    let n = args.mail.messages;
     let stream = conn.into_inner();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut buf = vec![0u8; 256 * 1024];
@@ -296,7 +263,7 @@ async fn fetcher(
     args: &Args,
     bytes: u64,
 ) -> anyhow::Result<Figure> {
-    let n = args.messages;
+    let n = args.mail.messages;
     let extra = format!("batch-size = {}\npoll-interval = 60\n", args.batch_size);
     let (config, _) = fx.config(&[fx.mail_table("bench", "POP3S", &extra)]);
     let started = Instant::now();
