@@ -96,21 +96,10 @@ impl Fx {
     /// Seeds `n` messages into the fixture's mailbox.
     fn seed(&self, n: usize) {
         let prefix = self.prefix().to_string();
-        let (mailbox, messages) = match self {
-            Self::Imap(f) => (
-                &f.mailbox,
-                (0..n)
-                    .map(|i| maildir::message(&prefix, i, 500, false))
-                    .collect::<Vec<_>>(),
-            ),
-            Self::Pop3(f) => (
-                &f.mailbox,
-                (0..n)
-                    .map(|i| maildir::message(&prefix, i, 500, false))
-                    .collect(),
-            ),
-        };
-        maildir::seed(self.env(), mailbox, &messages);
+        let messages: Vec<Vec<u8>> = (0..n)
+            .map(|i| maildir::message(&prefix, i, 500, false))
+            .collect();
+        self.seed_messages(&messages);
     }
 
     /// Seeds these messages into the fixture's mailbox.
@@ -119,7 +108,7 @@ impl Fx {
             Self::Imap(f) => &f.mailbox,
             Self::Pop3(f) => &f.mailbox,
         };
-        mailagent_tests::imap_support::seed_maildir(self.env(), mailbox, messages);
+        maildir::seed(self.env(), mailbox, messages);
     }
 
     /// The fixture's mailbox with each protocol's default after-fetch
@@ -505,9 +494,9 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     let fx = Fx::new(proto, "toolarge");
     fx.plant_token().await;
     let tag = format!("{}big", fx.prefix());
-    let small = |i: usize| imap_support::message(&tag, i, 2_000);
+    let small = |i: usize| maildir::message(&tag, i, 2_000, false);
     let mut messages: Vec<Vec<u8>> = (0..5).map(small).collect();
-    messages.push(imap_support::message(&tag, 99, 2 * 1024 * 1024));
+    messages.push(maildir::message(&tag, 99, 2 * 1024 * 1024, false));
     messages.extend((5..10).map(small));
     fx.seed_messages(&messages);
     let mut config = fx.config(&[fx.default_table("big")]);
@@ -576,7 +565,7 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
         }
     }
     // The mailbox is not stuck: a later mail comes through.
-    let later = imap_support::message(&tag, 100, 2_000);
+    let later = maildir::message(&tag, 100, 2_000, false);
     fx.seed_messages(std::slice::from_ref(&later));
     let next = imap_support::drain(&channel, &queue, 1, Duration::from_secs(30)).await;
     assert!(
