@@ -548,6 +548,7 @@ impl Stack {
             prefix: prefix.clone(),
             queue_type: common::config::QueueType::Classic,
             delivery_limit: 0,
+            broker_max_message_bytes: common::config::DEFAULT_BROKER_MAX_MESSAGE_BYTES,
         };
         common::topology::declare(&channel, &amqp_config, false)
             .await

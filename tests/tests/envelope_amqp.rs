@@ -14,6 +14,7 @@ fn amqp_config(env: &Endpoints, prefix: &str, queue_type: QueueType) -> AmqpConf
         prefix: prefix.to_string(),
         queue_type,
         delivery_limit: 5,
+        broker_max_message_bytes: common::config::DEFAULT_BROKER_MAX_MESSAGE_BYTES,
     }
 }
 

@@ -18,6 +18,27 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::tls::Probe;
 
+/// TCP keepalive on mail connections: the first probe after this long idle,
+/// then every [`KEEPALIVE_INTERVAL`]. A NAT or firewall that dropped the
+/// connection's state without a reset is then noticed by the kernel, not
+/// only by a command timeout.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Time between keepalive probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// Turns TCP keepalive on for a mail server connection (both fetchers).
+/// A failure is logged, not fatal: the command timeouts still apply.
+pub fn keepalive(tcp: &tokio::net::TcpStream) {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(4);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&params) {
+        tracing::warn!(error = %e, "cannot turn on TCP keepalive");
+    }
+}
+
 /// How long the diagnosing handshake may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -2,7 +2,6 @@
 //! `\Seen`, `\Deleted` + EXPUNGE, MOVE (or COPY + delete), or nothing.
 
 use common::config::AfterFetch;
-use futures::StreamExt;
 
 use crate::error::Result;
 use crate::session::ImapSession;
@@ -40,15 +39,10 @@ impl Worker<'_> {
             AfterFetch::Move(folder) => {
                 let target = utf7::encode(folder);
                 if caps.mv {
-                    session
-                        .uid_mv(&set, &target)
-                        .await
-                        .map_err(self.err("UID MOVE"))
+                    self.cmd("UID MOVE", session.uid_mv(&set, &target)).await
                 } else {
-                    session
-                        .uid_copy(&set, quote(&target))
-                        .await
-                        .map_err(self.err("UID COPY"))?;
+                    self.cmd("UID COPY", session.uid_copy(&set, quote(&target)))
+                        .await?;
                     self.store(session, &set, "+FLAGS.SILENT (\\Deleted)")
                         .await?;
                     self.expunge(session, &set, caps).await
@@ -58,27 +52,19 @@ impl Worker<'_> {
     }
 
     async fn store(&self, session: &mut ImapSession, set: &str, what: &str) -> Result<()> {
-        let mut stream = session
-            .uid_store(set, what)
-            .await
-            .map_err(self.err("UID STORE"))?;
-        while let Some(r) = stream.next().await {
-            r.map_err(self.err("UID STORE"))?;
-        }
+        let mut stream = self.cmd("UID STORE", session.uid_store(set, what)).await?;
+        while self.next("UID STORE", &mut stream).await?.is_some() {}
         Ok(())
     }
 
     async fn expunge(&self, session: &mut ImapSession, set: &str, caps: Caps) -> Result<()> {
         if caps.uidplus {
-            let stream = session
-                .uid_expunge(set)
-                .await
-                .map_err(self.err("EXPUNGE"))?;
-            let _: Vec<_> = stream.collect().await;
+            let mut stream = std::pin::pin!(self.cmd("EXPUNGE", session.uid_expunge(set)).await?);
+            while self.next("EXPUNGE", &mut stream).await?.is_some() {}
         } else {
             // Without UIDPLUS, EXPUNGE also removes other \Deleted messages.
-            let stream = session.expunge().await.map_err(self.err("EXPUNGE"))?;
-            let _: Vec<_> = stream.collect().await;
+            let mut stream = std::pin::pin!(self.cmd("EXPUNGE", session.expunge()).await?);
+            while self.next("EXPUNGE", &mut stream).await?.is_some() {}
         }
         Ok(())
     }

@@ -27,6 +27,16 @@ pub enum Error {
         #[source]
         source: async_imap::error::Error,
     },
+    /// The server stayed silent for longer than `command-timeout`.
+    #[error("cannot {action} on {endpoint}: no answer within {secs} s (command-timeout)")]
+    Timeout {
+        /// What was being done.
+        action: &'static str,
+        /// `host:port`.
+        endpoint: String,
+        /// The timeout.
+        secs: u64,
+    },
     /// The server does not offer what the config requires (STARTTLS, UIDs).
     #[error("{0}")]
     Unsupported(String),
@@ -57,6 +67,7 @@ impl Failure for Error {
             Self::Fetch(e) => return Class::Shared(e),
             Self::Connect { .. } => "connect",
             Self::Imap { .. } => "imap",
+            Self::Timeout { .. } => "timeout",
             Self::AuthFailed { .. } => "auth",
             Self::Unsupported(_) => "unsupported",
             Self::Folder(..) => "folder",

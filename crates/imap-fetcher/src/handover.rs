@@ -12,7 +12,6 @@ use common::config::{AfterFetch, StartFrom};
 use common::envelope::MessageRef;
 use common::fetch::publish::{Confirmed, PublishError, Publisher};
 use common::fetch::FetchError;
-use futures::StreamExt;
 
 use crate::after_fetch::uid_set;
 use crate::checkpoint::{self, Checkpoint};
@@ -133,10 +132,9 @@ impl Worker<'_> {
     }
 
     async fn search(&self, session: &mut ImapSession, query: &str) -> Result<Vec<u32>> {
-        let mut uids: Vec<u32> = session
-            .uid_search(query)
-            .await
-            .map_err(self.err("UID SEARCH"))?
+        let mut uids: Vec<u32> = self
+            .cmd("UID SEARCH", session.uid_search(query))
+            .await?
             .into_iter()
             .collect();
         uids.sort_unstable();
@@ -191,12 +189,13 @@ impl Worker<'_> {
     /// The sizes of `chunk`'s messages still on the server.
     async fn sizes(&self, session: &mut ImapSession, chunk: &[u32]) -> Result<HashMap<u32, u32>> {
         let mut sizes = HashMap::new();
-        let mut stream = session
-            .uid_fetch(uid_set(chunk), "(UID RFC822.SIZE)")
-            .await
-            .map_err(self.err("UID FETCH"))?;
-        while let Some(f) = stream.next().await {
-            let f = f.map_err(self.err("UID FETCH"))?;
+        let mut stream = self
+            .cmd(
+                "UID FETCH",
+                session.uid_fetch(uid_set(chunk), "(UID RFC822.SIZE)"),
+            )
+            .await?;
+        while let Some(f) = self.next("UID FETCH", &mut stream).await? {
             if let (Some(uid), Some(size)) = (f.uid, f.size) {
                 sizes.insert(uid, size);
             }
@@ -219,7 +218,7 @@ impl Worker<'_> {
         let started = Instant::now();
         // Sizes first: oversized messages are never fetched in full.
         let sizes = self.sizes(session, chunk).await?;
-        let max = cfg.max_message_bytes;
+        let max = mb.max_message_bytes();
         let oversized: Vec<u32> = chunk
             .iter()
             .copied()
@@ -240,16 +239,19 @@ impl Worker<'_> {
         // batch stops publishing there and goes on with a new publisher.
         let mut too_large: Option<PublishError> = None;
         if !wanted.is_empty() {
-            let mut stream = session
-                .uid_fetch(uid_set(&wanted), "(UID BODY.PEEK[])")
-                .await
-                .map_err(self.err("UID FETCH"))?;
+            let mut stream = self
+                .cmd(
+                    "UID FETCH",
+                    session.uid_fetch(uid_set(&wanted), "(UID BODY.PEEK[])"),
+                )
+                .await?;
             let mut failure = None;
-            while let Some(f) = stream.next().await {
-                let f = match f {
-                    Ok(f) => f,
+            loop {
+                let f = match self.next("UID FETCH", &mut stream).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
                     Err(e) => {
-                        failure = Some(self.err("UID FETCH")(e));
+                        failure = Some(e);
                         break;
                     }
                 };

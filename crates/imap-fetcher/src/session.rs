@@ -114,6 +114,7 @@ async fn open_inner(
         .await
         .map_err(io_err)?;
     let _ = tcp.set_nodelay(true);
+    common::connect::keepalive(&tcp);
     let server_name = rustls::pki_types::ServerName::try_from(cfg.host.clone()).map_err(|e| {
         Error::Unsupported(format!("host {:?} is not a valid TLS name: {e}", cfg.host))
     })?;

@@ -3,17 +3,16 @@
 //! folder ([`crate::handover`]) and wait with IDLE or polling, until a
 //! graceful stop or an error.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::config::MailAuth;
 use common::fetch::Mailbox;
+use futures::{Stream, StreamExt};
 
 use crate::error::{Error, Result};
 use crate::session::{self, Credentials, ImapSession};
 use crate::utf7;
-
-/// IDLE is re-issued after this long (servers may drop it after 30 min).
-pub const IDLE_RENEW: Duration = Duration::from_secs(25 * 60);
 
 /// Server capabilities that change what we send.
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,22 +34,53 @@ impl Worker<'_> {
         move |e| session::after_login_error(&self.mb.cfg, &self.mb.app, action, e)
     }
 
+    /// The answer to one command, within `command-timeout`; a silent
+    /// server ends the session ([`Error::Timeout`]).
+    pub(crate) async fn cmd<T>(
+        &self,
+        action: &'static str,
+        answer: impl Future<Output = async_imap::error::Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.mb.cfg.command_timeout, answer).await {
+            Ok(r) => r.map_err(self.err(action)),
+            Err(_) => Err(self.timed_out(action)),
+        }
+    }
+
+    /// The next part of a command's answer, within `command-timeout`: a
+    /// long FETCH is timed by its progress, not as a whole.
+    pub(crate) async fn next<S, T>(&self, action: &'static str, answer: &mut S) -> Result<Option<T>>
+    where
+        S: Stream<Item = async_imap::error::Result<T>> + Unpin,
+    {
+        match tokio::time::timeout(self.mb.cfg.command_timeout, answer.next()).await {
+            Ok(None) => Ok(None),
+            Ok(Some(r)) => r.map(Some).map_err(self.err(action)),
+            Err(_) => Err(self.timed_out(action)),
+        }
+    }
+
+    fn timed_out(&self, action: &'static str) -> Error {
+        Error::Timeout {
+            action,
+            endpoint: session::endpoint(&self.mb.cfg),
+            secs: self.mb.cfg.command_timeout.as_secs(),
+        }
+    }
+
     /// One session: login, select, then pass/wait until stopped or failed.
     pub async fn session(&self) -> Result<()> {
         let cfg = &self.mb.cfg;
         let mut session = self.login().await?;
         let folder = utf7::encode(&cfg.folder);
-        let mailbox = session.select(&folder).await.map_err(self.err("SELECT"))?;
+        let mailbox = self.cmd("SELECT", session.select(&folder)).await?;
         let uidvalidity = mailbox.uid_validity.ok_or_else(|| {
             Error::Unsupported(format!(
                 "folder {} of {} has no UIDVALIDITY",
                 cfg.folder, cfg.username
             ))
         })?;
-        let caps = session
-            .capabilities()
-            .await
-            .map_err(self.err("CAPABILITY"))?;
+        let caps = self.cmd("CAPABILITY", session.capabilities()).await?;
         let caps = Caps {
             idle: caps.has_str("IDLE"),
             mv: caps.has_str("MOVE"),
@@ -79,7 +109,7 @@ impl Worker<'_> {
                     _ = self.mb.graceful.cancelled() => return logout(session).await,
                     _ = tokio::time::sleep(cfg.poll_interval) => {}
                 }
-                session.noop().await.map_err(self.err("NOOP"))?;
+                self.cmd("NOOP", session.noop()).await?;
                 session
             };
             if self.mb.stopping() {
@@ -128,15 +158,15 @@ impl Worker<'_> {
         }
     }
 
-    /// IDLE until the server reports a change, [`IDLE_RENEW`] passes, or a
+    /// IDLE until the server reports a change, `idle-renew` passes, or a
     /// graceful stop is asked for. Returns the session, ready for commands.
     async fn idle(&self, session: ImapSession) -> Result<ImapSession> {
         use async_imap::extensions::idle::IdleResponse;
         use async_imap::imap_proto::{Response, Status};
         let mut handle = session.idle();
-        handle.init().await.map_err(self.err("IDLE"))?;
+        self.cmd("IDLE", handle.init()).await?;
         let outcome = {
-            let (fut, stop) = handle.wait_with_timeout(IDLE_RENEW);
+            let (fut, stop) = handle.wait_with_timeout(self.mb.cfg.idle_renew);
             tokio::pin!(fut);
             tokio::select! {
                 r = &mut fut => r,
@@ -174,7 +204,7 @@ impl Worker<'_> {
                 .inc();
             return Err(e);
         }
-        handle.done().await.map_err(self.err("DONE"))
+        self.cmd("DONE", handle.done()).await
     }
 }
 

@@ -124,7 +124,7 @@ impl Worker<'_> {
             &known_oversized,
             self.mb.cfg.start_from,
             delete,
-            self.mb.cfg.max_message_bytes,
+            self.mb.max_message_bytes(),
         );
         if let Some(present) = &plan.init {
             let skipped: Vec<String> = present.iter().map(|u| uidls::skipped(u)).collect();

@@ -17,7 +17,7 @@ use serde::Serialize;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, load_text, LoadOptions, CONFIG_ENV};
 pub use schema::admin::AdminConfig;
-pub use schema::amqp::{AmqpConfig, Declare, QueueType};
+pub use schema::amqp::{AmqpConfig, Declare, QueueType, DEFAULT_BROKER_MAX_MESSAGE_BYTES};
 pub use schema::form_processor::FormProcessorConfig;
 pub use schema::incoming_mail::{
     Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
@@ -187,6 +187,25 @@ impl Config {
                 t.subject, t.module, t.business_object, t.required, t.unique, t.senders
             ));
         }
+        for w in self.warnings() {
+            out.push_str(&format!("warning: {w}\n"));
+        }
         out
+    }
+
+    /// What is valid but probably not meant: each fetcher logs these at
+    /// start, and `--check-config` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        let broker = self.amqp.broker_max_message_bytes;
+        self.incoming_mail
+            .iter()
+            .filter(|m| m.max_message_bytes > broker)
+            .map(|m| {
+                format!(
+                    "incoming-mail {}: max-message-bytes {} exceeds [amqp] broker-max-message-bytes {broker}; mails between the two are recorded as oversized, not published (raise RabbitMQ's max_message_size and broker-max-message-bytes together)",
+                    m.name, m.max_message_bytes
+                )
+            })
+            .collect()
     }
 }

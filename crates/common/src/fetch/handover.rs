@@ -13,6 +13,15 @@ use crate::envelope::{dedupe_key, Envelope, MessageRef};
 use crate::heartbeat::now_secs;
 
 impl Mailbox {
+    /// The largest message handed over: `max-message-bytes`, and never more
+    /// than the broker takes (`[amqp] broker-max-message-bytes`). Larger
+    /// ones are recorded as oversized.
+    pub fn max_message_bytes(&self) -> u64 {
+        self.cfg
+            .max_message_bytes
+            .min(self.kit.config.amqp.broker_max_message_bytes)
+    }
+
     /// A confirm-mode publisher to the exchange, with the configured window
     /// of outstanding confirms (the replica's connection is reopened first
     /// when it died).
@@ -72,9 +81,9 @@ impl Mailbox {
         bytes: u64,
     ) -> Result<(), FetchError> {
         let name = &self.cfg.name;
-        let limit = self.cfg.max_message_bytes;
+        let limit = self.max_message_bytes();
         let reference = reference(message_ref);
-        tracing::warn!(config = %name, message = %reference, bytes, limit, "message over max-message-bytes; not published");
+        tracing::warn!(config = %name, message = %reference, bytes, limit, "message over max-message-bytes (or the broker's limit); not published");
         self.kit.metrics.oversized.with_label_values(&[name]).inc();
         let (field, record) = oversized_record(message_ref, bytes, now_secs());
         let mut redis = self.kit.redis.clone();

@@ -80,6 +80,9 @@ pub async fn run<P: Protocol>(
         .map(|m| m.name.clone())
         .collect();
     raise_open_files_limit(names.len());
+    for warning in config.warnings() {
+        tracing::warn!(component = component.name(), "{warning}");
+    }
     let tls = crate::tls::client_config(config.tls.extra_ca_file.as_deref())?;
     let tokens = TokenClient::new(
         service.redis.clone(),

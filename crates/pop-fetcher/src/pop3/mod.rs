@@ -537,6 +537,7 @@ pub async fn connect(
         }
     };
     let _ = tcp.set_nodelay(true);
+    common::connect::keepalive(&tcp);
     let server_name = ServerName::try_from(cfg.host.clone()).map_err(|e| {
         Error::Setup(format!(
             "host {:?} is not a valid server name: {e}",

@@ -20,7 +20,13 @@ pub struct AmqpConfig {
     pub queue_type: QueueType,
     /// Quorum queues only: deliveries before RabbitMQ dead-letters a message.
     pub delivery_limit: u32,
+    /// The broker's configured `max_message_size` (RabbitMQ 4: 16 MiB):
+    /// larger mails are recorded as oversized instead of being published.
+    pub broker_max_message_bytes: u64,
 }
+
+/// RabbitMQ 4's default `max_message_size`.
+pub const DEFAULT_BROKER_MAX_MESSAGE_BYTES: u64 = 16 << 20;
 
 /// `[amqp] declare`: what a service does with the topology at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -78,6 +84,7 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> (AmqpConfig, Declare) {
             "prefix",
             "queue-type",
             "delivery-limit",
+            "broker-max-message-bytes",
             "declare",
         ],
     );
@@ -103,6 +110,15 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> (AmqpConfig, Declare) {
         }
     };
     let delivery_limit = w.int_in(t, p, "delivery-limit", 1, 1000, 5) as u32;
+    // RabbitMQ accepts at most 512 MiB.
+    let broker_max_message_bytes = w.int_in(
+        t,
+        p,
+        "broker-max-message-bytes",
+        1024,
+        512 << 20,
+        DEFAULT_BROKER_MAX_MESSAGE_BYTES,
+    );
     let declare = match w.string(t, p, "declare").as_deref() {
         None | Some("full") => Declare::Full,
         Some("passive") => Declare::Passive,
@@ -120,6 +136,7 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> (AmqpConfig, Declare) {
             prefix,
             queue_type,
             delivery_limit,
+            broker_max_message_bytes,
         },
         declare,
     )

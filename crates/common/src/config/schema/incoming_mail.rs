@@ -45,6 +45,11 @@ pub struct IncomingMail {
     pub start_from: StartFrom,
     /// Messages fetched per batch.
     pub batch_size: u32,
+    /// IMAP: time allowed for one command's answer, or for the next part
+    /// of a long one (a FETCH counts progress, not the whole reply).
+    pub command_timeout: Duration,
+    /// IMAP: an IDLE is ended and re-issued after this long.
+    pub idle_renew: Duration,
 }
 
 impl IncomingMail {
@@ -213,11 +218,18 @@ pub enum StartFrom {
 /// Reads one `[[incoming-mail]]` table at `path`; `profiles` are the
 /// OAuth profiles it may name. `None` when it is unusable (its errors are
 /// recorded).
+/// Exchange Online's largest message: `max-message-bytes` by default when
+/// the broker takes messages that large.
+pub const EXCHANGE_MAX_MESSAGE_BYTES: u64 = 35 << 20;
+
+/// One `[[incoming-mail]]` table; `broker_max` is `[amqp]
+/// broker-max-message-bytes`, which caps the default `max-message-bytes`.
 pub(super) fn parse(
     w: &mut Walker,
     path: &str,
     t: &Dict,
     profiles: &[OAuthProfile],
+    broker_max: u64,
 ) -> Option<IncomingMail> {
     w.unknown_keys(
         t,
@@ -241,6 +253,8 @@ pub(super) fn parse(
             "idle",
             "start-from",
             "batch-size",
+            "command-timeout",
+            "idle-renew",
         ],
     );
     let name = w.name(t, path, "name", None);
@@ -412,9 +426,19 @@ pub(super) fn parse(
         }
     }
     let poll_interval = w.secs(t, path, "poll-interval", 1, 86_400, 60);
-    let max_message_bytes = w.int_in(t, path, "max-message-bytes", 1024, 1 << 34, 35 << 20);
+    let max_message_bytes = w.int_in(
+        t,
+        path,
+        "max-message-bytes",
+        1024,
+        1 << 34,
+        EXCHANGE_MAX_MESSAGE_BYTES.min(broker_max),
+    );
     let idle = w.boolean(t, path, "idle", true);
     let batch_size = w.int_in(t, path, "batch-size", 1, 10_000, 200) as u32;
+    let command_timeout = w.secs(t, path, "command-timeout", 1, 3_600, 60);
+    // Below the 29 minutes of RFC 2177 and Exchange Online's IDLE limit.
+    let idle_renew = w.secs(t, path, "idle-renew", 5, 1_740, 300);
     Some(IncomingMail {
         name: name?,
         host,
@@ -432,5 +456,7 @@ pub(super) fn parse(
         idle,
         start_from,
         batch_size,
+        command_timeout,
+        idle_renew,
     })
 }

@@ -49,7 +49,15 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
     let incoming_mail: Vec<IncomingMail> = w
         .tables(tree, Section::IncomingMail)
         .into_iter()
-        .filter_map(|(path, t)| incoming_mail::parse(&mut w, &path, t, &oauth_profiles))
+        .filter_map(|(path, t)| {
+            incoming_mail::parse(
+                &mut w,
+                &path,
+                t,
+                &oauth_profiles,
+                amqp.broker_max_message_bytes,
+            )
+        })
         .collect();
     let topics: Vec<Topic> = w
         .tables(tree, Section::Topics)
@@ -174,5 +182,39 @@ mod tests {
             let toml = format!("{toml}\n[token-broker]\ntoken-encryption = \"none\"\n");
             assert_eq!(errors(&toml), [want], "{toml}");
         }
+    }
+
+    fn config(toml: &str) -> Config {
+        let tree: Dict = figment::Figment::from(Toml::string(toml))
+            .extract()
+            .unwrap();
+        parse(&tree, Component::ImapFetcher).expect("valid")
+    }
+
+    #[test]
+    fn max_message_bytes_follows_the_brokers_limit_and_a_larger_one_is_warned_about() {
+        let mail = |extra: &str| {
+            format!(
+                "[token-broker]\ntoken-encryption = \"none\"\n{extra}\n[[incoming-mail]]\nname = \"m\"\nhost = \"mail.example.com\"\nusername = \"forms@example.com\"\nmail-server-type = \"imaps\"\npassword = \"p\"\n"
+            )
+        };
+        // Defaults: RabbitMQ 4's 16 MiB caps Exchange's 35 MiB.
+        let c = config(&mail(""));
+        assert_eq!(c.amqp.broker_max_message_bytes, 16 << 20);
+        assert_eq!(c.incoming_mail[0].max_message_bytes, 16 << 20);
+        assert!(c.warnings().is_empty());
+        // A broker that takes more: Exchange's limit.
+        let c = config(&mail("[amqp]\nbroker-max-message-bytes = 40000000\n"));
+        assert_eq!(c.incoming_mail[0].max_message_bytes, 35 << 20);
+        // Set above the broker's limit: valid, with a warning naming both keys.
+        let mut text = mail("");
+        text.push_str("max-message-bytes = 20000000\n");
+        let c = config(&text);
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains(
+            "max-message-bytes 20000000 exceeds [amqp] broker-max-message-bytes 16777216"
+        ));
+        assert!(c.summary().contains("warning: incoming-mail m:"));
     }
 }
