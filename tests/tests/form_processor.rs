@@ -518,3 +518,57 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
     assert!(h.drain_dead().await.is_empty());
     p.stop().await.unwrap();
 }
+
+/// Sets `default_transaction_read_only` of the harness's database and ends
+/// its sessions, so that every new connection gets the setting (what a
+/// failover to a standby looks like to the processor).
+async fn set_read_only(h: &Harness, on: bool) {
+    use sqlx::Connection as _;
+    let db = url::Url::parse(&h.store_url).unwrap().path()[1..].to_string();
+    let mut admin = sqlx::PgConnection::connect(h.env.postgres_url())
+        .await
+        .expect("connect to PostgreSQL");
+    let value = if on { "on" } else { "off" };
+    sqlx::query(&format!(
+        "ALTER DATABASE {db} SET default_transaction_read_only = {value}"
+    ))
+    .execute(&mut admin)
+    .await
+    .expect("alter database");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&db)
+        .execute(&mut admin)
+        .await
+        .expect("end the database's sessions");
+    let _ = admin.close().await;
+}
+
+/// A store that refuses writes (SQLSTATE 25006, a standby or a failover)
+/// is an outage, not bad data: no form is dead-lettered or stored as a
+/// failure while it lasts, and every record is created once it is writable
+/// again (§6).
+#[tokio::test]
+async fn a_read_only_postgres_delays_forms_and_dead_letters_none() {
+    let h = Harness::new(StoreKind::Postgres, &[]).await;
+    let store = h.store().await; // the schema is in place
+    set_read_only(&h, true).await;
+    let n = 20;
+    h.publish_leases(n).await;
+    let p = h.start(Default::default());
+    let until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < until {
+        assert!(
+            h.drain_dead().await.is_empty(),
+            "a form was dead-lettered while the store was read-only"
+        );
+        assert!(p.running());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(store.records(&Default::default()).await.unwrap().is_empty());
+    set_read_only(&h, false).await;
+    let records = wait_records(&store, n, Duration::from_secs(90)).await;
+    assert_eq!(records.len(), n);
+    assert!(store.failures().await.unwrap().is_empty());
+    assert!(h.drain_dead().await.is_empty());
+    p.stop().await.unwrap();
+}

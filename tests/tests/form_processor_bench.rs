@@ -16,12 +16,14 @@ use std::time::{Duration, Instant};
 use mailagent_tests::forms::*;
 use mailagent_tests::process::{launch, peak_rss_kib, stop};
 
-async fn bench(kind: StoreKind) {
+async fn bench(kind: StoreKind, extra: &[&str]) {
     let n: usize = std::env::var("FORM_BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let h = Harness::new(kind, &["prefetch = 256"]).await;
+    let mut settings = vec!["prefetch = 256"];
+    settings.extend_from_slice(extra);
+    let h = Harness::new(kind, &settings).await;
     let started = Instant::now();
     h.publish_leases(n).await;
     let publish = started.elapsed();
@@ -45,7 +47,7 @@ async fn bench(kind: StoreKind) {
     peak = peak.max(peak_rss_kib(pid));
     stop(&mut child, Duration::from_secs(30)).await;
     println!(
-        "form-processor bench {kind:?}: {n} forms (8 fields, 3 children) in {:.2} s = {:.0} records/s; \
+        "form-processor bench {kind:?} {extra:?}: {n} forms (8 fields, 3 children) in {:.2} s = {:.0} records/s; \
          peak RSS {:.1} MiB; (publishing took {:.2} s)",
         took.as_secs_f64(),
         n as f64 / took.as_secs_f64(),
@@ -57,11 +59,18 @@ async fn bench(kind: StoreKind) {
 #[tokio::test]
 #[ignore = "benchmark: run with --run-ignored only"]
 async fn bench_sqlite() {
-    bench(StoreKind::Sqlite).await;
+    bench(StoreKind::Sqlite, &[]).await;
+}
+
+/// What `synchronous = FULL` (the default) costs: the same run with NORMAL.
+#[tokio::test]
+#[ignore = "benchmark: run with --run-ignored only"]
+async fn bench_sqlite_synchronous_normal() {
+    bench(StoreKind::Sqlite, &["sqlite-synchronous = \"normal\""]).await;
 }
 
 #[tokio::test]
 #[ignore = "benchmark: run with --run-ignored only"]
 async fn bench_postgres() {
-    bench(StoreKind::Postgres).await;
+    bench(StoreKind::Postgres, &[]).await;
 }

@@ -243,6 +243,7 @@ mod tests {
             max_cells: 1000,
             max_mime_depth: 10,
             max_mime_parts: 10,
+            sqlite_synchronous: Default::default(),
         }
     }
 

@@ -72,7 +72,10 @@ pub async fn run_with(
         let mut backoff =
             common::backoff::Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            match store::Store::open(store_url.expose(), Some(observe.clone())).await {
+            let synchronous = config.form_processor.sqlite_synchronous;
+            match store::Store::open_with(store_url.expose(), Some(observe.clone()), synchronous)
+                .await
+            {
                 Ok(s) => break s,
                 Err(e) if e.is_transient() => {
                     let wait = backoff.next_delay();

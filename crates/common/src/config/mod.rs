@@ -18,7 +18,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, load_text, LoadOptions, CONFIG_ENV};
 pub use schema::admin::AdminConfig;
 pub use schema::amqp::{AmqpConfig, Declare, QueueType, DEFAULT_BROKER_MAX_MESSAGE_BYTES};
-pub use schema::form_processor::FormProcessorConfig;
+pub use schema::form_processor::{FormProcessorConfig, SqliteSynchronous};
 pub use schema::incoming_mail::{
     Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
 };

@@ -66,28 +66,46 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            // SQLite: BUSY, LOCKED, IOERR, FULL, CANTOPEN (primary codes).
-            // PostgreSQL: connection exceptions, resources, operator
-            // intervention, serialization failure, deadlock, lock timeout.
-            matches!(
-                code.as_str(),
-                "5" | "6"
-                    | "10"
-                    | "13"
-                    | "14"
-                    | "261"
-                    | "262"
-                    | "517"
-                    | "40001"
-                    | "40P01"
-                    | "55P03"
-                    | "57014"
-            ) || code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-                || db.message().contains("database is locked")
+            outage(&code).is_some() || db.message().contains("database is locked")
         }
         _ => false,
+    }
+}
+
+/// Why a database error code is an outage of the store, retried for as long
+/// as it lasts (§6: never dead-lettered), or `None` when it is a refusal of
+/// the statement itself (a constraint, bad SQL), which retrying cannot fix.
+///
+/// SQLite codes are numbers below 10000, the primary code in the low byte
+/// of an extended one; PostgreSQL codes are SQLSTATEs, five characters
+/// whose first two name the class.
+pub fn outage(code: &str) -> Option<&'static str> {
+    // A SQLSTATE has five characters; SQLite's codes stay below 10000.
+    if let Some(n) = code.parse::<u32>().ok().filter(|_| code.len() < 5) {
+        return match n & 0xff {
+            5 => Some("SQLite BUSY: another connection holds the database"),
+            6 => Some("SQLite LOCKED: a table is locked"),
+            8 => Some("SQLite READONLY: the file or its directory cannot be written now"),
+            10 => Some("SQLite IOERR: the disk failed a read or write"),
+            13 => Some("SQLite FULL: the disk is full"),
+            14 => Some("SQLite CANTOPEN: the file cannot be opened now"),
+            15 => Some("SQLite PROTOCOL: a locking race"),
+            _ => None,
+        };
+    }
+    match code {
+        "25006" => Some("PostgreSQL read-only transaction: a standby, or a failover under way"),
+        "40001" => Some("PostgreSQL serialization failure"),
+        "40P01" => Some("PostgreSQL deadlock"),
+        "55P03" => Some("PostgreSQL lock not available"),
+        "57014" => Some("PostgreSQL statement cancelled"),
+        _ => match code.get(..2) {
+            Some("08") => Some("PostgreSQL connection exception"),
+            Some("53") => Some("PostgreSQL insufficient resources (disk, memory, connections)"),
+            Some("57") => Some("PostgreSQL operator intervention (shutdown, restart)"),
+            Some("58") => Some("PostgreSQL system error (I/O)"),
+            _ => None,
+        },
     }
 }
 
@@ -111,5 +129,61 @@ mod tests {
         }
         assert!(Error::Closed.is_transient());
         assert!(Error::batch("write", &sqlx::Error::RowNotFound).is_transient());
+    }
+
+    #[test]
+    fn every_database_code_has_a_class_and_a_reason() {
+        let cases: &[(&str, bool)] = &[
+            // SQLite, primary and extended codes.
+            ("5", true),     // BUSY
+            ("261", true),   // BUSY_RECOVERY
+            ("517", true),   // BUSY_SNAPSHOT
+            ("773", true),   // BUSY_TIMEOUT
+            ("6", true),     // LOCKED
+            ("262", true),   // LOCKED_SHAREDCACHE
+            ("8", true),     // READONLY
+            ("264", true),   // READONLY_RECOVERY
+            ("520", true),   // READONLY_CANTLOCK
+            ("776", true),   // READONLY_ROLLBACK
+            ("1032", true),  // READONLY_DBMOVED
+            ("10", true),    // IOERR
+            ("266", true),   // IOERR_READ
+            ("778", true),   // IOERR_WRITE
+            ("1290", true),  // IOERR_FSYNC
+            ("13", true),    // FULL
+            ("14", true),    // CANTOPEN
+            ("19", false),   // CONSTRAINT
+            ("2067", false), // CONSTRAINT_UNIQUE
+            ("1", false),    // ERROR (bad SQL)
+            ("11", false),   // CORRUPT
+            // PostgreSQL SQLSTATEs.
+            ("08000", true),  // connection_exception
+            ("08006", true),  // connection_failure
+            ("08P01", true),  // protocol_violation
+            ("25006", true),  // read_only_sql_transaction
+            ("40001", true),  // serialization_failure
+            ("40P01", true),  // deadlock_detected
+            ("53100", true),  // disk_full
+            ("53200", true),  // out_of_memory
+            ("53300", true),  // too_many_connections
+            ("55P03", true),  // lock_not_available
+            ("57014", true),  // query_canceled
+            ("57P01", true),  // admin_shutdown
+            ("57P02", true),  // crash_shutdown
+            ("57P03", true),  // cannot_connect_now
+            ("58030", true),  // io_error
+            ("23505", false), // unique_violation
+            ("23502", false), // not_null_violation
+            ("42P01", false), // undefined_table
+            ("22001", false), // string_data_right_truncation
+            ("25001", false), // active_sql_transaction
+        ];
+        for (code, transient) in cases {
+            let class = outage(code);
+            assert_eq!(class.is_some(), *transient, "{code}: {class:?}");
+            if let Some(reason) = class {
+                assert!(!reason.is_empty());
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Once;
 use std::time::Duration;
 
+use common::config::SqliteSynchronous;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::Executor;
 use tokio::sync::mpsc;
@@ -60,7 +61,19 @@ static DRIVERS: Once = Once::new();
 impl Store {
     /// Opens (and for SQLite creates) the store, applies the schema and
     /// starts the writer task. `observe` is called after every batch.
+    /// SQLite commits are fully synchronous ([`Store::open_with`] chooses).
     pub async fn open(url: &str, observe: Option<BatchObserver>) -> Result<Self> {
+        Self::open_with(url, observe, SqliteSynchronous::Full).await
+    }
+
+    /// [`Store::open`] with SQLite's `synchronous` setting: `FULL` syncs
+    /// every commit (a record acked to RabbitMQ survives a power loss),
+    /// `NORMAL` only the WAL checkpoints.
+    pub async fn open_with(
+        url: &str,
+        observe: Option<BatchObserver>,
+        synchronous: SqliteSynchronous,
+    ) -> Result<Self> {
         DRIVERS.call_once(sqlx::any::install_default_drivers);
         let backend = Backend::of(url).ok_or_else(|| Error::Permanent {
             action: "open",
@@ -91,7 +104,8 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        let pragma = format!("PRAGMA synchronous = {}", synchronous.as_str());
+                        conn.execute(pragma.as_str()).await?;
                         conn.execute("PRAGMA busy_timeout = 5000").await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                     }

@@ -33,6 +33,32 @@ pub struct FormProcessorConfig {
     pub max_mime_depth: u32,
     /// Most MIME parts accepted.
     pub max_mime_parts: u32,
+    /// SQLite's `synchronous` setting for the record store.
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// `[form-processor] sqlite-synchronous`: how SQLite makes a commit durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SqliteSynchronous {
+    /// Every commit is on disk before it returns (the default): a record
+    /// acked to RabbitMQ — and its mail then flagged or deleted — survives
+    /// a power loss.
+    #[default]
+    Full,
+    /// WAL commits are synced at checkpoints only: faster, but a power loss
+    /// can roll back the last commits after their mails were acked.
+    Normal,
+}
+
+impl SqliteSynchronous {
+    /// The value for `PRAGMA synchronous`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
 }
 
 /// Reads `[form-processor]` from the top-level `tree`.
@@ -55,6 +81,7 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> FormProcessorConfig {
             "max-cells",
             "max-mime-depth",
             "max-mime-parts",
+            "sqlite-synchronous",
         ],
     );
     let store = w.secret_url(
@@ -64,6 +91,17 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> FormProcessorConfig {
         "sqlite://data/records.db",
         &["sqlite", "postgres", "postgresql"],
     );
+    let sqlite_synchronous = match w.string(t, p, "sqlite-synchronous").as_deref() {
+        None | Some("full") => SqliteSynchronous::Full,
+        Some("normal") => SqliteSynchronous::Normal,
+        Some(other) => {
+            w.err(
+                format!("{p}.sqlite-synchronous"),
+                format!("unknown setting {other:?}: expected \"full\" (default) or \"normal\""),
+            );
+            SqliteSynchronous::Full
+        }
+    };
     FormProcessorConfig {
         store,
         prefetch: w.int_in(t, p, "prefetch", 1, 65535, 64) as u16,
@@ -76,5 +114,6 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> FormProcessorConfig {
         max_cells: w.int_in(t, p, "max-cells", 1, 1 << 32, 2_000_000),
         max_mime_depth: w.int_in(t, p, "max-mime-depth", 1, 1000, 20) as u32,
         max_mime_parts: w.int_in(t, p, "max-mime-parts", 1, 100_000, 500) as u32,
+        sqlite_synchronous,
     }
 }
