@@ -460,6 +460,12 @@ impl Harness {
         out
     }
 
+    /// This world's configuration file as `component` reads it (its own
+    /// least-privilege users), e.g. for the `mailagent` CLI.
+    pub fn config_path_for(&self, component: Component) -> PathBuf {
+        self._cfg.path_for(component)
+    }
+
     /// Messages ready in the create queue.
     pub async fn queue_depth(&self) -> u32 {
         common::topology::queue_depth(&self.channel, &self.topology.create_queue)

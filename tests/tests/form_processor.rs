@@ -572,3 +572,127 @@ async fn a_read_only_postgres_delays_forms_and_dead_letters_none() {
     assert!(h.drain_dead().await.is_empty());
     p.stop().await.unwrap();
 }
+
+/// With the dead-letter queue deleted, RabbitMQ returns the dead letter
+/// (it is published `mandatory`): the rejected mail is never acked away and
+/// its failure not marked dead-lettered. Once the topology is declared
+/// again it is dead-lettered, exactly once.
+#[tokio::test]
+async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_once_it_is_back() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let store = h.store().await;
+    // Started first: it declares the topology (the dead-letter queue too).
+    let p = h.start(Default::default());
+    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
+        .await;
+    wait_records(&store, 1, WAIT).await;
+    h.channel
+        .queue_delete(&h.topology.dead_queue, Default::default())
+        .await
+        .expect("delete the dead-letter queue");
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let failures = wait_for("the stored rejection", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        (!f.is_empty()).then_some(f)
+    })
+    .await;
+    assert_eq!(failures[0].reason, "no-workbook");
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        let failures = store.failures().await.unwrap();
+        assert!(
+            !failures[0].dead_lettered,
+            "marked dead-lettered with no dead-letter queue"
+        );
+        assert!(p.running());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    common::topology::declare(&h.channel, &h.config.amqp, false)
+        .await
+        .expect("declare the topology again");
+    let dead = wait_for("the dead letter", Duration::from_secs(60), || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        dead,
+        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
+    );
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f[0].dead_lettered.then_some(())
+    })
+    .await;
+    // Exactly once: nothing more arrives.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
+    p.stop().await.unwrap();
+}
+
+/// `mailagent dead-letters replay` with the CREATE queue's binding removed:
+/// the replay reaches no queue, the command fails, and the dead-letter copy
+/// and the failure stay. With the binding back, the replay is processed
+/// afresh (a record) and the copy is gone.
+#[tokio::test]
+async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let store = h.store().await;
+    // A mail without a workbook: replayed, it is rejected again, which
+    // shows that the replay was processed afresh.
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let p = h.start(Default::default());
+    let failures = wait_failures(&store, 1, WAIT).await;
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f[0].dead_lettered.then_some(())
+    })
+    .await;
+    let id = failures[0].id.to_string();
+    h.channel
+        .queue_unbind(
+            &h.topology.create_queue,
+            &h.topology.exchange,
+            "create",
+            Default::default(),
+        )
+        .await
+        .expect("unbind");
+    let cli = h.config_path_for(common::Component::Cli);
+    let replay = || {
+        std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+            .arg("--config")
+            .arg(&cli)
+            .args(["dead-letters", "replay", &id])
+            .output()
+            .expect("run mailagent")
+    };
+    let out = replay();
+    assert!(!out.status.success(), "the replay reached no queue");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("reached no queue"), "{stderr}");
+    assert_eq!(store.failures().await.unwrap().len(), 1, "failure kept");
+    common::topology::declare(&h.channel, &h.config.amqp, false)
+        .await
+        .expect("bind again");
+    let out = replay();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Processed afresh: rejected again (no workbook), dead-lettered again;
+    // the old copy was consumed by the replay.
+    let dead = wait_for("the new dead letter", WAIT, || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        dead,
+        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
+    );
+    p.stop().await.unwrap();
+}

@@ -37,6 +37,9 @@ pub mod headers {
     pub const TRACEPARENT: &str = "traceparent";
     /// Why a message was dead-lettered.
     pub const REASON: &str = "x-reason";
+    /// On a message `mailagent dead-letters replay` sent back: the id of the
+    /// failure it replays, which the processor forgets before processing.
+    pub const REPLAY: &str = "x-replay";
 }
 
 /// Where in the mailbox a message came from.

@@ -3,6 +3,7 @@
 //! dead-letter publish, and only then the ack. Store outages are retried
 //! with capped backoff for as long as they last.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,9 @@ pub struct Context {
     pub heartbeat: common::heartbeat::Heartbeat,
     /// Test hooks.
     pub hooks: Hooks,
+    /// Settle failures in a row (a dead-letter queue gone, say): the
+    /// requeue delay grows with them, and a settled message resets them.
+    pub settle_failures: std::sync::atomic::AtomicU32,
 }
 
 /// How a delivery was settled.
@@ -82,6 +86,7 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     ctx.metrics.in_flight.dec();
     match result {
         Ok(Ok(Settled::Acked(outcome, reason))) => {
+            ctx.settle_failures.store(0, Ordering::Relaxed);
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                 tracing::warn!(error = %e, "cannot ack; the message will be redelivered and found settled");
             }
@@ -107,10 +112,17 @@ pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
     }
 }
 
+/// Puts the delivery back after a pause: 200 ms, doubling with each
+/// settle failure in a row up to 30 s, so that a dead-letter queue that is
+/// gone is not hammered.
 async fn requeue(ctx: &Context, delivery: &Delivery) {
+    let failures = ctx.settle_failures.fetch_add(1, Ordering::Relaxed);
+    let pause = Duration::from_millis(200)
+        .saturating_mul(1 << failures.min(8))
+        .min(Duration::from_secs(30));
     tokio::select! {
         _ = ctx.shutdown.cancelled() => return,
-        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        _ = tokio::time::sleep(pause) => {}
     }
     let _ = delivery
         .acker
@@ -119,6 +131,16 @@ async fn requeue(ctx: &Context, delivery: &Delivery) {
             ..Default::default()
         })
         .await;
+}
+
+/// The failure id a replayed message carries (`x-replay`).
+fn replay_of(delivery: &Delivery) -> Option<i64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(common::envelope::headers::REPLAY)? {
+        lapin::types::AMQPValue::LongLongInt(id) => Some(*id),
+        lapin::types::AMQPValue::LongInt(id) => Some(i64::from(*id)),
+        _ => None,
+    }
 }
 
 fn traceparent(delivery: &Delivery) -> Option<String> {
@@ -227,6 +249,25 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 "already created; acking the duplicate delivery"
             );
             return Ok(Settled::Acked("already-known", ""));
+        }
+        Some(Known::Failure { id, .. }) if replay_of(delivery) == Some(id) => {
+            // `mailagent dead-letters replay`: forget the failure, then
+            // process the mail afresh.
+            or_leave!(
+                retry(ctx, "forget a replayed failure", || ctx
+                    .store
+                    .forget(&envelope.dedupe_key))
+                .await
+            )?;
+            // Its earlier deliveries do not count against the poison guard.
+            let mut redis = ctx.redis.clone();
+            let _: redis::RedisResult<()> =
+                redis::AsyncCommands::del(&mut redis, ctx.keys.deliveries(&envelope.dedupe_key))
+                    .await;
+            tracing::info!(
+                failure = id,
+                "replayed failure forgotten; processing afresh"
+            );
         }
         Some(Known::Failure {
             id,
@@ -354,7 +395,26 @@ async fn reject(
     );
     let failure = match stored {
         Ok(Stored::Failure(id)) => Some(id),
-        Ok(Stored::AlreadyKnown) => return Ok(Settled::Acked("already-known", "")),
+        // Stored before (a commit whose answer was lost, or another copy of
+        // the mail): dead-letter it unless that is done already.
+        Ok(Stored::AlreadyKnown) => {
+            let known = or_leave!(
+                retry(ctx, "look up the dedupe key", || ctx
+                    .store
+                    .lookup(&failure.source.dedupe_key))
+                .await
+            )?;
+            if let Some(Known::Failure {
+                id,
+                reason,
+                detail,
+                dead_lettered: false,
+            }) = known
+            {
+                dead_letter(ctx, delivery, Some(id), &reason, &detail).await?;
+            }
+            return Ok(Settled::Acked("already-known", ""));
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot store the rejection; dead-lettering it anyway");
             None

@@ -1,9 +1,14 @@
 //! Dead-lettering (§6): a rejected or poison message is published to the
-//! dead-letter exchange with its `x-reason` header on a channel in confirm
-//! mode; only a confirmed publish lets the original be acked.
+//! dead-letter exchange with its `x-reason` header, `mandatory`, on a
+//! channel in confirm mode; only a confirmed publish that reached a queue
+//! lets the original be acked. A nack, a return (the dead-letter queue or
+//! its binding is missing) or a channel error leaves the original unacked;
+//! a channel error also marks the publisher [broken](DeadLetters::broken),
+//! which ends the consuming session so that a new one opens a new channel.
 
 use common::envelope::headers::REASON;
 use lapin::options::BasicPublishOptions;
+use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
@@ -19,12 +24,17 @@ pub enum Error {
     /// The broker refused the message.
     #[error("cannot publish to the dead-letter exchange: the broker nacked it")]
     Nacked,
+    /// The message reached no queue: the dead-letter queue or its binding
+    /// is missing.
+    #[error("cannot dead-letter: exchange {0} routed the message to no queue (is the dead-letter queue declared and bound?)")]
+    Unroutable(String),
 }
 
 /// A confirming publisher to the dead-letter exchange.
 pub struct DeadLetters {
     channel: Channel,
     exchange: String,
+    broken: tokio_util::sync::CancellationToken,
 }
 
 impl DeadLetters {
@@ -34,6 +44,7 @@ impl DeadLetters {
         Ok(Self {
             channel,
             exchange: exchange.to_string(),
+            broken: tokio_util::sync::CancellationToken::new(),
         })
     }
 
@@ -56,21 +67,36 @@ impl DeadLetters {
             AMQPValue::LongString(LongString::from(detail)),
         );
         let props = props.clone().with_headers(headers).with_delivery_mode(2);
-        let confirm = self
-            .channel
-            .basic_publish(
-                &self.exchange,
-                "",
-                BasicPublishOptions::default(),
-                body,
-                props,
-            )
-            .await?
-            .await?;
-        if confirm.is_nack() {
-            return Err(Error::Nacked);
+        let published = async {
+            self.channel
+                .basic_publish(
+                    &self.exchange,
+                    "",
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    props,
+                )
+                .await?
+                .await
+        };
+        match published.await {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => Err(Error::Unroutable(self.exchange.clone())),
+            Ok(Confirmation::Nack(_)) => Err(Error::Nacked),
+            Err(e) => {
+                self.broken.cancel();
+                Err(e.into())
+            }
         }
-        Ok(())
+    }
+
+    /// Cancelled once the channel failed: no publish can succeed on it any
+    /// more, and the consuming session should end (and open a new one).
+    pub fn broken(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.broken.cancelled()
     }
 
     /// Closes the channel.

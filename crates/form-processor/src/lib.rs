@@ -218,6 +218,7 @@ impl Session<'_> {
             shutdown: self.shutdown.clone(),
             heartbeat: self.heartbeat.clone(),
             hooks: self.hooks.clone(),
+            settle_failures: Default::default(),
         });
         self.admin.set_ready(true);
         tracing::info!(queue = %self.topology.create_queue, prefetch = config.form_processor.prefetch, "consuming");
@@ -228,6 +229,10 @@ impl Session<'_> {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = ctx.dead.broken() => {
+                    failure = Some(anyhow::anyhow!("the dead-letter channel failed"));
+                    break;
+                }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         tasks.spawn(consumer::handle(ctx.clone(), delivery));

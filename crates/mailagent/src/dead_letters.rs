@@ -4,9 +4,11 @@
 use anyhow::{anyhow, bail};
 use common::config::Config;
 use common::envelope::headers::REASON;
+use common::envelope::headers::REPLAY;
 use form_processor::deadletter::REASON_DETAIL;
 use form_processor::store::Store;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions};
+use lapin::publisher_confirm::Confirmation;
 use lapin::types::AMQPValue;
 
 use crate::dates::format_utc;
@@ -17,8 +19,10 @@ use crate::records::open_store;
 pub enum DeadLettersCommand {
     /// List rejections (failures table) and what waits in the dead-letter queue.
     List,
-    /// Send a dead-lettered message back to the CREATE queue: its failure
-    /// is forgotten so it is processed afresh. ID is the failure id.
+    /// Send a dead-lettered message back to the CREATE queue, where the
+    /// processor forgets its failure and processes it afresh. The copy in
+    /// the dead-letter queue is removed only once RabbitMQ confirmed the
+    /// replay into a queue. ID is the failure id.
     Replay {
         /// Failure id (from `dead-letters list`).
         id: i64,
@@ -66,7 +70,9 @@ pub async fn dead_letters(config: &Config, command: &DeadLettersCommand) -> anyh
             );
             Ok(())
         }
-        DeadLettersCommand::Replay { id } => replay(&store, &channel, &topology, depth, *id).await,
+        DeadLettersCommand::Replay { id } => {
+            replay(&store, &conn, &channel, &topology, depth, *id).await
+        }
     };
     // Closing the channel returns every message we looked at but did not ack.
     let _ = channel.close(200, "done").await;
@@ -77,6 +83,7 @@ pub async fn dead_letters(config: &Config, command: &DeadLettersCommand) -> anyh
 
 async fn replay(
     store: &Store,
+    conn: &lapin::Connection,
     channel: &lapin::Channel,
     topology: &common::topology::Topology,
     depth: u32,
@@ -104,25 +111,37 @@ async fn replay(
         let mut inner = headers.inner().clone();
         inner.remove(REASON);
         inner.remove(REASON_DETAIL);
+        inner.insert(REPLAY.into(), AMQPValue::LongLongInt(id));
         headers = inner.into();
         let props = m.properties.clone().with_headers(headers);
-        store.forget(&key).await?;
-        let publisher = channel.clone();
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        // Published first (mandatory, confirmed); the failure is forgotten
+        // by the processor when the replay arrives, and the dead-letter copy
+        // acked only now: a replay that reaches no queue loses nothing.
+        let publisher = common::topology::confirming_channel(conn).await?;
         let confirm = publisher
             .basic_publish(
                 &topology.exchange,
-                "create",
-                BasicPublishOptions::default(),
+                common::config::Action::Create.routing_key(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 &m.data,
                 props,
             )
             .await?
             .await?;
-        if !confirm.is_ack() {
-            bail!("RabbitMQ did not confirm the replayed message");
+        let _ = publisher.close(200, "done").await;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => {}
+            Confirmation::Ack(Some(_)) => bail!(
+                "the replay reached no queue (is {} bound to {} with key create?); failure #{id} stays dead-lettered",
+                topology.create_queue,
+                topology.exchange
+            ),
+            Confirmation::Nack(_) => {
+                bail!("RabbitMQ refused the replay; failure #{id} stays dead-lettered")
+            }
         }
         m.acker.ack(BasicAckOptions::default()).await?;
         println!(
