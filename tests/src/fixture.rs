@@ -203,16 +203,8 @@ allow-insecure = true
     /// An AMQP channel, with the topology declared first, so draining works
     /// before the fetcher has started.
     pub async fn channel(&self) -> lapin::Channel {
-        let conn =
-            lapin::Connection::connect(self.env.amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .expect("amqp");
-        let channel = conn.create_channel().await.expect("channel");
         let (config, _) = self.config(&[]);
-        common::topology::declare(&channel, &config.amqp, false)
-            .await
-            .expect("declare topology");
-        channel
+        channel_with_topology(self.env.amqp_url(), &config.amqp).await
     }
 
     /// Starts the fetcher binary with config `path` (short lease and
@@ -285,6 +277,19 @@ allow-insecure = true
     pub fn maildrop_len_of(&self, mailbox: &str) -> usize {
         crate::maildir::len(&self.env, mailbox)
     }
+}
+
+/// A channel on the broker at `url` with `amqp`'s topology declared, so a
+/// test can drain queues before (or without) a component declaring it.
+pub async fn channel_with_topology(url: &str, amqp: &common::config::AmqpConfig) -> lapin::Channel {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    common::topology::declare(&channel, amqp, false)
+        .await
+        .expect("declare topology");
+    channel
 }
 
 /// Takes up to `count` envelopes from `queue` (acking them), polling until
