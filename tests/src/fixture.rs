@@ -279,6 +279,22 @@ allow-insecure = true
     }
 }
 
+/// Cancels `shutdown` and waits up to `within` for `task`, a component
+/// running in this process; its result. Panics, naming `what`, when the
+/// task does not end in time or panicked.
+pub async fn stop_task<T>(
+    shutdown: &common::shutdown::CancellationToken,
+    task: tokio::task::JoinHandle<T>,
+    within: Duration,
+    what: &str,
+) -> T {
+    shutdown.cancel();
+    tokio::time::timeout(within, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within {within:?}"))
+        .unwrap_or_else(|e| panic!("{what} task: {e}"))
+}
+
 /// A channel on the broker at `url` with `amqp`'s topology declared, so a
 /// test can drain queues before (or without) a component declaring it.
 pub async fn channel_with_topology(url: &str, amqp: &common::config::AmqpConfig) -> lapin::Channel {

@@ -19,7 +19,7 @@ use common::shutdown::CancellationToken;
 use common::Config;
 use futures::StreamExt;
 use mailagent_tests::exchange_front::{ExchangeFront, Mode};
-use mailagent_tests::fixture::channel_with_topology;
+use mailagent_tests::fixture::{channel_with_topology, stop_task};
 use mailagent_tests::maildir;
 use mailagent_tests::{imap_support, pop_support};
 use tokio::task::JoinHandle;
@@ -241,12 +241,14 @@ impl Running {
     /// Graceful stop; returns how long it took.
     async fn stop(self) -> Duration {
         let started = Instant::now();
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("fetcher stops within 20 s")
-            .expect("fetcher task")
-            .expect("fetcher run");
+        stop_task(
+            &self.shutdown,
+            self.task,
+            Duration::from_secs(20),
+            "fetcher",
+        )
+        .await
+        .expect("fetcher run");
         started.elapsed()
     }
 }
@@ -273,10 +275,10 @@ where
     );
 }
 
-/// Two tests running `$rule` against each fetcher, named `$imap` and
-/// `$pop3` (spelled out, so a test is found by its name).
+/// For each `$rule`, two tests running it against each fetcher, named
+/// `$imap` and `$pop3` (spelled out, so a test is found by its name).
 macro_rules! both_protocols {
-    ($rule:ident: $imap:ident, $pop3:ident) => {
+    ($($rule:ident: $imap:ident, $pop3:ident;)*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $imap() {
             $rule(Proto::Imap).await;
@@ -286,7 +288,7 @@ macro_rules! both_protocols {
         async fn $pop3() {
             $rule(Proto::Pop3).await;
         }
-    };
+    )*};
 }
 
 // ---------------------------------------------------------------- heartbeat
@@ -331,12 +333,6 @@ async fn a_mailboxs_success_clears_only_its_own_error(proto: Proto) {
     fetcher.stop().await;
 }
 
-both_protocols!(
-    a_mailboxs_success_clears_only_its_own_error:
-    imap_a_mailboxs_success_clears_only_its_own_error,
-    pop3_a_mailboxs_success_clears_only_its_own_error
-);
-
 // ---------------------------------------------------------- token refusal
 
 /// A refused token is reported to the broker by its fingerprint; while the
@@ -375,12 +371,6 @@ async fn a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacemen
         "the stop waited {took:?} for a token replacement"
     );
 }
-
-both_protocols!(
-    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement:
-    imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement,
-    pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement
-);
 
 // --------------------------------------------------------- needs a person
 
@@ -425,12 +415,6 @@ async fn an_unroutable_message_needs_a_person_and_is_retried_slowly(proto: Proto
     fetcher.stop().await;
 }
 
-both_protocols!(
-    an_unroutable_message_needs_a_person_and_is_retried_slowly:
-    imap_an_unroutable_message_needs_a_person_and_is_retried_slowly,
-    pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly
-);
-
 // ------------------------------------------------------------ open files
 
 /// Started with a low open-files soft limit, the fetcher raises it to the
@@ -450,12 +434,6 @@ async fn the_open_files_limit_is_raised_at_start(proto: Proto) {
     fetcher.stop().await;
     assert_eq!(soft, hard, "the soft limit stayed at {soft} (hard {hard})");
 }
-
-both_protocols!(
-    the_open_files_limit_is_raised_at_start:
-    imap_the_open_files_limit_is_raised_at_start,
-    pop3_the_open_files_limit_is_raised_at_start
-);
 
 // ------------------------------------------------------- broker size limit
 
@@ -543,8 +521,10 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     fetcher.stop().await;
 }
 
-both_protocols!(
-    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on:
-    imap_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on,
-    pop3_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on
-);
+both_protocols! {
+    a_mailboxs_success_clears_only_its_own_error: imap_a_mailboxs_success_clears_only_its_own_error, pop3_a_mailboxs_success_clears_only_its_own_error;
+    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement: imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement, pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement;
+    an_unroutable_message_needs_a_person_and_is_retried_slowly: imap_an_unroutable_message_needs_a_person_and_is_retried_slowly, pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly;
+    the_open_files_limit_is_raised_at_start: imap_the_open_files_limit_is_raised_at_start, pop3_the_open_files_limit_is_raised_at_start;
+    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on: imap_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on, pop3_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on;
+}
