@@ -74,43 +74,26 @@ async fn redis_dump(env: &Endpoints, prefix: &str) -> BTreeMap<String, Vec<u8>> 
             .query_async(&mut c)
             .await
             .unwrap();
-        let parts: Vec<Vec<u8>> = match kind.as_str() {
-            "string" => vec![redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap()],
-            "hash" => redis::cmd("HGETALL")
-                .arg(&k)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "list" => redis::cmd("LRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "set" => redis::cmd("SMEMBERS")
-                .arg(&k)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "zset" => redis::cmd("ZRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "stream" => {
-                let v: redis::Value = redis::cmd("XRANGE")
-                    .arg(&k)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                vec![format!("{v:?}").into_bytes()]
-            }
+        // The command that reads a key of this type whole, and its arguments.
+        let (read, args): (&str, &[&str]) = match kind.as_str() {
+            "string" => ("GET", &[]),
+            "hash" => ("HGETALL", &[]),
+            "list" => ("LRANGE", &["0", "-1"]),
+            "set" => ("SMEMBERS", &[]),
+            "zset" => ("ZRANGE", &["0", "-1"]),
+            "stream" => ("XRANGE", &["-", "+"]),
             other => panic!("key {k} of unexpected type {other}"),
+        };
+        let value: redis::Value = redis::cmd(read)
+            .arg(&k)
+            .arg(args)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "stream" => vec![format!("{value:?}").into_bytes()],
+            "string" => vec![redis::from_redis_value(&value).unwrap()],
+            _ => redis::from_redis_value(&value).unwrap(),
         };
         out.insert(format!("{k} ({kind})"), parts.concat());
     }
