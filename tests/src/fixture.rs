@@ -308,6 +308,51 @@ pub async fn channel_with_topology(url: &str, amqp: &common::config::AmqpConfig)
     channel
 }
 
+/// Publishes `body` with routing key `create` to `exchange` on a new
+/// confirm-mode channel of `conn` (`mandatory`: returned when unroutable);
+/// the broker's confirmation, or the error it refused the publish with.
+pub async fn publish_confirmed(
+    conn: &lapin::Connection,
+    exchange: &str,
+    body: &[u8],
+    mandatory: bool,
+) -> lapin::Result<lapin::publisher_confirm::Confirmation> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    let options = lapin::options::BasicPublishOptions {
+        mandatory,
+        ..Default::default()
+    };
+    channel
+        .basic_publish(
+            exchange,
+            "create",
+            options,
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await?
+        .await
+}
+
+/// Waits up to 10 s for a message on `queue` (`what`, in the failure) and
+/// takes it without an ack.
+pub async fn take_one(
+    channel: &lapin::Channel,
+    queue: &str,
+    what: &str,
+) -> lapin::message::BasicGetMessage {
+    crate::harness::wait_for(what, Duration::from_secs(10), || async {
+        channel
+            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    })
+    .await
+}
+
 /// Takes up to `count` envelopes from `queue` (acking them), polling until
 /// `deadline` passes; returns what arrived.
 pub async fn drain(

@@ -13,9 +13,8 @@ use common::keys::Keys;
 use common::shutdown::CancellationToken;
 use common::token::TokenClient;
 use common::{Component, Config};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::BasicProperties;
 use mailagent_tests::env::Endpoints;
+use mailagent_tests::fixture::{publish_confirmed, take_one};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 
@@ -75,6 +74,17 @@ fn assert_clear(err: &common::Error, url: &str, what: &str) {
     assert!(text.contains(what), "says {what:?}: {text}");
 }
 
+/// Asserts the TLS Redis and RabbitMQ both refuse `config` clearly for an
+/// untrusted certificate.
+async fn assert_both_untrusted(config: &Config, env: &Endpoints) {
+    let err = common::connect::redis(config).await.err().expect("refused");
+    assert_clear(&err, redis_tls_url(env), "untrusted certificate");
+    let err = common::connect::amqp(config, "t")
+        .await
+        .expect_err("refused");
+    assert_clear(&err, amqps_url(env), "untrusted certificate");
+}
+
 #[tokio::test]
 async fn rediss_with_an_acl_user_and_the_extra_ca_works() {
     let env = Endpoints::load();
@@ -110,38 +120,12 @@ async fn amqps_with_a_user_and_the_extra_ca_carries_an_envelope() {
     let topology = common::service::declare_topology(&conn, &config)
         .await
         .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = channel
-        .basic_publish(
-            &topology.exchange,
-            "create",
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"over tls",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
+    let confirm = publish_confirmed(&conn, &topology.exchange, b"over tls", true)
         .await
         .unwrap();
     assert!(confirm.is_ack());
-    let got = wait_for("the message on the queue", Duration::from_secs(10), || {
-        let channel = channel.clone();
-        let queue = topology.create_queue.clone();
-        async move {
-            channel
-                .basic_get(&queue, BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-        }
-    })
-    .await;
+    let channel = conn.create_channel().await.unwrap();
+    let got = take_one(&channel, &topology.create_queue, "the message on the queue").await;
     assert_eq!(got.delivery.data, b"over tls");
 }
 
@@ -186,15 +170,7 @@ async fn a_wrong_ca_fails_at_once_naming_the_endpoint() {
     let config = cfg.load(Component::Cli);
 
     let started = Instant::now();
-    let err = common::connect::redis(&config)
-        .await
-        .err()
-        .expect("refused");
-    assert_clear(&err, redis_tls_url(&env), "untrusted certificate");
-    let err = common::connect::amqp(&config, "t")
-        .await
-        .expect_err("refused");
-    assert_clear(&err, amqps_url(&env), "untrusted certificate");
+    assert_both_untrusted(&config, &env).await;
     assert!(started.elapsed() < Duration::from_secs(15));
 
     // A service stops on it instead of retrying for ever.
@@ -224,15 +200,7 @@ async fn without_the_extra_ca_the_test_servers_are_untrusted() {
     );
     let config = cfg.load(Component::Cli);
     assert!(config.tls.extra_ca_file.is_none());
-    let err = common::connect::redis(&config)
-        .await
-        .err()
-        .expect("refused");
-    assert_clear(&err, redis_tls_url(&env), "untrusted certificate");
-    let err = common::connect::amqp(&config, "t")
-        .await
-        .expect_err("refused");
-    assert_clear(&err, amqps_url(&env), "untrusted certificate");
+    assert_both_untrusted(&config, &env).await;
 }
 
 #[tokio::test]
