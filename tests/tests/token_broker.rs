@@ -103,8 +103,7 @@ struct World {
 impl World {
     async fn new() -> Self {
         let env = Endpoints::load();
-        let idp = TestIdp::start(&env).await;
-        let (app, secret) = idp.register_app();
+        let (idp, app, secret) = TestIdp::start_with_app(&env).await;
         let mut cfg = TestConfig::new(&env);
         cfg.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
         Self {
@@ -173,15 +172,9 @@ async fn token_is_stored_encrypted_and_readable_with_the_key() {
 
 #[tokio::test]
 async fn refreshes_ahead_of_expiry_so_a_valid_token_is_always_there() {
-    // `idp` bound: the test IdP serves until it is dropped.
-    let World {
-        env,
-        idp: _idp,
-        cfg,
-        ..
-    } = World::fast(Duration::from_secs(6), 300).await;
-    let broker = Broker::start(&cfg);
-    let client = token_client(&env, &cfg).await;
+    let w = World::fast(Duration::from_secs(6), 300).await;
+    let broker = Broker::start(&w.cfg);
+    let client = token_client(&w.env, &w.cfg).await;
     first_token(&client, "the first token").await;
 
     // Sample every 100 ms over more than three lifetimes.
@@ -239,8 +232,7 @@ async fn two_replicas_make_one_request_per_refresh() {
 #[tokio::test]
 async fn wrong_secret_marks_profile_failing_and_retries_slowly() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
+    let (idp, app, _) = TestIdp::start_with_app(&env).await;
     let mut cfg = TestConfig::new(&env);
     cfg.idp_profile(PROFILE, &idp.token_url(), &app, "not-the-secret");
     fast(&mut cfg, 3);
@@ -431,27 +423,21 @@ async fn forced_refresh_respects_the_minimum_interval() {
 
 #[tokio::test]
 async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
-    // `idp` bound: the test IdP serves until it is dropped.
-    let World {
-        env,
-        idp: _idp,
-        mut cfg,
-        ..
-    } = World::fast(Duration::from_secs(4), 300).await;
-    let broker = Broker::start(&cfg);
-    let old_client = token_client(&env, &cfg).await;
+    let mut w = World::fast(Duration::from_secs(4), 300).await;
+    let broker = Broker::start(&w.cfg);
+    let old_client = token_client(&w.env, &w.cfg).await;
     let old = first_token(&old_client, "a token under the first key").await;
     broker.stop().await;
     let old_kid = old_client.stored(PROFILE).await.unwrap().unwrap().kid;
 
     // A new key in front; the old one kept for decryption.
     use base64::Engine;
-    let new_key = cfg.file(
+    let new_key = w.cfg.file(
         "token-key-2",
         &base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()),
     );
-    let old_key = cfg.dir().join("token-key");
-    cfg.toml = cfg.toml.replacen(
+    let old_key = w.cfg.dir().join("token-key");
+    w.cfg.toml = w.cfg.toml.replacen(
         &format!("encryption-key-file = \"{}\"", old_key.display()),
         &format!(
             "encryption-key-file = \"{}\"\nencryption-key-files = [\"{}\"]",
@@ -460,7 +446,7 @@ async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
         ),
         1,
     );
-    let rotated = token_client(&env, &cfg).await;
+    let rotated = token_client(&w.env, &w.cfg).await;
     assert_eq!(
         rotated.current(PROFILE).await.unwrap().unwrap().token,
         old.token,
@@ -468,7 +454,7 @@ async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
     );
     let new_kid = rotated.cipher().current_key_id().to_string();
     assert_ne!(new_kid, old_kid);
-    let broker = Broker::start(&cfg);
+    let broker = Broker::start(&w.cfg);
     wait_for(
         "a token under the new key",
         Duration::from_secs(15),
