@@ -25,8 +25,7 @@ struct Granted {
 impl Granted {
     async fn new() -> Self {
         let env = Endpoints::load();
-        let idp = TestIdp::start(&env).await;
-        let (app, secret) = idp.register_app();
+        let (idp, app, secret) = TestIdp::start_with_app(&env).await;
         let user = format!("{}@example.com", unique("box"));
         env.grant(&app, &user);
         Self {

@@ -14,7 +14,7 @@ use common::shutdown::CancellationToken;
 use common::{Component, Config};
 use lapin::options::BasicGetOptions;
 use mailagent_tests::env::{bin_path, Endpoints};
-use mailagent_tests::fixture::{publish_confirmed, take_one};
+use mailagent_tests::fixture::{publish_confirmed, stop_task, take_one};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::imap_support::{self as support, Fixture};
@@ -259,8 +259,7 @@ async fn a_redis_fetcher_user_keeps_to_its_own_keys() {
 #[tokio::test]
 async fn the_token_broker_runs_with_its_restricted_users() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mut cfg = TestConfig::new(&env);
     cfg.idp_profile("contoso", &idp.token_url(), &app, &secret)
         .broker_setting("forced-refresh-min-interval = 0");
@@ -294,11 +293,8 @@ async fn the_token_broker_runs_with_its_restricted_users() {
         (idp.issued_tokens().len() >= 2).then_some(())
     })
     .await;
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
+    stop_task(&shutdown, task, Duration::from_secs(10), "broker")
         .await
-        .expect("broker stops")
-        .unwrap()
         .unwrap();
 }
 
@@ -361,15 +357,10 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
         .await,
         "the restricted processor consumed and dead-lettered the 5 messages"
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), fetch)
+    stop_task(&shutdown, fetch, Duration::from_secs(15), "fetcher")
         .await
-        .expect("fetcher stops")
-        .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(15), process)
+    stop_task(&shutdown, process, Duration::from_secs(15), "processor")
         .await
-        .expect("processor stops")
-        .unwrap()
         .unwrap();
 }

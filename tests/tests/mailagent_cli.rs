@@ -75,8 +75,7 @@ oauth-profile = "p"
 #[tokio::test]
 async fn test_connection_passes_every_step_for_a_granted_app() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mailbox = format!("{}@example.com", unique("cli"));
     env.grant(&app, &mailbox);
     let cfg = config(&env, &idp, &app, &secret, &mailbox, "localhost", true);
@@ -92,8 +91,7 @@ async fn test_connection_passes_every_step_for_a_granted_app() {
 #[tokio::test]
 async fn test_connection_names_the_cause_of_each_usual_failure() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mailbox = format!("{}@example.com", unique("cli"));
     env.grant(&app, &mailbox);
     let (expired_app, expired_secret) = idp.register_app();
@@ -181,8 +179,7 @@ async fn test_connection_names_the_cause_of_each_usual_failure() {
 #[tokio::test]
 async fn status_lists_live_agents_and_token_state() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let cfg = config(
         &env,
         &idp,

@@ -145,8 +145,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_trace_level_demo_cycle_leaves_no_secret_in_logs_redis_amqp_or_the_store() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, client_secret) = idp.register_app();
+    let (idp, app, client_secret) = TestIdp::start_with_app(&env).await;
     let imap_mailbox = format!("{}@contoso.com", unique("scan-imap"));
     let pop_mailbox = format!("{}@contoso.com", unique("scan-pop"));
     let pw_mailbox = format!("{}@contoso.com", unique("scan-pw"));

@@ -14,7 +14,7 @@ use common::shutdown::CancellationToken;
 use common::token::TokenClient;
 use common::{Component, Config};
 use mailagent_tests::env::Endpoints;
-use mailagent_tests::fixture::{publish_confirmed, take_one};
+use mailagent_tests::fixture::{publish_confirmed, stop_task, take_one};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 
@@ -132,8 +132,7 @@ async fn amqps_with_a_user_and_the_extra_ca_carries_an_envelope() {
 #[tokio::test]
 async fn token_broker_runs_over_rediss_and_amqps() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mut cfg = config_with(&env, redis_tls_url(&env), amqps_url(&env));
     cfg.idp_profile("contoso", &idp.token_url(), &app, &secret);
     let shutdown = CancellationToken::new();
@@ -152,11 +151,8 @@ async fn token_broker_runs_over_rediss_and_amqps() {
     })
     .await;
     assert_eq!(token.token.expose(), idp.issued_tokens()[0]);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), broker)
+    stop_task(&shutdown, broker, Duration::from_secs(10), "broker")
         .await
-        .expect("broker stops")
-        .unwrap()
         .unwrap();
 }
 
