@@ -298,6 +298,18 @@ async fn tls_server(env: &Endpoints, name: &str, greeting: &'static str) -> u16 
     port
 }
 
+/// A TLS server presenting certificate `name` with the greeting of
+/// `server_type` (`imaps`, `pop3s`), and a config with one mail config for
+/// it: its port and the config.
+async fn certificate_server(env: &Endpoints, name: &str, server_type: &str) -> (u16, Config) {
+    let greeting = match server_type {
+        "imaps" => "* OK ready\r\n",
+        _ => "+OK ready\r\n",
+    };
+    let port = tls_server(env, name, greeting).await;
+    (port, mail_config(env, server_type, port))
+}
+
 fn mail_config(env: &Endpoints, server_type: &str, port: u16) -> Config {
     let mut cfg = TestConfig::new(env);
     cfg.push(&format!(
@@ -329,8 +341,7 @@ const BAD_CERTIFICATES: [(&str, &str); 3] = [
 async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() {
     let env = Endpoints::load();
     // The control: the CA-signed certificate passes the handshake.
-    let good = tls_server(&env, "server", "* OK ready\r\n").await;
-    let config = mail_config(&env, "imaps", good);
+    let (good, config) = certificate_server(&env, "server", "imaps").await;
     let tls = common::tls::client_config(config.tls.extra_ca_file.as_deref()).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", good))
         .await
@@ -341,11 +352,9 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
         .expect("the test CA's server certificate verifies");
 
     for (name, cause) in BAD_CERTIFICATES {
-        let port = tls_server(&env, name, "* OK ready\r\n").await;
-        let config = mail_config(&env, "imaps", port);
-        let cfg = &config.incoming_mail[0];
+        let (port, config) = certificate_server(&env, name, "imaps").await;
         let err = imap_fetcher::session::open(
-            cfg,
+            &config.incoming_mail[0],
             &tls,
             imap_fetcher::session::Credentials::Password {
                 password: "not-used",
@@ -354,12 +363,8 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
         .await
         .err()
         .unwrap_or_else(|| panic!("{name}: logged in"));
-        let imap_fetcher::error::Error::Connect { source, .. } = &err else {
-            panic!("{name}: expected a connect error, got {err}");
-        };
-        let said = common::tls::handshake_cause(source)
-            .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
-        assert!(said.starts_with(cause), "{name}: {said}");
+        let connect_error = matches!(err, imap_fetcher::error::Error::Connect { .. });
+        assert_tls_cause(name, cause, &err, connect_error);
         assert!(
             err.to_string().contains(&format!("localhost:{port}")),
             "{err}"
@@ -367,23 +372,33 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
     }
 }
 
+/// Asserts `err` is a connect error (`connect_error`, the variant of the
+/// fetcher's error type) whose TLS handshake failure is reported as `cause`
+/// (for certificate `name`).
+fn assert_tls_cause(name: &str, cause: &str, err: &dyn std::error::Error, connect_error: bool) {
+    assert!(connect_error, "{name}: expected a connect error, got {err}");
+    let source = err
+        .source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .unwrap_or_else(|| panic!("{name}: no I/O cause in {err}"));
+    let said = common::tls::handshake_cause(source)
+        .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
+    assert!(said.starts_with(cause), "{name}: {said}");
+}
+
 #[tokio::test]
 async fn pop_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() {
     let env = Endpoints::load();
     for (name, cause) in BAD_CERTIFICATES {
-        let port = tls_server(&env, name, "+OK ready\r\n").await;
-        let config = mail_config(&env, "pop3s", port);
+        let (_, config) = certificate_server(&env, name, "pop3s").await;
         let tls = common::tls::client_config(config.tls.extra_ca_file.as_deref()).unwrap();
-        let err =
-            pop_fetcher::pop3::connect(&config.incoming_mail[0], tls, Duration::from_secs(10))
-                .await
-                .err()
-                .unwrap_or_else(|| panic!("{name}: connected"));
-        let pop_fetcher::error::Error::Connect { source, .. } = &err else {
-            panic!("{name}: expected a connect error, got {err}");
-        };
-        let said = common::tls::handshake_cause(source)
-            .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
-        assert!(said.starts_with(cause), "{name}: {said}");
+        let connect =
+            pop_fetcher::pop3::connect(&config.incoming_mail[0], tls, Duration::from_secs(10));
+        let err = connect
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: connected"));
+        let connect_error = matches!(err, pop_fetcher::error::Error::Connect { .. });
+        assert_tls_cause(name, cause, &err, connect_error);
     }
 }
