@@ -34,7 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -106,14 +106,24 @@ enum Policy {
     Stay,
 }
 
+/// What a supervisor and its handle share.
+#[derive(Clone)]
+struct Shared {
+    /// The running process's pid, if one runs.
+    pid: Arc<Mutex<Option<u32>>>,
+    /// What to do when it exits next.
+    policy: Arc<Mutex<Policy>>,
+    /// How often it was started.
+    starts: Arc<AtomicUsize>,
+    /// Stops the process and its supervisor.
+    stop: CancellationToken,
+}
+
 /// One supervised process.
 struct Supervised {
     bin: Bin,
     name: String,
-    pid: Arc<Mutex<Option<u32>>>,
-    policy: Arc<Mutex<Policy>>,
-    starts: Arc<AtomicUsize>,
-    stop: CancellationToken,
+    shared: Shared,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -122,47 +132,33 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 
 impl Supervised {
     fn start(bin: Bin, name: String, config: PathBuf, logs: PathBuf) -> Self {
-        let pid = Arc::new(Mutex::new(None));
-        let policy = Arc::new(Mutex::new(Policy::Restart(RESTART_DELAY)));
-        let starts = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(supervise(
-            bin,
-            name.clone(),
-            config,
-            logs,
-            Arc::clone(&pid),
-            Arc::clone(&policy),
-            Arc::clone(&starts),
-            stop.clone(),
-        ));
+        let shared = Shared {
+            pid: Arc::new(Mutex::new(None)),
+            policy: Arc::new(Mutex::new(Policy::Restart(RESTART_DELAY))),
+            starts: Arc::new(AtomicUsize::new(0)),
+            stop: CancellationToken::new(),
+        };
+        let task = tokio::spawn(supervise(bin, name.clone(), config, logs, shared.clone()));
         Self {
             bin,
             name,
-            pid,
-            policy,
-            starts,
-            stop,
+            shared,
             task,
         }
     }
 
     fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+        *self.shared.pid.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    bin: Bin,
-    name: String,
-    config: PathBuf,
-    logs: PathBuf,
-    pid: Arc<Mutex<Option<u32>>>,
-    policy: Arc<Mutex<Policy>>,
-    starts: Arc<AtomicUsize>,
-    stop: CancellationToken,
-) {
+async fn supervise(bin: Bin, name: String, config: PathBuf, logs: PathBuf, shared: Shared) {
+    let Shared {
+        pid,
+        policy,
+        starts,
+        stop,
+    } = shared;
     loop {
         let n = starts.fetch_add(1, Ordering::SeqCst);
         let mut child = crate::process::launch(bin.name(), &config)
@@ -203,76 +199,49 @@ async fn supervise(
 pub struct IdpFront {
     /// Where the broker sends token requests.
     pub addr: SocketAddr,
-    failing: Arc<AtomicBool>,
-    generation: tokio::sync::watch::Sender<u64>,
+    relay: Relay,
     refused: Arc<AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for IdpFront {
     fn drop(&mut self) {
-        self.task.abort();
+        self.relay.stop();
     }
 }
 
 impl IdpFront {
-    /// Starts a front forwarding to `target`.
+    /// Starts a front forwarding to `target`: a [`Relay`] whose diversion
+    /// answers 503.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind IdP front");
-        let addr = listener.local_addr().expect("addr");
-        let failing = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicUsize::new(0));
-        let (generation, _) = tokio::sync::watch::channel(0u64);
-        let (flag, count, gen) = (
-            Arc::clone(&failing),
-            Arc::clone(&refused),
-            generation.clone(),
-        );
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if flag.load(Ordering::SeqCst) {
-                    let count = Arc::clone(&count);
-                    tokio::spawn(async move {
-                        if read_request(&mut inbound).await {
-                            count.fetch_add(1, Ordering::SeqCst);
-                            let _ = inbound.write_all(unavailable().as_bytes()).await;
-                            let _ = inbound.shutdown().await;
-                        }
-                    });
-                    continue;
+        let count = Arc::clone(&refused);
+        let relay = Relay::with_diversion(target, move |mut inbound| {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                if read_request(&mut inbound).await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = inbound.write_all(unavailable().as_bytes()).await;
+                    let _ = inbound.shutdown().await;
                 }
-                let mut cut = gen.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
+            });
+        })
+        .await;
         Self {
-            addr,
-            failing,
-            generation,
+            addr: relay.addr,
+            relay,
             refused,
-            task,
         }
     }
 
     /// From now on every token request fails with 503.
     pub fn fail(&self) {
-        self.failing.store(true, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
+        self.relay.divert(true);
+        self.relay.cut();
     }
 
     /// Token requests reach the identity provider again.
     pub fn heal(&self) {
-        self.failing.store(false, Ordering::SeqCst);
+        self.relay.divert(false);
     }
 
     /// Token requests answered with 503 so far.
@@ -731,7 +700,7 @@ impl Stack {
         self.procs
             .iter()
             .find(|p| p.name == name)
-            .map(|p| p.starts.load(Ordering::SeqCst))
+            .map(|p| p.shared.starts.load(Ordering::SeqCst))
             .unwrap_or(0)
     }
 
@@ -743,7 +712,7 @@ impl Stack {
             .iter()
             .find(|p| p.name == name)
             .unwrap_or_else(|| panic!("no process {name}"));
-        *p.policy.lock().unwrap_or_else(|e| e.into_inner()) = match restart_after {
+        *p.shared.policy.lock().unwrap_or_else(|e| e.into_inner()) = match restart_after {
             Some(d) => Policy::Restart(d),
             None => Policy::Stay,
         };
@@ -997,7 +966,7 @@ impl Stack {
 
     async fn stop_processes(&mut self) {
         for p in &self.procs {
-            p.stop.cancel();
+            p.shared.stop.cancel();
         }
         for p in self.procs.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(20), p.task).await;

@@ -203,16 +203,8 @@ allow-insecure = true
     /// An AMQP channel, with the topology declared first, so draining works
     /// before the fetcher has started.
     pub async fn channel(&self) -> lapin::Channel {
-        let conn =
-            lapin::Connection::connect(self.env.amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .expect("amqp");
-        let channel = conn.create_channel().await.expect("channel");
         let (config, _) = self.config(&[]);
-        common::topology::declare(&channel, &config.amqp, false)
-            .await
-            .expect("declare topology");
-        channel
+        channel_with_topology(self.env.amqp_url(), &config.amqp).await
     }
 
     /// Starts the fetcher binary with config `path` (short lease and
@@ -285,6 +277,80 @@ allow-insecure = true
     pub fn maildrop_len_of(&self, mailbox: &str) -> usize {
         crate::maildir::len(&self.env, mailbox)
     }
+}
+
+/// Cancels `shutdown` and waits up to `within` for `task`, a component
+/// running in this process; its result. Panics, naming `what`, when the
+/// task does not end in time or panicked.
+pub async fn stop_task<T>(
+    shutdown: &common::shutdown::CancellationToken,
+    task: tokio::task::JoinHandle<T>,
+    within: Duration,
+    what: &str,
+) -> T {
+    shutdown.cancel();
+    tokio::time::timeout(within, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within {within:?}"))
+        .unwrap_or_else(|e| panic!("{what} task: {e}"))
+}
+
+/// A channel on the broker at `url` with `amqp`'s topology declared, so a
+/// test can drain queues before (or without) a component declaring it.
+pub async fn channel_with_topology(url: &str, amqp: &common::config::AmqpConfig) -> lapin::Channel {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("amqp");
+    let channel = conn.create_channel().await.expect("channel");
+    common::topology::declare(&channel, amqp, false)
+        .await
+        .expect("declare topology");
+    channel
+}
+
+/// Publishes `body` with routing key `create` to `exchange` on a new
+/// confirm-mode channel of `conn` (`mandatory`: returned when unroutable);
+/// the broker's confirmation, or the error it refused the publish with.
+pub async fn publish_confirmed(
+    conn: &lapin::Connection,
+    exchange: &str,
+    body: &[u8],
+    mandatory: bool,
+) -> lapin::Result<lapin::publisher_confirm::Confirmation> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    let options = lapin::options::BasicPublishOptions {
+        mandatory,
+        ..Default::default()
+    };
+    channel
+        .basic_publish(
+            exchange,
+            "create",
+            options,
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await?
+        .await
+}
+
+/// Waits up to 10 s for a message on `queue` (`what`, in the failure) and
+/// takes it without an ack.
+pub async fn take_one(
+    channel: &lapin::Channel,
+    queue: &str,
+    what: &str,
+) -> lapin::message::BasicGetMessage {
+    crate::harness::wait_for(what, Duration::from_secs(10), || async {
+        channel
+            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+    })
+    .await
 }
 
 /// Takes up to `count` envelopes from `queue` (acking them), polling until

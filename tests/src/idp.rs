@@ -217,6 +217,14 @@ impl TestIdp {
         .await
     }
 
+    /// Starts one as [`TestIdp::start`] does and registers an app with it;
+    /// returns it with the app's (id, secret).
+    pub async fn start_with_app(endpoints: &Endpoints) -> (Self, String, String) {
+        let idp = Self::start(endpoints).await;
+        let (app, secret) = idp.register_app();
+        (idp, app, secret)
+    }
+
     /// Starts with a given signer and address.
     pub async fn start_with(signer: Signer, listen: SocketAddr) -> Self {
         let state = IdpState {

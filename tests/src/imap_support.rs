@@ -48,11 +48,7 @@ pub fn start(
 
 /// Graceful stop of a fetcher from [`start`], within 15 s.
 pub async fn stop(shutdown: CancellationToken, task: JoinHandle<()>) {
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), task)
-        .await
-        .expect("fetcher stops within 15 s")
-        .expect("fetcher task");
+    crate::fixture::stop_task(&shutdown, task, Duration::from_secs(15), "fetcher").await;
 }
 
 impl Fixture {

@@ -73,12 +73,8 @@ impl InProcess {
 
     /// Graceful stop; returns the run's result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
         let task = self.task.take().expect("running");
-        tokio::time::timeout(Duration::from_secs(15), task)
-            .await
-            .expect("fetcher stops within 15 s")
-            .expect("fetcher task")
+        crate::fixture::stop_task(&self.shutdown, task, Duration::from_secs(15), "fetcher").await
     }
 }
 

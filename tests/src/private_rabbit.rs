@@ -142,32 +142,39 @@ impl PrivateRabbit {
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Evaluates an Erlang expression on the node; its printed result.
+    /// Panics, saying `what` could not be done, when `rabbitmqctl` fails.
+    pub async fn eval(&self, expression: &str, what: &str) -> String {
+        self.ctl(&["eval", expression])
+            .await
+            .unwrap_or_else(|| panic!("cannot {what}"))
+    }
+
+    /// Points `amqp` at this node and declares its topology there; a
+    /// channel on the node, for draining its queues.
+    pub async fn channel_with_topology(
+        &self,
+        amqp: &mut common::config::AmqpConfig,
+    ) -> lapin::Channel {
+        amqp.url = common::secret::SecretUrl::new(self.url.clone());
+        crate::fixture::channel_with_topology(&self.url, amqp).await
+    }
+
     /// Raises a disk resource alarm: RabbitMQ blocks every connection that
     /// publishes (until [`PrivateRabbit::clear_disk_alarm`]).
     pub async fn set_disk_alarm(&self) {
-        let out = self
-            .ctl(&[
-                "eval",
-                "rabbit_alarm:set_alarm({{resource_limit, disk, node()}, []}).",
-            ])
-            .await;
-        assert!(out.is_some(), "cannot set the disk alarm");
+        let set = "rabbit_alarm:set_alarm({{resource_limit, disk, node()}, []}).";
+        self.eval(set, "set the disk alarm").await;
         let alarms = self
-            .ctl(&["eval", "rabbit_alarm:get_alarms()."])
-            .await
-            .unwrap_or_default();
+            .eval("rabbit_alarm:get_alarms().", "list the alarms")
+            .await;
         assert!(alarms.contains("disk"), "alarm not in place: {alarms}");
     }
 
     /// Clears the disk alarm: blocked connections resume.
     pub async fn clear_disk_alarm(&self) {
-        let out = self
-            .ctl(&[
-                "eval",
-                "rabbit_alarm:clear_alarm({resource_limit, disk, node()}).",
-            ])
-            .await;
-        assert!(out.is_some(), "cannot clear the disk alarm");
+        let clear = "rabbit_alarm:clear_alarm({resource_limit, disk, node()}).";
+        self.eval(clear, "clear the disk alarm").await;
     }
 
     /// The state of every client connection (`running`, `blocking`, `blocked`…).

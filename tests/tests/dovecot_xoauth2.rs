@@ -10,27 +10,8 @@ use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::idp::{Signer, TestIdp, ROLES};
 use mailagent_tests::mailclient::{self, AuthOutcome};
 
-/// Requests a token from the test IdP the way the token broker does.
-async fn token_from_idp(idp: &TestIdp, client_id: &str, secret: &str) -> String {
-    let response: serde_json::Value = reqwest::Client::new()
-        .post(idp.token_url())
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", client_id),
-            ("client_secret", secret),
-            ("scope", "https://outlook.office365.com/.default"),
-        ])
-        .send()
-        .await
-        .expect("token request")
-        .json()
-        .await
-        .expect("token body");
-    response["access_token"]
-        .as_str()
-        .expect("access_token")
-        .to_string()
-}
+/// A client connection with implicit TLS or after STARTTLS/STLS.
+type TlsConn = mailclient::Conn<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A fresh mailbox granted to a fresh app of a running test IdP.
 struct Granted {
@@ -44,8 +25,7 @@ struct Granted {
 impl Granted {
     async fn new() -> Self {
         let env = Endpoints::load();
-        let idp = TestIdp::start(&env).await;
-        let (app, secret) = idp.register_app();
+        let (idp, app, secret) = TestIdp::start_with_app(&env).await;
         let user = format!("{}@example.com", unique("box"));
         env.grant(&app, &user);
         Self {
@@ -58,33 +38,82 @@ impl Granted {
     }
 
     /// A TLS connection to `listener` (`IMAPS`, `POP3S`).
-    async fn connect_tls(
-        &self,
-        listener: &str,
-    ) -> mailclient::Conn<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    async fn connect_tls(&self, listener: &str) -> TlsConn {
         mailclient::connect_tls(self.env.mail_addr(listener), &self.env.ca_file())
             .await
             .unwrap()
+    }
+
+    /// A plaintext connection to `listener` (`IMAP`, `POP3`), for STARTTLS/STLS.
+    async fn connect_plain(&self, listener: &str) -> mailclient::Conn<tokio::net::TcpStream> {
+        mailclient::connect_plain(self.env.mail_addr(listener))
+            .await
+            .unwrap()
+    }
+
+    /// Upgrades `plain` after the server agreed to STARTTLS/STLS.
+    async fn upgrade(&self, plain: mailclient::Conn<tokio::net::TcpStream>) -> TlsConn {
+        mailclient::upgrade(plain, &self.env.ca_file())
+            .await
+            .unwrap()
+    }
+
+    /// Requests a token for the granted app from the test IdP the way the
+    /// token broker does (client credentials at the token endpoint).
+    async fn token_from_idp(&self) -> String {
+        let response: serde_json::Value = reqwest::Client::new()
+            .post(self.idp.token_url())
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.app.as_str()),
+                ("client_secret", self.secret.as_str()),
+                ("scope", "https://outlook.office365.com/.default"),
+            ])
+            .send()
+            .await
+            .expect("token request")
+            .json()
+            .await
+            .expect("token body");
+        response["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
+    }
+
+    /// A token minted directly by the IdP for the granted app.
+    fn mint(&self) -> String {
+        self.idp.mint(&self.app, Duration::from_secs(600))
+    }
+
+    /// Connects to IMAPS, reads the greeting and offers `token` for the
+    /// mailbox; the connection and how authentication ended.
+    async fn imaps_login(&self, token: &str) -> (TlsConn, AuthOutcome) {
+        let mut conn = self.connect_tls("IMAPS").await;
+        mailclient::imap_greeting(&mut conn).await.unwrap();
+        let outcome = mailclient::imap_xoauth2(&mut conn, &self.user, token)
+            .await
+            .unwrap();
+        (conn, outcome)
+    }
+
+    /// Connects to POP3S, checks the `+OK` greeting and offers `token` for
+    /// the mailbox; the connection and how authentication ended.
+    async fn pop3s_login(&self, token: &str) -> (TlsConn, AuthOutcome) {
+        let mut conn = self.connect_tls("POP3S").await;
+        let greeting = conn.read_line().await.unwrap();
+        assert!(greeting.starts_with("+OK"), "{greeting}");
+        let outcome = mailclient::pop3_xoauth2(&mut conn, &self.user, token)
+            .await
+            .unwrap();
+        (conn, outcome)
     }
 }
 
 #[tokio::test]
 async fn imaps_accepts_a_granted_app_token_and_selects_inbox() {
     let g = Granted::new().await;
-    let Granted {
-        idp,
-        app,
-        secret,
-        user,
-        ..
-    } = &g;
-    let token = token_from_idp(idp, app, secret).await;
-
-    let mut conn = g.connect_tls("IMAPS").await;
-    mailclient::imap_greeting(&mut conn).await.unwrap();
-    let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
-        .await
-        .unwrap();
+    let (mut conn, outcome) = g.imaps_login(&g.token_from_idp().await).await;
     assert!(outcome.accepted(), "{outcome:?}");
     let (_, tagged) = mailclient::imap_command(&mut conn, "a2", "SELECT INBOX")
         .await
@@ -95,17 +124,8 @@ async fn imaps_accepts_a_granted_app_token_and_selects_inbox() {
 #[tokio::test]
 async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
     let g = Granted::new().await;
-    let Granted {
-        env,
-        idp,
-        app,
-        user,
-        ..
-    } = &g;
 
-    let mut plain = mailclient::connect_plain(env.mail_addr("IMAP"))
-        .await
-        .unwrap();
+    let mut plain = g.connect_plain("IMAP").await;
     mailclient::imap_greeting(&mut plain).await.unwrap();
     let (_, tagged) = mailclient::imap_command(&mut plain, "a0", "LOGIN someone secret")
         .await
@@ -118,32 +138,17 @@ async fn imap_starttls_then_xoauth2_works_and_plaintext_login_is_refused() {
         .await
         .unwrap();
     assert!(tagged.starts_with("a1 OK"), "{tagged}");
-    let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
-    let outcome =
-        mailclient::imap_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
-            .await
-            .unwrap();
+    let mut tls = g.upgrade(plain).await;
+    let outcome = mailclient::imap_xoauth2(&mut tls, &g.user, &g.mint())
+        .await
+        .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
 }
 
 #[tokio::test]
 async fn pop3s_two_step_xoauth2_is_accepted() {
     let g = Granted::new().await;
-    let Granted {
-        idp,
-        app,
-        secret,
-        user,
-        ..
-    } = &g;
-    let token = token_from_idp(idp, app, secret).await;
-
-    let mut conn = g.connect_tls("POP3S").await;
-    let greeting = conn.read_line().await.unwrap();
-    assert!(greeting.starts_with("+OK"), "{greeting}");
-    let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
-        .await
-        .unwrap();
+    let (mut conn, outcome) = g.pop3s_login(&g.token_from_idp().await).await;
     assert!(outcome.accepted(), "{outcome:?}");
     // Two steps: the command alone, then the payload alone, never one line.
     assert_eq!(conn.sent[0], "AUTH XOAUTH2");
@@ -154,30 +159,26 @@ async fn pop3s_two_step_xoauth2_is_accepted() {
 #[tokio::test]
 async fn pop3_stls_then_xoauth2_works() {
     let g = Granted::new().await;
-    let Granted {
-        env,
-        idp,
-        app,
-        user,
-        ..
-    } = &g;
 
-    let mut plain = mailclient::connect_plain(env.mail_addr("POP3"))
-        .await
-        .unwrap();
+    let mut plain = g.connect_plain("POP3").await;
     assert!(plain.read_line().await.unwrap().starts_with("+OK"));
     plain.send("STLS").await.unwrap();
     assert!(plain.read_line().await.unwrap().starts_with("+OK"));
-    let mut tls = mailclient::upgrade(plain, &env.ca_file()).await.unwrap();
-    let outcome =
-        mailclient::pop3_xoauth2(&mut tls, user, &idp.mint(app, Duration::from_secs(600)))
-            .await
-            .unwrap();
+    let mut tls = g.upgrade(plain).await;
+    let outcome = mailclient::pop3_xoauth2(&mut tls, &g.user, &g.mint())
+        .await
+        .unwrap();
     assert!(outcome.accepted(), "{outcome:?}");
 }
 
 /// The refused cases: (what, token for the mailbox).
-fn refused_cases(env: &Endpoints, idp: &TestIdp, granted_app: &str) -> Vec<(&'static str, String)> {
+fn refused_cases(g: &Granted) -> Vec<(&'static str, String)> {
+    let Granted {
+        env,
+        idp,
+        app: granted_app,
+        ..
+    } = g;
     let roles: Vec<String> = ROLES.iter().map(|r| r.to_string()).collect();
     let (ungranted, _) = idp.register_app();
     vec![
@@ -200,19 +201,8 @@ fn refused_cases(env: &Endpoints, idp: &TestIdp, granted_app: &str) -> Vec<(&'st
 #[tokio::test]
 async fn imaps_refuses_bad_tokens_without_hanging() {
     let g = Granted::new().await;
-    let Granted {
-        env,
-        idp,
-        app,
-        user,
-        ..
-    } = &g;
-    for (what, token) in refused_cases(env, idp, app) {
-        let mut conn = g.connect_tls("IMAPS").await;
-        mailclient::imap_greeting(&mut conn).await.unwrap();
-        let outcome = mailclient::imap_xoauth2(&mut conn, user, &token)
-            .await
-            .unwrap();
+    for (what, token) in refused_cases(&g) {
+        let (_conn, outcome) = g.imaps_login(&token).await;
         match outcome {
             AuthOutcome::Refused {
                 challenge,
@@ -236,19 +226,8 @@ async fn imaps_refuses_bad_tokens_without_hanging() {
 #[tokio::test]
 async fn pop3s_refuses_bad_tokens() {
     let g = Granted::new().await;
-    let Granted {
-        env,
-        idp,
-        app,
-        user,
-        ..
-    } = &g;
-    for (what, token) in refused_cases(env, idp, app) {
-        let mut conn = g.connect_tls("POP3S").await;
-        assert!(conn.read_line().await.unwrap().starts_with("+OK"));
-        let outcome = mailclient::pop3_xoauth2(&mut conn, user, &token)
-            .await
-            .unwrap();
+    for (what, token) in refused_cases(&g) {
+        let (_conn, outcome) = g.pop3s_login(&token).await;
         assert!(!outcome.accepted(), "{what} was accepted: {outcome:?}");
     }
 }

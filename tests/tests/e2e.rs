@@ -188,40 +188,31 @@ async fn inject(stack: &Stack, fault: Fault) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_token_broker_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2ebroker", Fault::KillTokenBroker).await;
+/// One test per fault: `$name` runs [`scenario`] with prefix label `$label`.
+macro_rules! scenarios {
+    ($($name:ident: $label:literal, $fault:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            scenario($label, Fault::$fault).await;
+        }
+    )*};
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_one_of_three_imap_replicas_during_a_batch_loses_nothing_and_creates_nothing_twice()
-{
-    scenario("e2eimap", Fault::KillImapReplica).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_pop_fetcher_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2epop", Fault::KillPopFetcher).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_form_processor_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2efp", Fault::KillFormProcessor).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rabbitmq_restart_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2eamqp", Fault::RestartRabbitMq).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2eredis", Fault::RestartRedis).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn identity_provider_down_30_s_during_a_batch_loses_nothing_and_creates_nothing_twice() {
-    scenario("e2eidp", Fault::IdentityProviderDown).await;
+scenarios! {
+    kill_9_token_broker_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2ebroker", KillTokenBroker;
+    kill_9_one_of_three_imap_replicas_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2eimap", KillImapReplica;
+    kill_9_pop_fetcher_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2epop", KillPopFetcher;
+    kill_9_form_processor_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2efp", KillFormProcessor;
+    rabbitmq_restart_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2eamqp", RestartRabbitMq;
+    redis_restart_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2eredis", RestartRedis;
+    identity_provider_down_30_s_during_a_batch_loses_nothing_and_creates_nothing_twice:
+        "e2eidp", IdentityProviderDown;
 }
 
 /// Mail written into the IMAP mailboxes in small chunks while the fetchers

@@ -19,6 +19,7 @@ use common::shutdown::CancellationToken;
 use common::Config;
 use futures::StreamExt;
 use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+use mailagent_tests::fixture::{channel_with_topology, stop_task};
 use mailagent_tests::maildir;
 use mailagent_tests::{imap_support, pop_support};
 use tokio::task::JoinHandle;
@@ -41,6 +42,34 @@ impl Fx {
             Proto::Imap => Self::Imap(imap_support::Fixture::new(label)),
             Proto::Pop3 => Self::Pop3(pop_support::Fixture::new(label)),
         }
+    }
+
+    /// A fixture with a valid token planted, the usual start.
+    async fn with_token(proto: Proto, label: &str) -> Self {
+        let fx = Self::new(proto, label);
+        fx.plant_token().await;
+        fx
+    }
+
+    fn proto(&self) -> Proto {
+        match self {
+            Self::Imap(_) => Proto::Imap,
+            Self::Pop3(_) => Proto::Pop3,
+        }
+    }
+
+    /// Runs this fixture's fetcher in-process with `config` and these
+    /// backoff times.
+    fn start(&self, config: Config, backoff_initial: Duration, backoff_max: Duration) -> Running {
+        Running::start(self.proto(), config, options(backoff_initial, backoff_max))
+    }
+
+    /// Waits up to 30 s for the fetcher's heartbeat to satisfy `check`.
+    async fn until_status(&self, what: &str, check: impl Fn(AgentStatus) -> bool) {
+        until(what, Duration::from_secs(30), || async {
+            self.heartbeat().await.is_some_and(&check)
+        })
+        .await;
     }
 
     fn component(&self) -> &'static str {
@@ -212,12 +241,14 @@ impl Running {
     /// Graceful stop; returns how long it took.
     async fn stop(self) -> Duration {
         let started = Instant::now();
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("fetcher stops within 20 s")
-            .expect("fetcher task")
-            .expect("fetcher run");
+        stop_task(
+            &self.shutdown,
+            self.task,
+            Duration::from_secs(20),
+            "fetcher",
+        )
+        .await
+        .expect("fetcher run");
         started.elapsed()
     }
 }
@@ -244,14 +275,29 @@ where
     );
 }
 
+/// For each `$rule`, two tests running it against each fetcher, named
+/// `$imap` and `$pop3` (spelled out, so a test is found by its name).
+macro_rules! both_protocols {
+    ($($rule:ident: $imap:ident, $pop3:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $imap() {
+            $rule(Proto::Imap).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $pop3() {
+            $rule(Proto::Pop3).await;
+        }
+    )*};
+}
+
 // ---------------------------------------------------------------- heartbeat
 
 /// Mailbox `bad` fails on every session; mailbox `good` starts only once
 /// `bad`'s error is in the heartbeat (its lease is held by another owner
 /// until then). `good`'s successful pass must leave `bad`'s error there.
 async fn a_mailboxs_success_clears_only_its_own_error(proto: Proto) {
-    let fx = Fx::new(proto, "hbrule");
-    fx.plant_token().await;
+    let fx = Fx::with_token(proto, "hbrule").await;
     let (bad_table, _front) = fx.failing_table("bad").await;
     let config = fx.config(&[fx.table("good"), bad_table]);
     let mut redis = fx.redis().await;
@@ -266,33 +312,18 @@ async fn a_mailboxs_success_clears_only_its_own_error(proto: Proto) {
         .expect("hold the lease");
     // Long waits after a failure: the bad mailbox does not retry (and set
     // its error again) while the good one passes.
-    let fetcher = Running::start(
-        proto,
-        config,
-        options(Duration::from_secs(3), Duration::from_secs(60)),
-    );
-    until(
-        "the bad mailbox's error",
-        Duration::from_secs(30),
-        || async {
-            fx.heartbeat()
-                .await
-                .and_then(|a| a.last_error)
-                .is_some_and(|e| e.starts_with("bad: "))
-        },
-    )
+    let fetcher = fx.start(config, Duration::from_secs(3), Duration::from_secs(60));
+    fx.until_status("the bad mailbox's error", |a| {
+        a.last_error.is_some_and(|e| e.starts_with("bad: "))
+    })
     .await;
     let () = redis::cmd("DEL")
         .arg(&lease)
         .query_async(&mut redis)
         .await
         .expect("release the lease");
-    until(
-        "a pass of the good mailbox",
-        Duration::from_secs(30),
-        || async { fx.heartbeat().await.is_some_and(|a| a.last_poll.is_some()) },
-    )
-    .await;
+    fx.until_status("a pass of the good mailbox", |a| a.last_poll.is_some())
+        .await;
     let status = fx.heartbeat().await.expect("heartbeat");
     let error = status.last_error.unwrap_or_default();
     assert!(
@@ -300,16 +331,6 @@ async fn a_mailboxs_success_clears_only_its_own_error(proto: Proto) {
         "the good mailbox's pass cleared the bad mailbox's error: {error:?}"
     );
     fetcher.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imap_a_mailboxs_success_clears_only_its_own_error() {
-    a_mailboxs_success_clears_only_its_own_error(Proto::Imap).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pop3_a_mailboxs_success_clears_only_its_own_error() {
-    a_mailboxs_success_clears_only_its_own_error(Proto::Pop3).await;
 }
 
 // ---------------------------------------------------------- token refusal
@@ -327,11 +348,7 @@ async fn a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacemen
         .await
         .expect("subscribe");
     let config = fx.config(&[fx.table("tok")]);
-    let fetcher = Running::start(
-        proto,
-        config,
-        options(Duration::from_millis(300), Duration::from_secs(2)),
-    );
+    let fetcher = fx.start(config, Duration::from_millis(300), Duration::from_secs(2));
     let request: String = tokio::time::timeout(Duration::from_secs(30), pubsub.on_message().next())
         .await
         .expect("a refresh request within 30 s")
@@ -355,16 +372,6 @@ async fn a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacemen
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement() {
-    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement(Proto::Imap).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement() {
-    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement(Proto::Pop3).await;
-}
-
 // --------------------------------------------------------- needs a person
 
 /// With the CREATE queue unbound, every publish comes back unroutable: a
@@ -372,19 +379,11 @@ async fn pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_repla
 /// retried on the slow schedule (never sooner than 8 × the first backoff),
 /// not at the transient pace.
 async fn an_unroutable_message_needs_a_person_and_is_retried_slowly(proto: Proto) {
-    let fx = Fx::new(proto, "unroute");
-    fx.plant_token().await;
+    let fx = Fx::with_token(proto, "unroute").await;
     fx.seed(1);
     let config = fx.config(&[fx.table("un")]);
     let topology = common::topology::Topology::new(&config.amqp.prefix);
-    let conn =
-        lapin::Connection::connect(fx.env().amqp_url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("amqp");
-    let channel = conn.create_channel().await.expect("channel");
-    common::topology::declare(&channel, &config.amqp, false)
-        .await
-        .expect("declare");
+    let channel = channel_with_topology(fx.env().amqp_url(), &config.amqp).await;
     channel
         .queue_unbind(
             &topology.create_queue,
@@ -396,15 +395,9 @@ async fn an_unroutable_message_needs_a_person_and_is_retried_slowly(proto: Proto
         .expect("unbind");
     // First backoff 500 ms: a person-problem waits at least 4 s between
     // attempts; a transient one would come back within 0.5–2 s.
-    let fetcher = Running::start(
-        proto,
-        config.clone(),
-        options(Duration::from_millis(500), Duration::from_secs(2)),
-    );
-    until("the unroutable error", Duration::from_secs(30), || async {
-        fx.heartbeat()
-            .await
-            .and_then(|a| a.last_error)
+    let fetcher = fx.start(config, Duration::from_millis(500), Duration::from_secs(2));
+    fx.until_status("the unroutable error", |a| {
+        a.last_error
             .is_some_and(|e| e.contains("routed it to no queue"))
     })
     .await;
@@ -422,16 +415,6 @@ async fn an_unroutable_message_needs_a_person_and_is_retried_slowly(proto: Proto
     fetcher.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imap_an_unroutable_message_needs_a_person_and_is_retried_slowly() {
-    an_unroutable_message_needs_a_person_and_is_retried_slowly(Proto::Imap).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly() {
-    an_unroutable_message_needs_a_person_and_is_retried_slowly(Proto::Pop3).await;
-}
-
 // ------------------------------------------------------------ open files
 
 /// Started with a low open-files soft limit, the fetcher raises it to the
@@ -443,33 +426,13 @@ async fn the_open_files_limit_is_raised_at_start(proto: Proto) {
     Resource::NOFILE
         .set(low, hard)
         .expect("lower the soft limit");
-    let fx = Fx::new(proto, "nofile");
-    fx.plant_token().await;
+    let fx = Fx::with_token(proto, "nofile").await;
     let config = fx.config(&[fx.table("nf")]);
-    let fetcher = Running::start(
-        proto,
-        config,
-        options(Duration::from_millis(300), Duration::from_secs(2)),
-    );
-    until(
-        "the fetcher's heartbeat",
-        Duration::from_secs(30),
-        || async { fx.heartbeat().await.is_some() },
-    )
-    .await;
+    let fetcher = fx.start(config, Duration::from_millis(300), Duration::from_secs(2));
+    fx.until_status("the fetcher's heartbeat", |_| true).await;
     let (soft, _) = Resource::NOFILE.get().expect("getrlimit");
     fetcher.stop().await;
     assert_eq!(soft, hard, "the soft limit stayed at {soft} (hard {hard})");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imap_the_open_files_limit_is_raised_at_start() {
-    the_open_files_limit_is_raised_at_start(Proto::Imap).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pop3_the_open_files_limit_is_raised_at_start() {
-    the_open_files_limit_is_raised_at_start(Proto::Pop3).await;
 }
 
 // ------------------------------------------------------- broker size limit
@@ -484,15 +447,9 @@ async fn pop3_the_open_files_limit_is_raised_at_start() {
 async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(proto: Proto) {
     use redis::AsyncCommands;
     let rabbit = mailagent_tests::private_rabbit::PrivateRabbit::start().await;
-    let limit = rabbit
-        .ctl(&[
-            "eval",
-            "application:set_env(rabbit, max_message_size, 1048576).",
-        ])
-        .await;
-    assert!(limit.is_some(), "cannot set max_message_size");
-    let fx = Fx::new(proto, "toolarge");
-    fx.plant_token().await;
+    let limit = "application:set_env(rabbit, max_message_size, 1048576).";
+    rabbit.eval(limit, "set max_message_size").await;
+    let fx = Fx::with_token(proto, "toolarge").await;
     let tag = format!("{}big", fx.prefix());
     let small = |i: usize| maildir::message(&tag, i, 2_000, false);
     let mut messages: Vec<Vec<u8>> = (0..5).map(small).collect();
@@ -500,20 +457,9 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     messages.extend((5..10).map(small));
     fx.seed_messages(&messages);
     let mut config = fx.config(&[fx.default_table("big")]);
-    config.amqp.url = common::secret::SecretUrl::new(rabbit.url.clone());
-    let conn = lapin::Connection::connect(&rabbit.url, lapin::ConnectionProperties::default())
-        .await
-        .expect("amqp");
-    let channel = conn.create_channel().await.expect("channel");
-    common::topology::declare(&channel, &config.amqp, false)
-        .await
-        .expect("declare");
+    let channel = rabbit.channel_with_topology(&mut config.amqp).await;
     let queue = common::topology::Topology::new(&config.amqp.prefix).create_queue;
-    let fetcher = Running::start(
-        proto,
-        config,
-        options(Duration::from_millis(300), Duration::from_secs(2)),
-    );
+    let fetcher = fx.start(config, Duration::from_millis(300), Duration::from_secs(2));
 
     let wanted: std::collections::BTreeSet<Vec<u8>> = (0..10).map(small).collect();
     let mut got = imap_support::drain(&channel, &queue, 10, Duration::from_secs(60)).await;
@@ -575,12 +521,10 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     fetcher.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn imap_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on() {
-    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(Proto::Imap).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pop3_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on() {
-    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(Proto::Pop3).await;
+both_protocols! {
+    a_mailboxs_success_clears_only_its_own_error: imap_a_mailboxs_success_clears_only_its_own_error, pop3_a_mailboxs_success_clears_only_its_own_error;
+    a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement: imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement, pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement;
+    an_unroutable_message_needs_a_person_and_is_retried_slowly: imap_an_unroutable_message_needs_a_person_and_is_retried_slowly, pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly;
+    the_open_files_limit_is_raised_at_start: imap_the_open_files_limit_is_raised_at_start, pop3_the_open_files_limit_is_raised_at_start;
+    a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on: imap_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on, pop3_a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on;
 }

@@ -68,16 +68,6 @@ async fn creates_one_typed_record_with_three_children(kind: StoreKind) {
     p.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn sqlite_creates_one_typed_record_with_three_children() {
-    creates_one_typed_record_with_three_children(StoreKind::Sqlite).await;
-}
-
-#[tokio::test]
-async fn postgres_creates_one_typed_record_with_three_children() {
-    creates_one_typed_record_with_three_children(StoreKind::Postgres).await;
-}
-
 async fn duplicates_make_one_record(kind: StoreKind) {
     let h = Harness::new(kind, &[]).await;
     let p = h.start(Default::default());
@@ -142,16 +132,6 @@ async fn duplicates_make_one_record(kind: StoreKind) {
     assert!(h.drain_dead().await.is_empty());
     assert!(p.running());
     p.stop().await.unwrap();
-}
-
-#[tokio::test]
-async fn sqlite_duplicates_make_one_record_and_one_rejection() {
-    duplicates_make_one_record(StoreKind::Sqlite).await;
-}
-
-#[tokio::test]
-async fn postgres_duplicates_make_one_record_and_one_rejection() {
-    duplicates_make_one_record(StoreKind::Postgres).await;
 }
 
 /// Publishes `raw`, and checks it ends as one failure with `reason` and one
@@ -695,4 +675,29 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
         vec![("no-workbook".to_string(), e.dedupe_key.clone())]
     );
     p.stop().await.unwrap();
+}
+
+/// For each `$run`, two tests running it against each record store, named
+/// `$sqlite` and `$postgres` (spelled out, so a test is found by its name).
+macro_rules! both_stores {
+    ($($run:ident: $sqlite:ident, $postgres:ident;)*) => {$(
+        #[tokio::test]
+        async fn $sqlite() {
+            $run(StoreKind::Sqlite).await;
+        }
+
+        #[tokio::test]
+        async fn $postgres() {
+            $run(StoreKind::Postgres).await;
+        }
+    )*};
+}
+
+both_stores! {
+    creates_one_typed_record_with_three_children:
+        sqlite_creates_one_typed_record_with_three_children,
+        postgres_creates_one_typed_record_with_three_children;
+    duplicates_make_one_record:
+        sqlite_duplicates_make_one_record_and_one_rejection,
+        postgres_duplicates_make_one_record_and_one_rejection;
 }

@@ -94,14 +94,7 @@ async fn while_publishers_are_blocked_by_a_resource_alarm_nothing_is_flagged_the
     let fx = Fixture::new("alarm");
     fx.plant_token().await;
     let (mut config, _) = fx.config(&[fx.mail_table("al", &fx.mailbox, "idle = false")]);
-    config.amqp.url = common::secret::SecretUrl::new(rabbit.url.clone());
-    let conn = lapin::Connection::connect(&rabbit.url, lapin::ConnectionProperties::default())
-        .await
-        .expect("amqp");
-    let channel = conn.create_channel().await.expect("channel");
-    common::topology::declare(&channel, &config.amqp, false)
-        .await
-        .expect("declare topology");
+    let channel = rabbit.channel_with_topology(&mut config.amqp).await;
     let (shutdown, task) = start(config);
     wait_started(&fx, "al").await;
 

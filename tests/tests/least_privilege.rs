@@ -12,9 +12,9 @@ use std::time::Duration;
 use common::least_privilege::Role;
 use common::shutdown::CancellationToken;
 use common::{Component, Config};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::BasicProperties;
+use lapin::options::BasicGetOptions;
 use mailagent_tests::env::{bin_path, Endpoints};
+use mailagent_tests::fixture::{publish_confirmed, stop_task, take_one};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::imap_support::{self as support, Fixture};
@@ -134,24 +134,7 @@ async fn an_envelope_published_by_a_fetcher_user_reaches_the_processors_queue() 
     let topology = common::service::declare_topology(&conn, &fetcher)
         .await
         .expect("the fetcher user finds the topology setup declared");
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = channel
-        .basic_publish(
-            &topology.exchange,
-            "create",
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"from a fetcher",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
+    let confirm = publish_confirmed(&conn, &topology.exchange, b"from a fetcher", true)
         .await
         .unwrap();
     assert!(confirm.is_ack());
@@ -162,15 +145,11 @@ async fn an_envelope_published_by_a_fetcher_user_reaches_the_processors_queue() 
         .await
         .unwrap();
     let pchannel = pconn.create_channel().await.unwrap();
-    let got = wait_for("the envelope on the queue", Duration::from_secs(10), || {
-        let c = pchannel.clone();
-        let q = topology.create_queue.clone();
-        async move {
-            c.basic_get(&q, BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-        }
-    })
+    let got = take_one(
+        &pchannel,
+        &topology.create_queue,
+        "the envelope on the queue",
+    )
     .await;
     assert_eq!(got.delivery.data, b"from a fetcher");
 }
@@ -217,22 +196,7 @@ async fn the_processor_user_cannot_publish_to_incoming_but_can_dead_letter() {
         .unwrap();
     let publish = |exchange: String| {
         let conn = &conn;
-        async move {
-            let channel = conn.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            channel
-                .basic_publish(
-                    &exchange,
-                    "create",
-                    BasicPublishOptions::default(),
-                    b"x",
-                    BasicProperties::default(),
-                )
-                .await?
-                .await
-        }
+        async move { publish_confirmed(conn, &exchange, b"x", false).await }
     };
     let err = publish(topology.exchange.clone())
         .await
@@ -295,8 +259,7 @@ async fn a_redis_fetcher_user_keeps_to_its_own_keys() {
 #[tokio::test]
 async fn the_token_broker_runs_with_its_restricted_users() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mut cfg = TestConfig::new(&env);
     cfg.idp_profile("contoso", &idp.token_url(), &app, &secret)
         .broker_setting("forced-refresh-min-interval = 0");
@@ -330,11 +293,8 @@ async fn the_token_broker_runs_with_its_restricted_users() {
         (idp.issued_tokens().len() >= 2).then_some(())
     })
     .await;
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
+    stop_task(&shutdown, task, Duration::from_secs(10), "broker")
         .await
-        .expect("broker stops")
-        .unwrap()
         .unwrap();
 }
 
@@ -397,15 +357,10 @@ async fn imap_fetcher_and_form_processor_run_with_their_restricted_users() {
         .await,
         "the restricted processor consumed and dead-lettered the 5 messages"
     );
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(15), fetch)
+    stop_task(&shutdown, fetch, Duration::from_secs(15), "fetcher")
         .await
-        .expect("fetcher stops")
-        .unwrap()
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(15), process)
+    stop_task(&shutdown, process, Duration::from_secs(15), "processor")
         .await
-        .expect("processor stops")
-        .unwrap()
         .unwrap();
 }

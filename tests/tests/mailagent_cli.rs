@@ -49,36 +49,37 @@ fn config(
         );
     }
     cfg.idp_profile("p", &idp.token_url(), app, secret);
-    cfg.push(&format!(
-        r#"[[incoming-mail]]
-name = "box-imap"
+    for (name, listener, server_type) in [
+        ("box-imap", "IMAPS", "imaps"),
+        ("box-pop", "POP3S", "pop3s"),
+    ] {
+        cfg.push(&format!(
+            r#"[[incoming-mail]]
+name = "{name}"
 host = "{host}"
-port = {imaps}
-mail-server-type = "imaps"
-username = "{mailbox}"
-oauth-profile = "p"
-
-[[incoming-mail]]
-name = "box-pop"
-host = "{host}"
-port = {pop3s}
-mail-server-type = "pop3s"
+port = {port}
+mail-server-type = "{server_type}"
 username = "{mailbox}"
 oauth-profile = "p"
 "#,
-        imaps = env.mail_addr("IMAPS").port(),
-        pop3s = env.mail_addr("POP3S").port(),
-    ));
+            port = env.mail_addr(listener).port(),
+        ));
+    }
     cfg
+}
+
+/// A fresh mailbox granted to `app`.
+fn granted_mailbox(env: &Endpoints, app: &str) -> String {
+    let mailbox = format!("{}@example.com", unique("cli"));
+    env.grant(app, &mailbox);
+    mailbox
 }
 
 #[tokio::test]
 async fn test_connection_passes_every_step_for_a_granted_app() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
-    let mailbox = format!("{}@example.com", unique("cli"));
-    env.grant(&app, &mailbox);
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
+    let mailbox = granted_mailbox(&env, &app);
     let cfg = config(&env, &idp, &app, &secret, &mailbox, "localhost", true);
     for name in ["box-imap", "box-pop"] {
         let (out, text) = mailagent(&cfg, &["test-connection", name]).await;
@@ -92,10 +93,8 @@ async fn test_connection_passes_every_step_for_a_granted_app() {
 #[tokio::test]
 async fn test_connection_names_the_cause_of_each_usual_failure() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
-    let mailbox = format!("{}@example.com", unique("cli"));
-    env.grant(&app, &mailbox);
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
+    let mailbox = granted_mailbox(&env, &app);
     let (expired_app, expired_secret) = idp.register_app();
     idp.set_expired(&expired_app, true);
     env.grant(&expired_app, &mailbox);
@@ -181,8 +180,7 @@ async fn test_connection_names_the_cause_of_each_usual_failure() {
 #[tokio::test]
 async fn status_lists_live_agents_and_token_state() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let cfg = config(
         &env,
         &idp,

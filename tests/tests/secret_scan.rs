@@ -74,43 +74,26 @@ async fn redis_dump(env: &Endpoints, prefix: &str) -> BTreeMap<String, Vec<u8>> 
             .query_async(&mut c)
             .await
             .unwrap();
-        let parts: Vec<Vec<u8>> = match kind.as_str() {
-            "string" => vec![redis::cmd("GET").arg(&k).query_async(&mut c).await.unwrap()],
-            "hash" => redis::cmd("HGETALL")
-                .arg(&k)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "list" => redis::cmd("LRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "set" => redis::cmd("SMEMBERS")
-                .arg(&k)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "zset" => redis::cmd("ZRANGE")
-                .arg(&k)
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut c)
-                .await
-                .unwrap(),
-            "stream" => {
-                let v: redis::Value = redis::cmd("XRANGE")
-                    .arg(&k)
-                    .arg("-")
-                    .arg("+")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                vec![format!("{v:?}").into_bytes()]
-            }
+        // The command that reads a key of this type whole, and its arguments.
+        let (read, args): (&str, &[&str]) = match kind.as_str() {
+            "string" => ("GET", &[]),
+            "hash" => ("HGETALL", &[]),
+            "list" => ("LRANGE", &["0", "-1"]),
+            "set" => ("SMEMBERS", &[]),
+            "zset" => ("ZRANGE", &["0", "-1"]),
+            "stream" => ("XRANGE", &["-", "+"]),
             other => panic!("key {k} of unexpected type {other}"),
+        };
+        let value: redis::Value = redis::cmd(read)
+            .arg(&k)
+            .arg(args)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "stream" => vec![format!("{value:?}").into_bytes()],
+            "string" => vec![redis::from_redis_value(&value).unwrap()],
+            _ => redis::from_redis_value(&value).unwrap(),
         };
         out.insert(format!("{k} ({kind})"), parts.concat());
     }
@@ -162,8 +145,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_trace_level_demo_cycle_leaves_no_secret_in_logs_redis_amqp_or_the_store() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, client_secret) = idp.register_app();
+    let (idp, app, client_secret) = TestIdp::start_with_app(&env).await;
     let imap_mailbox = format!("{}@contoso.com", unique("scan-imap"));
     let pop_mailbox = format!("{}@contoso.com", unique("scan-pop"));
     let pw_mailbox = format!("{}@contoso.com", unique("scan-pw"));

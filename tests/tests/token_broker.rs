@@ -4,9 +4,10 @@ use std::time::{Duration, Instant};
 
 use common::keys::Keys;
 use common::shutdown::CancellationToken;
-use common::token::{read_state, ProfileState, TokenClient};
+use common::token::{read_state, AccessToken, ProfileState, TokenClient};
 use common::Component;
 use mailagent_tests::env::Endpoints;
+use mailagent_tests::fixture::stop_task;
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{Failure, TestIdp};
 use mailagent_tests::process;
@@ -28,11 +29,8 @@ impl Broker {
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
+        stop_task(&self.shutdown, self.task, Duration::from_secs(10), "broker")
             .await
-            .expect("broker stops within 10 s")
-            .expect("broker task")
             .expect("broker exits cleanly");
     }
 }
@@ -50,6 +48,24 @@ async fn token_client(env: &Endpoints, cfg: &TestConfig) -> TokenClient {
         Keys::new(cfg.redis_prefix.clone()),
         &config.token_broker.encryption,
     )
+}
+
+/// Waits up to 15 s for a valid token of [`PROFILE`] (`what` names it in
+/// the failure).
+async fn first_token(client: &TokenClient, what: &str) -> AccessToken {
+    wait_for(what, Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await
+}
+
+/// Waits up to 15 s for [`PROFILE`] to be marked failing; its state.
+async fn failing_state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
+    wait_for("state failing", Duration::from_secs(15), || async {
+        let s = state(env, cfg).await;
+        (s.state == "failing").then_some(s)
+    })
+    .await
 }
 
 async fn state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
@@ -73,24 +89,47 @@ fn fast(cfg: &mut TestConfig, slow: u64) {
         .broker_setting(&format!("failing-retry-interval = {slow}"));
 }
 
-async fn setup(idp: &TestIdp, env: &Endpoints) -> (TestConfig, String, String) {
-    let (app, secret) = idp.register_app();
-    let mut cfg = TestConfig::new(env);
-    cfg.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
-    (cfg, app, secret)
+/// One test's world: the endpoints, a running test IdP, and a config whose
+/// profile [`PROFILE`] is an app registered with it. The IdP stops when
+/// dropped: a test that destructures a `World` binds `idp` (`idp: _idp`).
+struct World {
+    env: Endpoints,
+    idp: TestIdp,
+    cfg: TestConfig,
+    app: String,
+    secret: String,
+}
+
+impl World {
+    async fn new() -> Self {
+        let env = Endpoints::load();
+        let (idp, app, secret) = TestIdp::start_with_app(&env).await;
+        let mut cfg = TestConfig::new(&env);
+        cfg.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
+        Self {
+            env,
+            idp,
+            cfg,
+            app,
+            secret,
+        }
+    }
+
+    /// Tokens that live `lifetime`, and the [`fast`] schedules.
+    async fn fast(lifetime: Duration, slow: u64) -> Self {
+        let mut w = Self::new().await;
+        w.idp.set_lifetime(lifetime);
+        fast(&mut w.cfg, slow);
+        w
+    }
 }
 
 #[tokio::test]
 async fn token_is_stored_encrypted_and_readable_with_the_key() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (cfg, _, _) = setup(&idp, &env).await;
+    let World { env, idp, cfg, .. } = World::new().await;
     let broker = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
-    let token = wait_for("a token in Redis", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    let token = first_token(&client, "a token in Redis").await;
     let issued = idp.issued_tokens();
     assert_eq!(issued.len(), 1);
     assert_eq!(token.token.expose(), issued[0]);
@@ -133,17 +172,10 @@ async fn token_is_stored_encrypted_and_readable_with_the_key() {
 
 #[tokio::test]
 async fn refreshes_ahead_of_expiry_so_a_valid_token_is_always_there() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    idp.set_lifetime(Duration::from_secs(6));
-    let (mut cfg, _, _) = setup(&idp, &env).await;
-    fast(&mut cfg, 300);
-    let broker = Broker::start(&cfg);
-    let client = token_client(&env, &cfg).await;
-    wait_for("the first token", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    let w = World::fast(Duration::from_secs(6), 300).await;
+    let broker = Broker::start(&w.cfg);
+    let client = token_client(&w.env, &w.cfg).await;
+    first_token(&client, "the first token").await;
 
     // Sample every 100 ms over more than three lifetimes.
     let mut fingerprints = Vec::new();
@@ -169,18 +201,13 @@ async fn refreshes_ahead_of_expiry_so_a_valid_token_is_always_there() {
 
 #[tokio::test]
 async fn two_replicas_make_one_request_per_refresh() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    idp.set_lifetime(Duration::from_secs(4));
-    let (mut cfg, app, _) = setup(&idp, &env).await;
-    fast(&mut cfg, 300);
+    let World {
+        env, idp, cfg, app, ..
+    } = World::fast(Duration::from_secs(4), 300).await;
     let a = Broker::start(&cfg);
     let b = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
-    wait_for("the first token", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    first_token(&client, "the first token").await;
     let started = Instant::now();
     let mut seen = std::collections::HashSet::new();
     while started.elapsed() < Duration::from_secs(12) {
@@ -205,17 +232,12 @@ async fn two_replicas_make_one_request_per_refresh() {
 #[tokio::test]
 async fn wrong_secret_marks_profile_failing_and_retries_slowly() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, _) = idp.register_app();
+    let (idp, app, _) = TestIdp::start_with_app(&env).await;
     let mut cfg = TestConfig::new(&env);
     cfg.idp_profile(PROFILE, &idp.token_url(), &app, "not-the-secret");
     fast(&mut cfg, 3);
     let broker = Broker::start(&cfg);
-    let s = wait_for("state failing", Duration::from_secs(15), || async {
-        let s = state(&env, &cfg).await;
-        (s.state == "failing").then_some(s)
-    })
-    .await;
+    let s = failing_state(&env, &cfg).await;
     assert_eq!(s.error_code.as_deref(), Some("AADSTS7000215"));
     let reason = s.last_error.unwrap();
     assert!(
@@ -242,16 +264,12 @@ async fn wrong_secret_marks_profile_failing_and_retries_slowly() {
 
 #[tokio::test]
 async fn expired_secret_is_reported_as_expired() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (cfg, app, _) = setup(&idp, &env).await;
+    let World {
+        env, idp, cfg, app, ..
+    } = World::new().await;
     idp.set_expired(&app, true);
     let broker = Broker::start(&cfg);
-    let s = wait_for("state failing", Duration::from_secs(15), || async {
-        let s = state(&env, &cfg).await;
-        (s.state == "failing").then_some(s)
-    })
-    .await;
+    let s = failing_state(&env, &cfg).await;
     assert_eq!(s.error_code.as_deref(), Some("AADSTS7000222"));
     assert!(s.last_error.unwrap().contains("expired"));
     broker.stop().await;
@@ -259,16 +277,11 @@ async fn expired_secret_is_reported_as_expired() {
 
 #[tokio::test]
 async fn throttling_waits_for_retry_after() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
+    let World { env, idp, cfg, .. } = World::new().await;
     idp.fail_next(1, Failure::TooManyRequests { retry_after: 2 });
-    let (cfg, _, _) = setup(&idp, &env).await;
     let broker = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
-    wait_for("a token after the 429", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    first_token(&client, "a token after the 429").await;
     broker.stop().await;
     let r = idp.requests();
     assert_eq!(r[0].status, 429);
@@ -282,10 +295,10 @@ async fn throttling_waits_for_retry_after() {
 
 #[tokio::test]
 async fn server_errors_back_off_then_succeed() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
+    let World {
+        env, idp, mut cfg, ..
+    } = World::new().await;
     idp.fail_next(3, Failure::Status(503));
-    let (mut cfg, _, _) = setup(&idp, &env).await;
     fast(&mut cfg, 300);
     let broker = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
@@ -346,16 +359,17 @@ async fn wait_subscribed(env: &Endpoints, cfg: &TestConfig, replicas: i64) {
 
 #[tokio::test]
 async fn twenty_forced_requests_for_one_token_cause_one_refresh() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (mut cfg, app, _) = setup(&idp, &env).await;
+    let World {
+        env,
+        idp,
+        mut cfg,
+        app,
+        ..
+    } = World::new().await;
     cfg.broker_setting("forced-refresh-min-interval = 0");
     let broker = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
-    let first = wait_for("the first token", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    let first = first_token(&client, "the first token").await;
     wait_subscribed(&env, &cfg, 1).await;
     for _ in 0..20 {
         client.report_failure(PROFILE, &first).await.unwrap();
@@ -389,15 +403,13 @@ async fn twenty_forced_requests_for_one_token_cause_one_refresh() {
 
 #[tokio::test]
 async fn forced_refresh_respects_the_minimum_interval() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (cfg, app, _) = setup(&idp, &env).await; // default: 30 s
+    // The default minimum interval: 30 s.
+    let World {
+        env, idp, cfg, app, ..
+    } = World::new().await;
     let broker = Broker::start(&cfg);
     let client = token_client(&env, &cfg).await;
-    let first = wait_for("the first token", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    let first = first_token(&client, "the first token").await;
     wait_subscribed(&env, &cfg, 1).await;
     client.report_failure(PROFILE, &first).await.unwrap();
     assert!(client
@@ -411,30 +423,21 @@ async fn forced_refresh_respects_the_minimum_interval() {
 
 #[tokio::test]
 async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    idp.set_lifetime(Duration::from_secs(4));
-    let (mut cfg, _, _) = setup(&idp, &env).await;
-    fast(&mut cfg, 300);
-    let broker = Broker::start(&cfg);
-    let old_client = token_client(&env, &cfg).await;
-    let old = wait_for(
-        "a token under the first key",
-        Duration::from_secs(15),
-        || async { old_client.current(PROFILE).await.unwrap() },
-    )
-    .await;
+    let mut w = World::fast(Duration::from_secs(4), 300).await;
+    let broker = Broker::start(&w.cfg);
+    let old_client = token_client(&w.env, &w.cfg).await;
+    let old = first_token(&old_client, "a token under the first key").await;
     broker.stop().await;
     let old_kid = old_client.stored(PROFILE).await.unwrap().unwrap().kid;
 
     // A new key in front; the old one kept for decryption.
     use base64::Engine;
-    let new_key = cfg.file(
+    let new_key = w.cfg.file(
         "token-key-2",
         &base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()),
     );
-    let old_key = cfg.dir().join("token-key");
-    cfg.toml = cfg.toml.replacen(
+    let old_key = w.cfg.dir().join("token-key");
+    w.cfg.toml = w.cfg.toml.replacen(
         &format!("encryption-key-file = \"{}\"", old_key.display()),
         &format!(
             "encryption-key-file = \"{}\"\nencryption-key-files = [\"{}\"]",
@@ -443,7 +446,7 @@ async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
         ),
         1,
     );
-    let rotated = token_client(&env, &cfg).await;
+    let rotated = token_client(&w.env, &w.cfg).await;
     assert_eq!(
         rotated.current(PROFILE).await.unwrap().unwrap().token,
         old.token,
@@ -451,7 +454,7 @@ async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
     );
     let new_kid = rotated.cipher().current_key_id().to_string();
     assert_ne!(new_kid, old_kid);
-    let broker = Broker::start(&cfg);
+    let broker = Broker::start(&w.cfg);
     wait_for(
         "a token under the new key",
         Duration::from_secs(15),
@@ -469,11 +472,13 @@ async fn rotated_key_reads_old_tokens_and_writes_under_the_new_id() {
 
 #[tokio::test]
 async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
-    let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    idp.set_lifetime(Duration::from_secs(4));
-    let (mut cfg, _, secret) = setup(&idp, &env).await;
-    fast(&mut cfg, 2);
+    let World {
+        env,
+        idp,
+        mut cfg,
+        secret,
+        ..
+    } = World::fast(Duration::from_secs(4), 2).await;
     // A second profile with a wrong secret, to log failures too.
     let (bad_app, bad_secret) = idp.register_app();
     idp.register(&bad_app, "something-else");
@@ -484,10 +489,7 @@ async fn debug_logs_of_the_broker_process_hold_no_secret_or_token() {
         .log(&log)
         .spawn();
     let client = token_client(&env, &cfg).await;
-    let first = wait_for("a token", Duration::from_secs(15), || async {
-        client.current(PROFILE).await.unwrap()
-    })
-    .await;
+    let first = first_token(&client, "a token").await;
     client
         .wait_for_replacement(PROFILE, &first, Duration::from_secs(10))
         .await

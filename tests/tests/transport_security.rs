@@ -13,9 +13,8 @@ use common::keys::Keys;
 use common::shutdown::CancellationToken;
 use common::token::TokenClient;
 use common::{Component, Config};
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::BasicProperties;
 use mailagent_tests::env::Endpoints;
+use mailagent_tests::fixture::{publish_confirmed, stop_task, take_one};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 
@@ -75,6 +74,17 @@ fn assert_clear(err: &common::Error, url: &str, what: &str) {
     assert!(text.contains(what), "says {what:?}: {text}");
 }
 
+/// Asserts the TLS Redis and RabbitMQ both refuse `config` clearly for an
+/// untrusted certificate.
+async fn assert_both_untrusted(config: &Config, env: &Endpoints) {
+    let err = common::connect::redis(config).await.err().expect("refused");
+    assert_clear(&err, redis_tls_url(env), "untrusted certificate");
+    let err = common::connect::amqp(config, "t")
+        .await
+        .expect_err("refused");
+    assert_clear(&err, amqps_url(env), "untrusted certificate");
+}
+
 #[tokio::test]
 async fn rediss_with_an_acl_user_and_the_extra_ca_works() {
     let env = Endpoints::load();
@@ -110,46 +120,19 @@ async fn amqps_with_a_user_and_the_extra_ca_carries_an_envelope() {
     let topology = common::service::declare_topology(&conn, &config)
         .await
         .unwrap();
-    let channel = conn.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let confirm = channel
-        .basic_publish(
-            &topology.exchange,
-            "create",
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            b"over tls",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
+    let confirm = publish_confirmed(&conn, &topology.exchange, b"over tls", true)
         .await
         .unwrap();
     assert!(confirm.is_ack());
-    let got = wait_for("the message on the queue", Duration::from_secs(10), || {
-        let channel = channel.clone();
-        let queue = topology.create_queue.clone();
-        async move {
-            channel
-                .basic_get(&queue, BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-        }
-    })
-    .await;
+    let channel = conn.create_channel().await.unwrap();
+    let got = take_one(&channel, &topology.create_queue, "the message on the queue").await;
     assert_eq!(got.delivery.data, b"over tls");
 }
 
 #[tokio::test]
 async fn token_broker_runs_over_rediss_and_amqps() {
     let env = Endpoints::load();
-    let idp = TestIdp::start(&env).await;
-    let (app, secret) = idp.register_app();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
     let mut cfg = config_with(&env, redis_tls_url(&env), amqps_url(&env));
     cfg.idp_profile("contoso", &idp.token_url(), &app, &secret);
     let shutdown = CancellationToken::new();
@@ -168,11 +151,8 @@ async fn token_broker_runs_over_rediss_and_amqps() {
     })
     .await;
     assert_eq!(token.token.expose(), idp.issued_tokens()[0]);
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), broker)
+    stop_task(&shutdown, broker, Duration::from_secs(10), "broker")
         .await
-        .expect("broker stops")
-        .unwrap()
         .unwrap();
 }
 
@@ -186,15 +166,7 @@ async fn a_wrong_ca_fails_at_once_naming_the_endpoint() {
     let config = cfg.load(Component::Cli);
 
     let started = Instant::now();
-    let err = common::connect::redis(&config)
-        .await
-        .err()
-        .expect("refused");
-    assert_clear(&err, redis_tls_url(&env), "untrusted certificate");
-    let err = common::connect::amqp(&config, "t")
-        .await
-        .expect_err("refused");
-    assert_clear(&err, amqps_url(&env), "untrusted certificate");
+    assert_both_untrusted(&config, &env).await;
     assert!(started.elapsed() < Duration::from_secs(15));
 
     // A service stops on it instead of retrying for ever.
@@ -224,15 +196,7 @@ async fn without_the_extra_ca_the_test_servers_are_untrusted() {
     );
     let config = cfg.load(Component::Cli);
     assert!(config.tls.extra_ca_file.is_none());
-    let err = common::connect::redis(&config)
-        .await
-        .err()
-        .expect("refused");
-    assert_clear(&err, redis_tls_url(&env), "untrusted certificate");
-    let err = common::connect::amqp(&config, "t")
-        .await
-        .expect_err("refused");
-    assert_clear(&err, amqps_url(&env), "untrusted certificate");
+    assert_both_untrusted(&config, &env).await;
 }
 
 #[tokio::test]
@@ -334,6 +298,18 @@ async fn tls_server(env: &Endpoints, name: &str, greeting: &'static str) -> u16 
     port
 }
 
+/// A TLS server presenting certificate `name` with the greeting of
+/// `server_type` (`imaps`, `pop3s`), and a config with one mail config for
+/// it: its port and the config.
+async fn certificate_server(env: &Endpoints, name: &str, server_type: &str) -> (u16, Config) {
+    let greeting = match server_type {
+        "imaps" => "* OK ready\r\n",
+        _ => "+OK ready\r\n",
+    };
+    let port = tls_server(env, name, greeting).await;
+    (port, mail_config(env, server_type, port))
+}
+
 fn mail_config(env: &Endpoints, server_type: &str, port: u16) -> Config {
     let mut cfg = TestConfig::new(env);
     cfg.push(&format!(
@@ -365,8 +341,7 @@ const BAD_CERTIFICATES: [(&str, &str); 3] = [
 async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() {
     let env = Endpoints::load();
     // The control: the CA-signed certificate passes the handshake.
-    let good = tls_server(&env, "server", "* OK ready\r\n").await;
-    let config = mail_config(&env, "imaps", good);
+    let (good, config) = certificate_server(&env, "server", "imaps").await;
     let tls = common::tls::client_config(config.tls.extra_ca_file.as_deref()).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", good))
         .await
@@ -377,11 +352,9 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
         .expect("the test CA's server certificate verifies");
 
     for (name, cause) in BAD_CERTIFICATES {
-        let port = tls_server(&env, name, "* OK ready\r\n").await;
-        let config = mail_config(&env, "imaps", port);
-        let cfg = &config.incoming_mail[0];
+        let (port, config) = certificate_server(&env, name, "imaps").await;
         let err = imap_fetcher::session::open(
-            cfg,
+            &config.incoming_mail[0],
             &tls,
             imap_fetcher::session::Credentials::Password {
                 password: "not-used",
@@ -390,12 +363,8 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
         .await
         .err()
         .unwrap_or_else(|| panic!("{name}: logged in"));
-        let imap_fetcher::error::Error::Connect { source, .. } = &err else {
-            panic!("{name}: expected a connect error, got {err}");
-        };
-        let said = common::tls::handshake_cause(source)
-            .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
-        assert!(said.starts_with(cause), "{name}: {said}");
+        let connect_error = matches!(err, imap_fetcher::error::Error::Connect { .. });
+        assert_tls_cause(name, cause, &err, connect_error);
         assert!(
             err.to_string().contains(&format!("localhost:{port}")),
             "{err}"
@@ -403,23 +372,33 @@ async fn imap_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() 
     }
 }
 
+/// Asserts `err` is a connect error (`connect_error`, the variant of the
+/// fetcher's error type) whose TLS handshake failure is reported as `cause`
+/// (for certificate `name`).
+fn assert_tls_cause(name: &str, cause: &str, err: &dyn std::error::Error, connect_error: bool) {
+    assert!(connect_error, "{name}: expected a connect error, got {err}");
+    let source = err
+        .source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .unwrap_or_else(|| panic!("{name}: no I/O cause in {err}"));
+    let said = common::tls::handshake_cause(source)
+        .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
+    assert!(said.starts_with(cause), "{name}: {said}");
+}
+
 #[tokio::test]
 async fn pop_fetcher_refuses_expired_wrong_host_and_self_signed_certificates() {
     let env = Endpoints::load();
     for (name, cause) in BAD_CERTIFICATES {
-        let port = tls_server(&env, name, "+OK ready\r\n").await;
-        let config = mail_config(&env, "pop3s", port);
+        let (_, config) = certificate_server(&env, name, "pop3s").await;
         let tls = common::tls::client_config(config.tls.extra_ca_file.as_deref()).unwrap();
-        let err =
-            pop_fetcher::pop3::connect(&config.incoming_mail[0], tls, Duration::from_secs(10))
-                .await
-                .err()
-                .unwrap_or_else(|| panic!("{name}: connected"));
-        let pop_fetcher::error::Error::Connect { source, .. } = &err else {
-            panic!("{name}: expected a connect error, got {err}");
-        };
-        let said = common::tls::handshake_cause(source)
-            .unwrap_or_else(|| panic!("{name}: no TLS cause in {err}"));
-        assert!(said.starts_with(cause), "{name}: {said}");
+        let connect =
+            pop_fetcher::pop3::connect(&config.incoming_mail[0], tls, Duration::from_secs(10));
+        let err = connect
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{name}: connected"));
+        let connect_error = matches!(err, pop_fetcher::error::Error::Connect { .. });
+        assert_tls_cause(name, cause, &err, connect_error);
     }
 }
