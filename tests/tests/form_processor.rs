@@ -472,15 +472,7 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
         "the outage starts before the run ends ({before} records)"
     );
     // The outage lasts 10 s: the processor must wait and retry meanwhile.
-    let outage_end = std::time::Instant::now() + Duration::from_secs(10);
-    while std::time::Instant::now() < outage_end {
-        assert!(
-            h.drain_dead().await.is_empty(),
-            "nothing is dead-lettered during the outage"
-        );
-        assert!(p.running());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    nothing_dead_lettered_for(&h, &p, Duration::from_secs(10), "during the outage").await;
     proxy.up();
     let records = wait_records(&store, n, Duration::from_secs(90)).await;
     let mut ids: Vec<String> = records
@@ -497,6 +489,20 @@ async fn a_10_second_store_outage_delays_messages_and_dead_letters_none() {
     assert!(store.failures().await.unwrap().is_empty());
     assert!(h.drain_dead().await.is_empty());
     p.stop().await.unwrap();
+}
+
+/// For `window`, checks every half second that nothing reaches the
+/// dead-letter queue and the processor keeps running (a store outage).
+async fn nothing_dead_lettered_for(h: &Harness, p: &Processor, window: Duration, when: &str) {
+    let end = std::time::Instant::now() + window;
+    while std::time::Instant::now() < end {
+        assert!(
+            h.drain_dead().await.is_empty(),
+            "a form was dead-lettered {when}"
+        );
+        assert!(p.running());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Sets `default_transaction_read_only` of the harness's database and ends
@@ -535,15 +541,13 @@ async fn a_read_only_postgres_delays_forms_and_dead_letters_none() {
     let n = 20;
     h.publish_leases(n).await;
     let p = h.start(Default::default());
-    let until = std::time::Instant::now() + Duration::from_secs(8);
-    while std::time::Instant::now() < until {
-        assert!(
-            h.drain_dead().await.is_empty(),
-            "a form was dead-lettered while the store was read-only"
-        );
-        assert!(p.running());
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    nothing_dead_lettered_for(
+        &h,
+        &p,
+        Duration::from_secs(8),
+        "while the store was read-only",
+    )
+    .await;
     assert!(store.records(&Default::default()).await.unwrap().is_empty());
     set_read_only(&h, false).await;
     let records = wait_records(&store, n, Duration::from_secs(90)).await;
