@@ -138,3 +138,72 @@ async fn topology_declares_idempotently_for_both_queue_types() {
         .await
         .is_err());
 }
+
+/// Issue 12: a publisher holds at most its byte limit of bodies awaiting
+/// confirms (a blocked connection keeps them in memory), however large its
+/// message window; a single body over the limit still goes, alone.
+#[tokio::test]
+async fn a_publisher_holds_at_most_its_byte_limit_unconfirmed() {
+    use common::fetch::publish::Publisher;
+    let env = Endpoints::load();
+    let conn = connect(&env).await;
+    let channel = conn.create_channel().await.unwrap();
+    let config = amqp_config(&env, &unique("t"), QueueType::Classic);
+    let topo = common::topology::declare(&channel, &config, false)
+        .await
+        .unwrap();
+    let limit: u64 = 3 << 20;
+    let mut publisher: Publisher<usize> = Publisher::open(&conn, &topo.exchange, 256, limit)
+        .await
+        .unwrap();
+    let mut confirmed = Vec::new();
+    let sizes = [
+        1 << 20,
+        1 << 20,
+        1 << 20,
+        1 << 20,
+        5 << 20,
+        1 << 20,
+        1 << 20,
+    ];
+    let mut most = 0;
+    for (i, size) in sizes.into_iter().enumerate() {
+        let body = vec![b'x'; size];
+        let envelope = Envelope {
+            dedupe_key: dedupe_key("forms@contoso.com", &body),
+            body,
+            timestamp: 1_764_000_000,
+            mail_config: "bytes".into(),
+            mailbox: "forms@contoso.com".into(),
+            message_ref: MessageRef::Imap {
+                uid: i as u32 + 1,
+                uidvalidity: 1,
+            },
+            action: Action::Create,
+            fetcher: "imap-fetcher-1".into(),
+            traceparent: None,
+        };
+        publisher
+            .publish(&envelope, i, &mut confirmed)
+            .await
+            .unwrap();
+        let held = publisher.in_flight_bytes();
+        assert!(
+            held <= limit.max(size as u64),
+            "{held} bytes unconfirmed after message {i}"
+        );
+        most = most.max(held);
+    }
+    publisher.flush(&mut confirmed).await.unwrap();
+    let tags: Vec<usize> = confirmed.iter().map(|c| c.tag).collect();
+    assert_eq!(
+        tags,
+        (0..sizes.len()).collect::<Vec<_>>(),
+        "all confirmed, in order"
+    );
+    assert!(
+        most >= 2 << 20,
+        "the window is used, not one at a time ({most})"
+    );
+    publisher.close().await;
+}

@@ -72,15 +72,18 @@ enum Settled {
 
 /// Handles one delivery; never panics outward. A panic inside processing
 /// is logged and the delivery requeued, so the poison guard can count it.
-pub async fn handle(ctx: Arc<Context>, delivery: Delivery) {
+pub async fn handle(ctx: Arc<Context>, mut delivery: Delivery) {
     use futures::FutureExt;
+    // The body is held once, shared with the parser and the dead-letter
+    // publish: one copy per prefetched message.
+    let body = Arc::new(std::mem::take(&mut delivery.data));
     let started = Instant::now();
     ctx.metrics.in_flight.inc();
     let span = tracing::info_span!("form", dedupe_key = tracing::field::Empty);
     if let Some(tp) = traceparent(&delivery) {
         common::telemetry::set_remote_parent(&span, &tp);
     }
-    let result = std::panic::AssertUnwindSafe(process(&ctx, &delivery).instrument(span))
+    let result = std::panic::AssertUnwindSafe(process(&ctx, &delivery, &body).instrument(span))
         .catch_unwind()
         .await;
     ctx.metrics.in_flight.dec();
@@ -202,8 +205,13 @@ macro_rules! or_leave {
     };
 }
 
-async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleError> {
-    let envelope = match Envelope::from_amqp(&delivery.properties, delivery.data.clone()) {
+async fn process(
+    ctx: &Context,
+    delivery: &Delivery,
+    body: &Arc<Vec<u8>>,
+) -> Result<Settled, SettleError> {
+    // The envelope's metadata; its body stays in `body`.
+    let envelope = match Envelope::from_amqp(&delivery.properties, Vec::new()) {
         Ok(e) => e,
         Err(e) => {
             let key = delivery
@@ -212,7 +220,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 .as_ref()
                 .map(|m| m.as_str().to_string())
                 .filter(|m| m.len() == 64 && m.bytes().all(|b| b.is_ascii_hexdigit()))
-                .unwrap_or_else(|| hex_sha256(&delivery.data));
+                .unwrap_or_else(|| hex_sha256(body));
             let source = Source {
                 dedupe_key: key,
                 ..Default::default()
@@ -220,6 +228,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
             return reject(
                 ctx,
                 delivery,
+                body,
                 Rejection::new(Reason::BadEnvelope, e.to_string()),
                 None,
                 source,
@@ -276,7 +285,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
             dead_lettered,
         }) => {
             if !dead_lettered {
-                dead_letter(ctx, delivery, Some(id), &reason, &detail).await?;
+                dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
             }
             return Ok(Settled::Acked("already-known", ""));
         }
@@ -293,7 +302,7 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 ctx.config.delivery_limit
             ),
         );
-        return reject(ctx, delivery, r, None, source).await;
+        return reject(ctx, delivery, body, r, None, source).await;
     }
 
     let permit = ctx
@@ -303,10 +312,10 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
         .map_err(|e| SettleError::Join(e.to_string()))?;
     let config = ctx.config.clone();
     let topics = ctx.topics.clone();
-    let body = delivery.data.clone();
+    let parsed = Arc::clone(body);
     let panic_on = ctx.hooks.panic_on_subject.clone();
     let joined = tokio::task::spawn_blocking(move || {
-        let analysis = analyze::analyze(&body, &config, &topics);
+        let analysis = analyze::analyze(&parsed, &config, &topics);
         if let Some(p) = panic_on {
             if analysis.info.subject.contains(&p) {
                 panic!(
@@ -348,17 +357,17 @@ async fn process(ctx: &Context, delivery: &Delivery) -> Result<Settled, SettleEr
                 Ok(Created::AlreadyKnown) => Settled::Acked("already-known", ""),
                 Ok(Created::Duplicate(failure, rejection)) => {
                     let (reason, detail) = (rejection.reason.code(), &rejection.detail);
-                    dead_letter(ctx, delivery, Some(failure), reason, detail).await?;
+                    dead_letter(ctx, delivery, body, Some(failure), reason, detail).await?;
                     Settled::Acked("rejected", rejection.reason.code())
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "the store refused the record");
                     let r = Rejection::new(Reason::Unstorable, e.to_string());
-                    reject(ctx, delivery, r, Some(topic), source.clone()).await?
+                    reject(ctx, delivery, body, r, Some(topic), source.clone()).await?
                 }
             }
         }
-        Err(rejection) => reject(ctx, delivery, rejection, topic, source.clone()).await?,
+        Err(rejection) => reject(ctx, delivery, body, rejection, topic, source.clone()).await?,
     };
     forget_deliveries(ctx, &envelope.dedupe_key).await;
     Ok(settled)
@@ -377,6 +386,7 @@ fn fill_source(source: &mut Source, info: &MailInfo) {
 async fn reject(
     ctx: &Context,
     delivery: &Delivery,
+    body: &[u8],
     rejection: Rejection,
     topic: Option<String>,
     source: Source,
@@ -411,7 +421,7 @@ async fn reject(
                 dead_lettered: false,
             }) = known
             {
-                dead_letter(ctx, delivery, Some(id), &reason, &detail).await?;
+                dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
             }
             return Ok(Settled::Acked("already-known", ""));
         }
@@ -421,7 +431,7 @@ async fn reject(
         }
     };
     let (reason, detail) = (rejection.reason.code(), &rejection.detail);
-    dead_letter(ctx, delivery, failure, reason, detail).await?;
+    dead_letter(ctx, delivery, body, failure, reason, detail).await?;
     let outcome = if rejection.reason == Reason::Poison {
         "poison"
     } else {
@@ -435,12 +445,13 @@ async fn reject(
 async fn dead_letter(
     ctx: &Context,
     delivery: &Delivery,
+    body: &[u8],
     failure: Option<i64>,
     reason: &str,
     detail: &str,
 ) -> Result<(), SettleError> {
     ctx.dead
-        .publish(&delivery.properties, &delivery.data, reason, detail)
+        .publish(&delivery.properties, body, reason, detail)
         .await?;
     let Some(failure) = failure else {
         return Ok(());

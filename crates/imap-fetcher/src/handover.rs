@@ -234,6 +234,9 @@ impl Worker<'_> {
                 .await?;
         }
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
+        // Longer than RFC822.SIZE said, and over the limit: the real length
+        // decides.
+        let mut longer: HashMap<u32, u32> = HashMap::new();
         let mut stopped = false;
         // A message the broker refused for its size closes the channel: the
         // batch stops publishing there and goes on with a new publisher.
@@ -271,6 +274,10 @@ impl Worker<'_> {
                     tracing::warn!(config = %name, uid, "FETCH reply without BODY[]; the message is fetched again on the next pass");
                     continue;
                 };
+                if body.len() as u64 > max {
+                    longer.insert(uid, u32::try_from(body.len()).unwrap_or(u32::MAX));
+                    continue;
+                }
                 let message_ref = MessageRef::Imap {
                     uid,
                     uidvalidity: cp.uidvalidity,
@@ -307,6 +314,12 @@ impl Worker<'_> {
         };
         mb.count_confirmed(&confirmed, |t| t.1);
         let mut oversized = oversized;
+        if !longer.is_empty() {
+            let uids: Vec<u32> = longer.keys().copied().collect();
+            self.oversized(session, &uids, &longer, cp.uidvalidity)
+                .await?;
+            oversized.extend(uids);
+        }
         let mut reopen = false;
         let flushed = match flushed {
             Err(e @ PublishError::TooLarge { .. }) => {

@@ -21,7 +21,7 @@ use common::heartbeat::now_secs;
 use redis::AsyncCommands;
 
 use crate::error::{Error, Result};
-use crate::pop3::{self, wire, Session, Transport};
+use crate::pop3::{self, wire, Retrieved, Session, Transport};
 use crate::uidls::{self, Listed, UidlSet};
 
 /// The confirmed tag of a published message: message number, UIDL, size.
@@ -172,7 +172,9 @@ impl Worker<'_> {
         Ok(handed_over)
     }
 
-    /// RETR, publish and settle the planned messages, batch by batch. On an
+    /// RETR, publish and settle the planned messages, batch by batch; a
+    /// message longer than `max-message-bytes` as it streams (whatever LIST
+    /// said) is recorded as oversized. On an
     /// error what was confirmed is still settled (recorded, DELEd) and the
     /// session is QUIT, so confirmed mail does not come back. A message the
     /// broker refuses for its size is recorded as oversized (left on the
@@ -187,6 +189,7 @@ impl Worker<'_> {
         deleted: &mut Vec<String>,
     ) -> Result<usize> {
         let batch = self.mb.cfg.batch_size.max(1) as usize;
+        let max = self.mb.max_message_bytes();
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
         let mut total = 0;
         let mut failure: Option<PublishError> = None;
@@ -199,24 +202,39 @@ impl Worker<'_> {
                 break;
             }
             let chunk: Vec<&Listed> = todo.drain(..batch.min(todo.len())).collect();
-            let wanted: Vec<(u32, u64)> = chunk.iter().map(|l| (l.msg, l.size)).collect();
-            let bodies = match s.retr_many(&wanted).await {
-                Ok(b) => b,
-                Err(e) => {
-                    // The session is broken: nothing more can be DELEd in it.
-                    let _ = publisher.flush(&mut confirmed).await;
-                    let _ = self.record(set, &confirmed).await;
-                    return Err(e);
-                }
-            };
+            let numbers: Vec<u32> = chunk.iter().map(|l| l.msg).collect();
             let mut too_large = None;
             let mut next = chunk.len();
-            for (i, ((msg, body), listed)) in bodies.into_iter().zip(&chunk).enumerate() {
-                let body = match body {
-                    Ok(b) => b,
-                    Err(reply) => {
-                        tracing::warn!(config = %self.mb.cfg.name, msg, uidl = %listed.uidl, reply, "RETR refused; message skipped this time");
+            // Each body is published as it is read: a worker holds one body
+            // being read, and the publisher at most `max-in-flight-bytes`.
+            let mut read = s.retr_send(&numbers).await;
+            for (i, listed) in chunk.iter().enumerate() {
+                if read.is_err() {
+                    break;
+                }
+                if too_large.is_some() || failure.is_some() {
+                    // Read the RETR answers already asked for, keep nothing,
+                    // so the session stays in step.
+                    read = s.retr_discard(listed.msg).await;
+                    continue;
+                }
+                let body = match s.retr_read(listed.msg, listed.size, max).await {
+                    Ok(Retrieved::Body(b)) => b,
+                    Ok(Retrieved::Refused(reply)) => {
+                        tracing::warn!(config = %self.mb.cfg.name, msg = listed.msg, uidl = %listed.uidl, reply, "RETR refused; message skipped this time");
                         continue;
+                    }
+                    Ok(Retrieved::TooLarge(bytes)) => {
+                        // LIST said less: the real length decides.
+                        let message_ref = MessageRef::Pop3 {
+                            uidl: listed.uidl.clone(),
+                        };
+                        self.mb.record_oversized(&message_ref, bytes).await?;
+                        continue;
+                    }
+                    Err(e) => {
+                        read = Err(e);
+                        break;
                     }
                 };
                 let message_ref = MessageRef::Pop3 {
@@ -225,7 +243,11 @@ impl Worker<'_> {
                 let envelope = self.mb.envelope(message_ref, body);
                 let len = envelope.body.len();
                 let published = publisher
-                    .publish(&envelope, (msg, listed.uidl.clone(), len), &mut confirmed)
+                    .publish(
+                        &envelope,
+                        (listed.msg, listed.uidl.clone(), len),
+                        &mut confirmed,
+                    )
                     .await;
                 unsettled.push(listed);
                 match published {
@@ -233,13 +255,15 @@ impl Worker<'_> {
                     Err(e @ PublishError::TooLarge { .. }) => {
                         too_large = Some(e);
                         next = i + 1;
-                        break;
                     }
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
-                    }
+                    Err(e) => failure = Some(e),
                 }
+            }
+            if let Err(e) = read {
+                // The session is broken: nothing more can be DELEd in it.
+                let _ = publisher.flush(&mut confirmed).await;
+                let _ = self.record(set, &confirmed).await;
+                return Err(e);
             }
             if failure.is_some() {
                 break;

@@ -23,13 +23,18 @@ impl Mailbox {
     }
 
     /// A confirm-mode publisher to the exchange, with the configured window
-    /// of outstanding confirms (the replica's connection is reopened first
-    /// when it died).
+    /// of outstanding confirms and at most `max-in-flight-bytes` of bodies
+    /// awaiting them (the replica's connection is reopened first when it
+    /// died).
     pub async fn publisher<T>(&self) -> Result<Publisher<T>, FetchError> {
         let kit = &self.kit;
         Ok(kit
             .amqp
-            .publisher(&kit.exchange, kit.options.window)
+            .publisher(
+                &kit.exchange,
+                kit.options.window,
+                self.cfg.max_in_flight_bytes,
+            )
             .await?)
     }
 

@@ -1,9 +1,11 @@
 //! Confirmed publishing of envelopes (§4, §5, §8), shared by both fetchers.
 //!
 //! A [`Publisher`] owns one channel in confirm mode. Publishes and confirms
-//! are pipelined: up to `window` messages are outstanding at once, and the
-//! oldest confirmation is awaited only when the window is full (or on
-//! [`Publisher::flush`]). Confirmations are handed back in publish order, so
+//! are pipelined: up to `window` messages and `max-in-flight-bytes` of
+//! bodies are outstanding at once (bodies RabbitMQ has not confirmed may
+//! still sit in the connection's buffers: a blocked connection holds them),
+//! and the oldest confirmation is awaited only when the window is full (or
+//! on [`Publisher::flush`]). Confirmations are handed back in publish order, so
 //! a caller may apply its after-fetch action and advance its checkpoint for
 //! exactly the confirmed prefix.
 //!
@@ -124,12 +126,14 @@ impl AmqpLink {
         }
     }
 
-    /// A confirm-mode publisher to `exchange` with `window` outstanding
-    /// confirms, on the live connection — reconnecting first when it died.
+    /// A confirm-mode publisher to `exchange` with at most `window`
+    /// messages and `max_bytes` of bodies awaiting their confirms, on the
+    /// live connection — reconnecting first when it died.
     pub async fn publisher<T>(
         &self,
         exchange: &str,
         window: usize,
+        max_bytes: u64,
     ) -> Result<Publisher<T>, PublishError> {
         let mut guard = self.conn.lock().await;
         if !guard.as_ref().is_some_and(|c| c.status().connected()) {
@@ -140,7 +144,7 @@ impl AmqpLink {
             *guard = Some(conn);
         }
         let conn = guard.as_ref().expect("connection set above");
-        Publisher::open(conn, exchange, window).await
+        Publisher::open(conn, exchange, window, max_bytes).await
     }
 
     /// Closes the connection (at shutdown, after the workers stopped).
@@ -176,23 +180,27 @@ pub struct Publisher<T> {
     channel: Channel,
     exchange: String,
     window: usize,
+    max_bytes: u64,
     pending: VecDeque<Pending<T>>,
     refused: Option<T>,
 }
 
 impl<T> Publisher<T> {
     /// Opens a channel on `conn`, puts it in confirm mode, and publishes to
-    /// `exchange` with at most `window` (≥ 1) unconfirmed messages.
+    /// `exchange` with at most `window` (≥ 1) unconfirmed messages holding
+    /// at most `max_bytes` of bodies (a larger message goes alone).
     pub async fn open(
         conn: &Connection,
         exchange: &str,
         window: usize,
+        max_bytes: u64,
     ) -> Result<Self, PublishError> {
         let channel = crate::topology::confirming_channel(conn).await?;
         Ok(Self {
             channel,
             exchange: exchange.to_string(),
             window: window.max(1),
+            max_bytes,
             pending: VecDeque::new(),
             refused: None,
         })
@@ -203,17 +211,26 @@ impl<T> Publisher<T> {
         self.pending.len()
     }
 
+    /// Bytes of bodies published and not yet confirmed.
+    pub fn in_flight_bytes(&self) -> u64 {
+        self.pending.iter().map(|p| p.bytes as u64).sum()
+    }
+
     /// Publishes one envelope (persistent, `mandatory`). When the window is
-    /// full, first waits for the oldest confirmations; those are appended to
-    /// `confirmed` in publish order, also when an error is returned, so the
-    /// caller can act on what the broker did confirm.
+    /// full (by count, or by bytes with this body), first waits for the
+    /// oldest confirmations; those are appended to `confirmed` in publish
+    /// order, also when an error is returned, so the caller can act on what
+    /// the broker did confirm.
     pub async fn publish(
         &mut self,
         envelope: &Envelope,
         tag: T,
         confirmed: &mut Vec<Confirmed<T>>,
     ) -> Result<(), PublishError> {
-        while self.pending.len() >= self.window {
+        let bytes = envelope.body.len() as u64;
+        while self.pending.len() >= self.window
+            || (!self.pending.is_empty() && self.in_flight_bytes() + bytes > self.max_bytes)
+        {
             self.confirm_oldest(confirmed).await?;
         }
         let routing_key = envelope.routing_key();

@@ -30,11 +30,26 @@ pub const MAX_STATUS_LINE: usize = 8 * 1024;
 /// Longest line inside a message (RFC 5322 says 998; real mail is lax).
 pub const MAX_MESSAGE_LINE: usize = 1 << 20;
 
+/// Largest CAPA, LIST or UIDL listing accepted (a million messages' lines).
+pub const MAX_LISTING: usize = 256 << 20;
+
 /// Default time allowed for one server answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The transport under a session (shared with the IMAP client).
 pub use common::tls::MailStream as Transport;
+
+/// What one RETR brought.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retrieved {
+    /// The message, dot-unstuffed.
+    Body(Vec<u8>),
+    /// The server's `-ERR` answer.
+    Refused(String),
+    /// The message was longer than the limit: its real length (read to
+    /// its end, not kept).
+    TooLarge(u64),
+}
 
 /// How a login attempt ended when the server refused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,16 +244,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// Reads the body of a multi-line response into `out`, dot-unstuffed.
-    /// Lines are unstuffed straight from the read buffer; only a line split
-    /// across two reads is copied into `self.line` first.
+    /// Reads the body of a multi-line response into `out`, dot-unstuffed,
+    /// and returns its length. Lines are unstuffed straight from the read
+    /// buffer; only a line split across two reads is copied into
+    /// `self.line` first. Past `body_limit` bytes the body is counted, not
+    /// kept: `out` is left empty and the length returned is the real one.
     pub async fn read_multiline(
         &mut self,
         action: &'static str,
         out: &mut Vec<u8>,
         line_limit: usize,
-    ) -> Result<()> {
+        body_limit: usize,
+    ) -> Result<usize> {
         self.line.clear();
+        let mut dropped = 0usize;
         loop {
             self.fill(action).await?;
             let buf = self.io.buffer();
@@ -254,6 +273,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.line.clear();
                     done
                 };
+                if dropped > 0 || out.len() > body_limit {
+                    // Over the limit: count it, hold nothing.
+                    dropped += out.len();
+                    if out.capacity() > 64 << 10 {
+                        *out = Vec::new();
+                    } else {
+                        out.clear();
+                    }
+                }
                 pos = end;
                 if done {
                     finished = true;
@@ -266,7 +294,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             self.io.consume(pos);
             if finished {
-                return Ok(());
+                return Ok(dropped + out.len());
             }
             if self.line.len() > line_limit {
                 return Err(self.too_long(action, line_limit));
@@ -277,7 +305,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Reads a multi-line response's lines as text (CAPA, LIST, UIDL).
     async fn read_text_lines(&mut self, action: &'static str) -> Result<Vec<String>> {
         let mut raw = Vec::new();
-        self.read_multiline(action, &mut raw, MAX_STATUS_LINE)
+        self.read_multiline(action, &mut raw, MAX_STATUS_LINE, MAX_LISTING)
             .await?;
         Ok(String::from_utf8_lossy(&raw)
             .lines()
@@ -442,39 +470,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// RETR of several messages, pipelined when the server offers
     /// PIPELINING (else one after the other). Each message comes back
     /// dot-unstuffed, with its line endings as sent; a message the server
-    /// refuses comes back as `Err(reply)`.
+    /// refuses comes back as `Err(reply)`. All bodies are held at once: the
+    /// fetcher reads them one by one with [`Self::retr_send`] and
+    /// [`Self::retr_read`] instead.
     pub async fn retr_many(
         &mut self,
         msgs: &[(u32, u64)],
     ) -> Result<Vec<(u32, std::result::Result<Vec<u8>, String>)>> {
+        let numbers: Vec<u32> = msgs.iter().map(|m| m.0).collect();
+        self.retr_send(&numbers).await?;
         let mut out = Vec::with_capacity(msgs.len());
-        if self.capabilities.pipelining {
-            for (n, _) in msgs {
-                self.queue(&format!("RETR {n}"));
-            }
-            self.flush("send RETR").await?;
-            for &(n, size) in msgs {
-                out.push((n, self.read_retr(size).await?));
-            }
-        } else {
-            for &(n, size) in msgs {
-                self.send("send RETR", &format!("RETR {n}")).await?;
-                out.push((n, self.read_retr(size).await?));
-            }
+        for &(n, size) in msgs {
+            let body = match self.retr_read(n, size, u64::MAX).await? {
+                Retrieved::Body(b) => Ok(b),
+                Retrieved::Refused(reply) => Err(reply),
+                Retrieved::TooLarge(_) => unreachable!("no limit"),
+            };
+            out.push((n, body));
         }
         Ok(out)
     }
 
-    async fn read_retr(&mut self, size: u64) -> Result<std::result::Result<Vec<u8>, String>> {
+    /// Starts the RETRs of `msgs`: when the server offers PIPELINING they
+    /// all go out now; otherwise each goes out in its [`Self::retr_read`].
+    pub async fn retr_send(&mut self, msgs: &[u32]) -> Result<()> {
+        if self.capabilities.pipelining {
+            for n in msgs {
+                self.queue(&format!("RETR {n}"));
+            }
+            self.flush("send RETR").await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to the RETR of message `n` (sent by
+    /// [`Self::retr_send`], or now), LIST'ed at `size` bytes. The body's
+    /// real length is checked while it streams: past `max` bytes it is read
+    /// to its end but not kept ([`Retrieved::TooLarge`]).
+    pub async fn retr_read(&mut self, n: u32, size: u64, max: u64) -> Result<Retrieved> {
+        if !self.capabilities.pipelining {
+            self.send("send RETR", &format!("RETR {n}")).await?;
+        }
         match self.read_reply("RETR").await? {
             Reply::Ok(_) => {}
-            Reply::Err(reply) => return Ok(Err(reply)),
+            Reply::Err(reply) => return Ok(Retrieved::Refused(reply)),
             Reply::Continue(_) => return Err(self.protocol_err("RETR", &self.line.clone())),
         }
-        let mut body = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(64 << 20) + 64);
-        self.read_multiline("read a RETR body", &mut body, MAX_MESSAGE_LINE)
+        let max = usize::try_from(max).unwrap_or(usize::MAX);
+        let expected = usize::try_from(size).unwrap_or(usize::MAX);
+        let mut body = Vec::with_capacity(expected.min(max).min(64 << 20) + 64);
+        let len = self
+            .read_multiline("read a RETR body", &mut body, MAX_MESSAGE_LINE, max)
             .await?;
-        Ok(Ok(body))
+        Ok(if len > max {
+            Retrieved::TooLarge(len as u64)
+        } else {
+            Retrieved::Body(body)
+        })
+    }
+
+    /// Reads and drops the answer to a RETR [`Self::retr_send`] already
+    /// sent (pipelined); nothing when it was not sent.
+    pub async fn retr_discard(&mut self, n: u32) -> Result<()> {
+        if self.capabilities.pipelining {
+            self.retr_read(n, 0, 0).await?;
+        }
+        Ok(())
     }
 
     /// DELE of several messages (pipelined when offered). Deletions take

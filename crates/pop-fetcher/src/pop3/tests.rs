@@ -271,6 +271,32 @@ async fn retr_waits_for_each_reply_without_pipelining() {
 }
 
 #[tokio::test]
+async fn a_body_longer_than_the_limit_is_counted_not_kept_and_the_session_stays_in_step() {
+    // LIST said 10 octets; the body is 44. With a 20-byte limit the first
+    // comes back as too large with its real (unstuffed) length, and the
+    // pipelined answers after it are read in step: the second is discarded,
+    // the third refused.
+    let (mut s, _) = ready(vec![
+        (&["CAPA"], CAPA_FULL),
+        (&["RETR 1", "RETR 2", "RETR 3"], "+OK\r\nSubject: one\r\n\r\n..leading dot\r\n...two\r\nend\r\n.\r\n+OK\r\nSubject: two\r\n\r\n.\r\n-ERR no such message\r\n"),
+        (&["QUIT"], "+OK bye\r\n"),
+    ])
+    .await;
+    s.capa().await.unwrap();
+    s.retr_send(&[1, 2, 3]).await.unwrap();
+    assert_eq!(
+        s.retr_read(1, 10, 20).await.unwrap(),
+        Retrieved::TooLarge(M1.len() as u64)
+    );
+    s.retr_discard(2).await.unwrap();
+    assert_eq!(
+        s.retr_read(3, 10, 20).await.unwrap(),
+        Retrieved::Refused("no such message".into())
+    );
+    s.quit().await.unwrap();
+}
+
+#[tokio::test]
 async fn dele_and_quit() {
     let (mut s, seen) = ready(vec![
         (&["CAPA"], CAPA_FULL),
@@ -357,8 +383,12 @@ async fn retr_bodies_split_at_every_byte_are_unstuffed_the_same() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         });
         let mut s = Session::new(client, "split:110", Duration::from_millis(500));
-        let body = s.read_retr(30).await.unwrap().unwrap();
-        assert_eq!(body, b"Subject: a\r\n\r\n.dot\r\nx\r\n", "split at {split}");
+        let body = s.retr_read(1, 30, u64::MAX).await.unwrap();
+        assert_eq!(
+            body,
+            Retrieved::Body(b"Subject: a\r\n\r\n.dot\r\nx\r\n".to_vec()),
+            "split at {split}"
+        );
         assert!(matches!(
             s.read_reply("next").await.unwrap(),
             wire::Reply::Ok(_)

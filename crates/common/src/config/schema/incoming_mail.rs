@@ -45,6 +45,10 @@ pub struct IncomingMail {
     pub start_from: StartFrom,
     /// Messages fetched per batch.
     pub batch_size: u32,
+    /// Bytes of message bodies a mailbox's worker holds at most: a batch
+    /// is fetched in windows of at most this many bytes (by the server's
+    /// sizes); a single larger message goes alone.
+    pub max_in_flight_bytes: u64,
     /// IMAP: time allowed for one command's answer, or for the next part
     /// of a long one (a FETCH counts progress, not the whole reply).
     pub command_timeout: Duration,
@@ -222,6 +226,9 @@ pub enum StartFrom {
 /// the broker takes messages that large.
 pub const EXCHANGE_MAX_MESSAGE_BYTES: u64 = 35 << 20;
 
+/// `max-in-flight-bytes` by default: 64 MiB of bodies per mailbox worker.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u64 = 64 << 20;
+
 /// One `[[incoming-mail]]` table; `broker_max` is `[amqp]
 /// broker-max-message-bytes`, which caps the default `max-message-bytes`.
 pub(super) fn parse(
@@ -253,6 +260,7 @@ pub(super) fn parse(
             "idle",
             "start-from",
             "batch-size",
+            "max-in-flight-bytes",
             "command-timeout",
             "idle-renew",
         ],
@@ -436,6 +444,14 @@ pub(super) fn parse(
     );
     let idle = w.boolean(t, path, "idle", true);
     let batch_size = w.int_in(t, path, "batch-size", 1, 10_000, 200) as u32;
+    let max_in_flight_bytes = w.int_in(
+        t,
+        path,
+        "max-in-flight-bytes",
+        1 << 20,
+        1 << 36,
+        DEFAULT_MAX_IN_FLIGHT_BYTES,
+    );
     let command_timeout = w.secs(t, path, "command-timeout", 1, 3_600, 60);
     // Below the 29 minutes of RFC 2177 and Exchange Online's IDLE limit.
     let idle_renew = w.secs(t, path, "idle-renew", 5, 1_740, 300);
@@ -456,6 +472,7 @@ pub(super) fn parse(
         idle,
         start_from,
         batch_size,
+        max_in_flight_bytes,
         command_timeout,
         idle_renew,
     })
