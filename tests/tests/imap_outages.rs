@@ -270,3 +270,79 @@ async fn token_expired_between_sessions_is_refreshed_and_the_next_session_succee
     assert_eq!(got[0].body, second);
     stop(shutdown, task).await;
 }
+
+/// A mail table for `fx`'s mailbox through `relay`.
+fn table_via(fx: &Fixture, relay: &Relay, name: &str, extra: &str) -> String {
+    let port = relay.addr.port();
+    fx.mail_table_for(name, &fx.mailbox, port, "imaps", extra)
+}
+
+/// Issue 12: a connection that goes silent mid-FETCH (the relay stops
+/// forwarding after 1 MiB, both ways, and keeps the socket open) ends on
+/// the default `command-timeout`; the fetcher reconnects and every one of
+/// 3,000 mails arrives within 3 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_mid_fetch_times_out_and_every_mail_arrives() {
+    let fx = Fixture::new("stallf");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let seeded = seed(&fx, "sf", 3000);
+    let relay = Relay::start(fx.env.mail_addr("IMAPS")).await;
+    relay.stall_after(1 << 20);
+    let (config, _) = fx.config(&[table_via(&fx, &relay, "sf", "")]);
+    let (shutdown, task) = start(config);
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    while got.len() < seeded.len() && tokio::time::Instant::now() < deadline {
+        for e in support::drain(&channel, &fx.queue(), 3000, Duration::from_secs(2)).await {
+            got.insert(e.body);
+        }
+    }
+    assert_eq!(relay.stalls(), 1, "the connection stalled mid-mailbox");
+    assert!(
+        got == seeded,
+        "{} of 3000 mails arrived within 3 minutes of a stalled FETCH",
+        got.intersection(&seeded).count()
+    );
+    stop(shutdown, task).await;
+}
+
+/// Issue 12: a connection that goes silent during IDLE: with
+/// `idle-renew = 15` and `command-timeout = 10` the IDLE is ended, the
+/// unanswered DONE times out, and a mail that arrived after the stall is
+/// published within 60 s on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_goes_silent_during_idle_is_renewed_and_new_mail_arrives() {
+    let fx = Fixture::new("stalli");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let relay = Relay::start(fx.env.mail_addr("IMAPS")).await;
+    let extra = "idle-renew = 15\ncommand-timeout = 10";
+    let (config, _) = fx.config(&[table_via(&fx, &relay, "si", extra)]);
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "si").await;
+    let first = maildir::message(&fx.prefix, 1, 600, false);
+    support::append(&fx.env, &fx.mailbox, "INBOX", &first).await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "the first mail is published");
+    // Flagged: the pass is over and the session goes back to IDLE.
+    let flagged = support::eventually(Duration::from_secs(20), || async {
+        support::flags(&fx.env, &fx.mailbox, "INBOX")
+            .await
+            .values()
+            .all(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(flagged, "the first mail was not flagged");
+
+    relay.stall();
+    let second = maildir::message(&fx.prefix, 2, 600, false);
+    support::append(&fx.env, &fx.mailbox, "INBOX", &second).await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        got.iter().map(|e| &e.body).collect::<Vec<_>>(),
+        vec![&second],
+        "the mail after the stall is published within 60 s"
+    );
+    stop(shutdown, task).await;
+}
