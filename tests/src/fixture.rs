@@ -255,17 +255,13 @@ allow-insecure = true
     /// A relay in front of RabbitMQ (cut it to take RabbitMQ "down" for
     /// this test alone), and the AMQP URL through it.
     pub async fn amqp_relay(&self) -> (crate::relay::Relay, common::secret::SecretUrl) {
-        let mut url: url::Url = self.env.amqp_url().parse().expect("amqp url");
-        let target = format!(
-            "{}:{}",
-            url.host_str().expect("host"),
-            url.port().expect("port")
-        )
-        .parse()
-        .expect("loopback address");
-        let relay = crate::relay::Relay::start(target).await;
-        url.set_port(Some(relay.addr.port())).expect("port");
-        (relay, common::secret::SecretUrl::new(url.to_string()))
+        relay_to(self.env.amqp_url()).await
+    }
+
+    /// A relay in front of Redis (stall or cut it for this test alone), and
+    /// the Redis URL through it.
+    pub async fn redis_relay(&self) -> (crate::relay::Relay, common::secret::SecretUrl) {
+        relay_to(self.env.redis_url()).await
     }
 
     /// Files in the mailbox's Maildir (`new` + `cur`): the maildrop's size.
@@ -277,6 +273,21 @@ allow-insecure = true
     pub fn maildrop_len_of(&self, mailbox: &str) -> usize {
         crate::maildir::len(&self.env, mailbox)
     }
+}
+
+/// A relay to the server of `url`, and `url` through it.
+async fn relay_to(url: &str) -> (crate::relay::Relay, common::secret::SecretUrl) {
+    let mut url: url::Url = url.parse().expect("server url");
+    let target = format!(
+        "{}:{}",
+        url.host_str().expect("host"),
+        url.port().expect("port")
+    )
+    .parse()
+    .expect("loopback address");
+    let relay = crate::relay::Relay::start(target).await;
+    url.set_port(Some(relay.addr.port())).expect("port");
+    (relay, common::secret::SecretUrl::new(url.to_string()))
 }
 
 /// Cancels `shutdown` and waits up to `within` for `task`, a component

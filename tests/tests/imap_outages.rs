@@ -346,3 +346,69 @@ async fn a_connection_that_goes_silent_during_idle_is_renewed_and_new_mail_arriv
     );
     stop(shutdown, task).await;
 }
+
+/// Issue 12, §7a: a replica whose lease renewal is held up past its
+/// time-to-live (its Redis went silent) changes nothing in the mailbox after
+/// the deadline, even when the confirms of the batch it had in flight come
+/// in afterwards; once Redis answers again it takes the lease back and
+/// finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_lease_renewal_is_held_past_its_ttl_flags_nothing_after_the_deadline() {
+    let rabbit = PrivateRabbit::start().await;
+    let fx = Fixture::new("fence");
+    fx.plant_token().await;
+    let (redis, redis_via_relay) = fx.redis_relay().await;
+    let (mut config, _) = fx.config(&[fx.mail_table("fc", &fx.mailbox, "idle = false")]);
+    config.redis.url = redis_via_relay;
+    let channel = rabbit.channel_with_topology(&mut config.amqp).await;
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "fc").await;
+
+    // A batch in flight whose confirms are held back (a resource alarm).
+    rabbit.set_disk_alarm().await;
+    let seeded = seed(&fx, "fc", 30);
+    let blocked = support::eventually(Duration::from_secs(20), || async {
+        rabbit
+            .connection_states()
+            .await
+            .iter()
+            .any(|s| s == "blocked")
+    })
+    .await;
+    assert!(blocked, "the batch is not in flight");
+
+    // Redis goes silent: no renewal answers. The last one was sent before
+    // this, so the lease's deadline is at most one TTL away.
+    let stalled_at = std::time::Instant::now();
+    redis.stall();
+    let past_deadline = stalled_at + support::options().lease_ttl + Duration::from_secs(1);
+    tokio::time::sleep_until(past_deadline.into()).await; // the fault's timeline
+
+    // The confirms may come now, after the deadline (the session was cut
+    // off, so some or all of the batch may be lost with its channel): the
+    // replica must not act on any of them.
+    rabbit.clear_disk_alarm().await;
+    let got = support::drain(&channel, &fx.queue(), 30, Duration::from_secs(10)).await;
+    let flagged_late = support::eventually(Duration::from_secs(5), || async {
+        support::flags(&fx.env, &fx.mailbox, "INBOX")
+            .await
+            .values()
+            .any(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(!flagged_late, "mail flagged after the lease deadline");
+
+    // Redis answers again: the lease is taken back and every mail is
+    // flagged (handed over again, at most once more each).
+    redis.cut();
+    let seen = support::eventually(Duration::from_secs(60), || async {
+        let f = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+        f.len() == 30 && f.values().all(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(seen, "the replica did not recover once Redis answered");
+    let again = support::drain(&channel, &fx.queue(), 30, Duration::from_secs(10)).await;
+    let bodies: BTreeSet<Vec<u8>> = got.iter().chain(&again).map(|e| e.body.clone()).collect();
+    assert!(bodies == seeded, "every mail handed over");
+    stop(shutdown, task).await;
+}

@@ -117,7 +117,7 @@ pub fn redis_rules(role: Role, prefix: &str) -> Option<String> {
             agents.clone(),
             channel.clone(),
             format!(
-                "+ping +get +set +setex +del +pexpire +hgetall +hset {extra}+zadd +zrem +zremrangebyscore +zcard +evalsha +eval +script|load +publish"
+                "+ping +get +set +setex +del +pexpire +pttl +hgetall +hset {extra}+zadd +zrem +zremrangebyscore +zcard +evalsha +eval +script|load +publish"
             ),
         ]
         .join(" ")

@@ -17,9 +17,11 @@ impl Worker<'_> {
         action: &AfterFetch,
         caps: Caps,
     ) -> Result<()> {
-        if uids.is_empty() {
+        if uids.is_empty() || matches!(action, AfterFetch::Keep) {
             return Ok(());
         }
+        // Only while this replica still holds the lease (§7a).
+        self.mb.fence().await?;
         let set = uid_set(uids);
         match action {
             AfterFetch::Keep => Ok(()),

@@ -85,6 +85,11 @@ impl Worker<'_> {
                     ..Default::default()
                 },
             };
+            if cp.is_none() && cfg.start_from == StartFrom::Now && top > 0 {
+                // A first start, or Redis lost the checkpoint: the two look
+                // alike, so say what is skipped (docs/operations.md).
+                tracing::warn!(config = %name, up_to_uid = top, "start-from now: existing messages recorded, not fetched");
+            }
             checkpoint::save(&mut redis, &kit.keys, name, &kit.instance, &new).await?;
             cp = Some(new);
         }

@@ -129,7 +129,9 @@ impl Worker<'_> {
         if let Some(present) = &plan.init {
             let skipped: Vec<String> = present.iter().map(|u| uidls::skipped(u)).collect();
             set.add(&skipped).await?;
-            tracing::info!(config = %name, skipped = present.len(), "start-from now: existing messages recorded, not fetched");
+            // A first start, or Redis lost the UIDL set: the two look alike,
+            // so say what is skipped (docs/operations.md).
+            tracing::warn!(config = %name, skipped = present.len(), "start-from now: existing messages recorded, not fetched");
             s.quit().await?;
             return Ok(0);
         }
@@ -156,7 +158,7 @@ impl Worker<'_> {
             publisher.close().await;
             handed_over = outcome?;
         }
-        s.quit().await?;
+        self.commit(&mut s, !deleted.is_empty()).await?;
         if delete {
             shared
                 .metrics
@@ -315,10 +317,21 @@ impl Worker<'_> {
         if let Some(e) = failure {
             let abandoned = publisher.abandon();
             tracing::warn!(config = %self.mb.cfg.name, abandoned, error = %e, "publishing failed; unconfirmed messages stay on the server");
-            s.quit().await?;
+            self.commit(s, !deleted.is_empty()).await?;
             return Err(FetchError::from(e).into());
         }
         Ok(total)
+    }
+
+    /// QUIT, which commits the session's DELEs (`deletes`): only while this
+    /// replica still holds the lease (§7a). Otherwise the session is dropped
+    /// without QUIT, so the server deletes nothing; the UIDLs are recorded
+    /// as handed over, and whoever holds the lease next deletes them.
+    async fn commit(&self, s: &mut Session<Transport>, deletes: bool) -> Result<()> {
+        if deletes {
+            self.mb.fence().await?;
+        }
+        s.quit().await
     }
 
     /// For the confirmed messages: record their UIDLs, then DELE them; they

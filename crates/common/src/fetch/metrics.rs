@@ -14,6 +14,7 @@
 //! | `fetcher_idle_reconnects_total` | config | IDLE ended by BYE or an error (IMAP) |
 //! | `fetcher_lease_changes_total` | change | acquired, lost, rebalanced, released |
 //! | `fetcher_leases_held` | — | mail configs this replica owns |
+//! | `fetcher_lease_fenced_total` | config | sessions cut off / mailbox changes refused as the lease ran out |
 //! | `fetcher_poll_seconds` | config | one pass over the mailbox (IMAP) / one poll session (POP3) |
 //! | `fetcher_fetch_batch_seconds` | config | fetching and publishing one batch |
 //! | `fetcher_confirm_seconds` | — | publish → confirm latency |
@@ -47,6 +48,9 @@ pub struct FetchMetrics {
     pub idle_reconnects: IntCounterVec,
     /// Lease changes by kind (acquired, lost, rebalanced, released).
     pub lease_changes: IntCounterVec,
+    /// Sessions cut off or changes to the mailbox refused because the lease
+    /// was running out or gone, by mail config.
+    pub fenced: IntCounterVec,
     /// Leases held now.
     pub leases_held: IntGauge,
     /// One pass (IMAP) or poll session (POP3), by mail config.
@@ -119,6 +123,11 @@ impl FetchMetrics {
                 "fetcher_lease_changes_total",
                 "Lease changes by kind",
                 &["change"],
+            ),
+            fenced: counter(
+                "fetcher_lease_fenced_total",
+                "Sessions cut off or mailbox changes refused because the lease ran out",
+                &["config"],
             ),
             leases_held,
             poll_seconds: histogram(

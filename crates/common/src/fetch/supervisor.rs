@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::error::Failure;
-use super::lease::{LeaseChange, LeaseHolder, Leases};
+use super::lease::{LeaseChange, LeaseClock, LeaseHolder, Leases};
 use super::metrics::FetchMetrics;
 use super::options::Options;
 use super::publish::AmqpLink;
@@ -189,7 +189,7 @@ impl<P> Workers<P> {
 }
 
 impl<P: Protocol> LeaseHolder for Workers<P> {
-    async fn start(&mut self, config: &str) {
+    async fn start(&mut self, config: &str, clock: LeaseClock) {
         let Some(cfg) = self.kit.config.mail_config(config).cloned() else {
             return;
         };
@@ -197,7 +197,7 @@ impl<P: Protocol> LeaseHolder for Workers<P> {
             old.task.abort();
         }
         let graceful = CancellationToken::new();
-        let mailbox = Mailbox::new(Arc::clone(&self.kit), cfg, graceful.clone());
+        let mailbox = Mailbox::new(Arc::clone(&self.kit), cfg, graceful.clone(), clock);
         let task = tokio::spawn(worker::run(Arc::clone(&self.protocol), mailbox));
         self.running
             .insert(config.to_string(), Running { graceful, task });

@@ -13,6 +13,10 @@
 //!   ([`Failure::needs_human`]) wait on a slower schedule, never less than
 //!   8 × the initial wait, and are logged as errors; a successful pass
 //!   resets both.
+//! - **Lease:** a session is cut off once its lease's local deadline is
+//!   within the margin with no renewal (a stalled Redis, a paused process),
+//!   and the next starts only when a renewal came through; every change to
+//!   the mailbox is preceded by [`Mailbox::fence`].
 //! - **Tokens:** a refused token is counted, reported to the token broker
 //!   (a forced refresh of exactly that token) and replaced within
 //!   `token-wait` — or not, when a graceful stop comes first
@@ -25,6 +29,7 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Failure, FetchError};
+use super::lease::{self, LeaseClock};
 use super::metrics::FetchMetrics;
 use super::options::Options;
 use super::publish::AmqpLink;
@@ -72,6 +77,8 @@ pub struct Mailbox {
     pub app: String,
     /// Cancelled when the worker should finish its batch and stop.
     pub graceful: CancellationToken,
+    /// The local deadline of the lease this work runs under.
+    pub lease: LeaseClock,
     retry: Mutex<Retry>,
 }
 
@@ -82,8 +89,13 @@ struct Retry {
 }
 
 impl Mailbox {
-    /// The worker state of `cfg`.
-    pub fn new(kit: Arc<Kit>, cfg: IncomingMail, graceful: CancellationToken) -> Self {
+    /// The worker state of `cfg`, working under the lease `clock`.
+    pub fn new(
+        kit: Arc<Kit>,
+        cfg: IncomingMail,
+        graceful: CancellationToken,
+        lease: LeaseClock,
+    ) -> Self {
         let o = &kit.options;
         let slow = slow_start(o.backoff_initial);
         let retry = Retry {
@@ -95,6 +107,7 @@ impl Mailbox {
             kit,
             cfg,
             graceful,
+            lease,
             retry: Mutex::new(retry),
         }
     }
@@ -102,6 +115,27 @@ impl Mailbox {
     /// True once a graceful stop was asked for.
     pub fn stopping(&self) -> bool {
         self.graceful.is_cancelled()
+    }
+
+    /// Call before every change to the mailbox (flags, moves, deletes, a
+    /// POP3 QUIT that commits DELEs): `Err(LeaseLost)` unless this replica
+    /// still holds the lease with more than the margin left, locally and in
+    /// Redis ([`lease::fence`]).
+    pub async fn fence(&self) -> Result<(), FetchError> {
+        let kit = &self.kit;
+        let mut redis = kit.redis.clone();
+        let name = &self.cfg.name;
+        match lease::fence(&mut redis, &kit.keys, name, &kit.instance, &self.lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                kit.metrics.fenced.with_label_values(&[name]).inc();
+                Err(FetchError::LeaseLost(name.clone()))
+            }
+            Err(source) => Err(FetchError::Redis {
+                action: "check the lease",
+                source,
+            }),
+        }
     }
 
     /// The profile's current token from Redis.
@@ -210,13 +244,30 @@ impl Mailbox {
 pub(crate) async fn run<P: Protocol>(protocol: Arc<P>, mailbox: Mailbox) {
     let name = mailbox.cfg.name.clone();
     while !mailbox.stopping() {
-        let wait = match protocol.session(&mailbox).await {
-            Ok(()) => mailbox.cfg.poll_interval,
-            Err(e) if e.lease_lost() => {
+        if !mailbox.lease.valid() {
+            tokio::select! {
+                _ = mailbox.graceful.cancelled() => break,
+                _ = mailbox.lease.renewed() => {}
+            }
+        }
+        let session = tokio::select! {
+            r = protocol.session(&mailbox) => Some(r),
+            _ = mailbox.lease.running_out() => None,
+        };
+        let wait = match session {
+            Some(Ok(())) => mailbox.cfg.poll_interval,
+            Some(Err(e)) if e.lease_lost() => {
                 tracing::warn!(config = %name, error = %e, "lease lost while working; stopping");
                 break;
             }
-            Err(e) => mailbox.failed(&e),
+            Some(Err(e)) => mailbox.failed(&e),
+            None => {
+                // Cut off before the lease could expire: nothing after this
+                // point changes the mailbox. Unconfirmed mail stays as it is.
+                tracing::warn!(config = %name, "lease deadline near without a renewal; session cut off");
+                mailbox.kit.metrics.fenced.with_label_values(&[&name]).inc();
+                Duration::ZERO
+            }
         };
         tokio::select! {
             _ = mailbox.graceful.cancelled() => break,
