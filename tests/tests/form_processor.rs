@@ -681,6 +681,98 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
     p.stop().await.unwrap();
 }
 
+/// Two copies of one rejected mail in the dead-letter queue (two
+/// processors took copies of it at once and each dead-lettered its own):
+/// `dead-letters list` names one failure, and its replay takes every copy
+/// out of the dead-letter queue, so the mail comes back once, not twice.
+#[tokio::test]
+async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let store = h.store().await;
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let p = h.start(Default::default());
+    let failures = wait_failures(&store, 1, WAIT).await;
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f[0].dead_lettered.then_some(())
+    })
+    .await;
+    // The other processor's copy, as it dead-lettered it.
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        common::envelope::headers::REASON.into(),
+        lapin::types::AMQPValue::LongString("no-workbook".into()),
+    );
+    let copy = lapin::BasicProperties::default()
+        .with_message_id(e.dedupe_key.clone().into())
+        .with_headers(headers);
+    h.channel
+        .basic_publish(
+            "",
+            &h.topology.dead_queue,
+            Default::default(),
+            &e.body,
+            copy,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for("two copies waiting", WAIT, || async {
+        let n = common::topology::queue_depth(&h.channel, &h.topology.dead_queue)
+            .await
+            .ok()?;
+        (n == 2).then_some(())
+    })
+    .await;
+    let cli = h.config_path_for(common::Component::Cli);
+    let mailagent = |args: &[&str]| {
+        let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+            .arg("--config")
+            .arg(&cli)
+            .args(args)
+            .output()
+            .expect("run mailagent");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = mailagent(&["dead-letters", "list"]);
+    assert!(
+        listed.contains("1 failure(s); 2 message(s) waiting"),
+        "{listed}"
+    );
+    // The processor stopped, so the queues show what the replay did.
+    p.stop().await.unwrap();
+    let id = failures[0].id.to_string();
+    let replayed = mailagent(&["dead-letters", "replay", &id]);
+    assert!(replayed.contains("1 more copy"), "{replayed}");
+    let dead_left = common::topology::queue_depth(&h.channel, &h.topology.dead_queue)
+        .await
+        .unwrap();
+    assert_eq!(
+        dead_left, 0,
+        "a copy of the replayed mail stayed dead-lettered"
+    );
+    assert_eq!(h.queue_depth().await, 1, "the mail went back once");
+    // Processed afresh once: rejected again, one new dead letter.
+    let p = h.start(Default::default());
+    let dead = wait_for("the new dead letter", WAIT, || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        dead,
+        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
+    );
+    p.stop().await.unwrap();
+}
+
 /// For each `$run`, two tests running it against each record store, named
 /// `$sqlite` and `$postgres` (spelled out, so a test is found by its name).
 macro_rules! both_stores {

@@ -144,8 +144,25 @@ async fn replay(
             }
         }
         m.acker.ack(BasicAckOptions::default()).await?;
+        // Two copies of one rejected mail processed at once may both have
+        // been dead-lettered: the rest of that dedupe key's copies go too,
+        // since the replay stands for them all.
+        let mut copies = 0;
+        while let Some(other) = channel
+            .basic_get(&topology.dead_queue, BasicGetOptions::default())
+            .await?
+        {
+            if other.properties.message_id().as_ref().map(|s| s.as_str()) == Some(key.as_str()) {
+                other.acker.ack(BasicAckOptions::default()).await?;
+                copies += 1;
+            }
+        }
+        let copies = match copies {
+            0 => String::new(),
+            n => format!("; {n} more copy(ies) of the same mail removed"),
+        };
         println!(
-            "replayed failure #{id} ({reason}) into {}",
+            "replayed failure #{id} ({reason}) into {}{copies}",
             topology.create_queue
         );
         return Ok(());
