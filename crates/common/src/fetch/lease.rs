@@ -113,6 +113,11 @@ impl LeaseClock {
         self.margin
     }
 
+    /// True once the lease loop gave the lease up (released or lost).
+    pub fn given_up(&self) -> bool {
+        self.deadline.has_changed().is_err()
+    }
+
     /// True while more than the margin is left.
     pub fn valid(&self) -> bool {
         Instant::now() + self.margin < self.deadline()

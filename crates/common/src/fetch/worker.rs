@@ -257,10 +257,14 @@ pub(crate) async fn run<P: Protocol>(protocol: Arc<P>, mailbox: Mailbox) {
         let wait = match session {
             Some(Ok(())) => mailbox.cfg.poll_interval,
             Some(Err(e)) if e.lease_lost() => {
-                tracing::warn!(config = %name, error = %e, "lease lost while working; stopping");
-                break;
+                // Fenced: the lease is running out or another replica holds
+                // it. The lease loop stops this worker when the renewal
+                // fails; if the renewal comes through, work goes on.
+                tracing::warn!(config = %name, error = %e, "lease not held for this change; session ended");
+                mailbox.kit.options.lease_ttl / 3
             }
             Some(Err(e)) => mailbox.failed(&e),
+            None if mailbox.lease.given_up() => break,
             None => {
                 // Cut off before the lease could expire: nothing after this
                 // point changes the mailbox. Unconfirmed mail stays as it is.
