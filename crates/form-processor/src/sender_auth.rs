@@ -452,13 +452,15 @@ mod tests {
         }
     }
 
+    /// (name, trace from the top, trusted ids, From addresses, passes?)
+    type Case<'a> = (&'a str, Vec<TraceHeader>, &'a Vec<String>, &'a str, bool);
+
     #[test]
     fn sender_authentication_table() {
         let exo = ids(&["exchange-online"]);
         let mx = ids(&["mx.contoso.com"]);
         let both = ids(&["mx.contoso.com", "Exchange-Online"]);
-        // (name, trace, trusted ids, From, pass?)
-        let cases: Vec<(&str, Vec<TraceHeader>, &Vec<String>, &str, bool)> = vec![
+        let cases: Vec<Case<'_>> = vec![
             (
                 "genuine Exchange Online pass, internal hops above",
                 vec![Received, Received, ar(EXO_PASS), Received],
