@@ -1,17 +1,18 @@
 //! The subject router and the trust checks: `SubjectMatcher::from_subject`,
-//! `route::find_topic`, `route::sender_allowed`, `route::authenticated_by`
-//! and `route::admit`.
+//! `route::find_topic`, `route::sender_allowed`, `sender_auth::parse`,
+//! `sender_auth::authenticate` and `route::admit`.
 //!
 //! Input: text lines — the topic's configured subject (exact or `/regex/`),
 //! its senders (comma-separated), the trusted authserv-ids
 //! (comma-separated), the mail's subject, its From addresses
-//! (comma-separated), its Sender, then one `Authentication-Results` value a
-//! line.
+//! (comma-separated), its Sender, then the trace headers from the top, one
+//! a line: an empty line is a `Received`, any other line an
+//! `Authentication-Results` value.
 #![no_main]
 
 use common::config::{SubjectMatcher, Topic};
-use form_processor::mime::Mail;
-use form_processor::route;
+use form_processor::mime::{Mail, TraceHeader};
+use form_processor::{route, sender_auth};
 use libfuzzer_sys::fuzz_target;
 
 fn list(line: &str) -> Vec<String> {
@@ -49,15 +50,23 @@ fuzz_target!(|data: &[u8]| {
         subject: mail_subject,
         from,
         sender: (!sender.is_empty()).then(|| sender.to_string()),
-        auth_results: lines.map(str::to_string).collect(),
+        trace: lines
+            .map(|l| match l {
+                "" => TraceHeader::Received,
+                v => TraceHeader::AuthenticationResults(v.to_string()),
+            })
+            .collect(),
         ..Mail::default()
     };
     let topic = route::find_topic(&topics, &mail.subject);
     for address in mail.from.iter().chain(mail.sender.iter()) {
         let _ = route::sender_allowed(&topics[0].senders, address);
     }
-    for header in &mail.auth_results {
-        let _ = route::authenticated_by(header, &trusted);
+    for header in &mail.trace {
+        if let TraceHeader::AuthenticationResults(v) = header {
+            let _ = sender_auth::parse(v);
+        }
     }
+    let _ = sender_auth::authenticate(&mail.trace, &mail.from, &trusted);
     let _ = route::admit(topic, &trusted, &mail);
 });

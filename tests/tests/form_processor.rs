@@ -363,6 +363,82 @@ async fn authenticated_sender_from_a_trusted_server_is_accepted() {
     p.stop().await.unwrap();
 }
 
+/// Exchange Online's verdict on mail from contoso.com that passed every check.
+const EXO_PASS: &str = "Authentication-Results: spf=pass (sender IP is 40.107.22.54)\r\n smtp.mailfrom=contoso.com; dkim=pass (signature was verified)\r\n header.d=contoso.com;dmarc=pass action=none\r\n header.from=contoso.com;compauth=pass reason=100";
+
+/// Exchange Online's hops above its verdict, and the hop from the sender
+/// below it (with the Received-SPF line Exchange writes in between).
+fn exchange_trace(verdict: &str, sender_ip: &str, below: &[&str]) -> Vec<String> {
+    let mut h = vec![
+        "Received: from AM4PEPF00027A5F.eurprd04.prod.outlook.com (2603:10a6:208:c0::35)\r\n by AS8PR04MB8165.eurprd04.prod.outlook.com with HTTPS; Fri, 1 Mar 2024 10:00:03 +0000".to_string(),
+        "Received: from AM0PR02CA0131.eurprd02.prod.outlook.com (2603:10a6:20b:28c::28)\r\n by AM4PEPF00027A5F.outlook.office365.com (2603:10a6:208:c0::35) with Microsoft\r\n SMTP Server (version=TLS1_2, cipher=TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384) id\r\n 15.20.7339.20 via Frontend Transport; Fri, 1 Mar 2024 10:00:02 +0000".to_string(),
+        verdict.to_string(),
+        format!("Received-SPF: Pass (protection.outlook.com: domain of contoso.com designates\r\n {sender_ip} as permitted sender) receiver=protection.outlook.com;\r\n client-ip={sender_ip}; helo=mail.example.net; pr=C"),
+        format!("Received: from mail.example.net ({sender_ip}) by\r\n AM0PR02CA0131.mail.protection.outlook.com (10.167.16.73) with Microsoft SMTP\r\n Server (version=TLS1_2, cipher=TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384) id\r\n 15.20.7339.20 via Frontend Transport; Fri, 1 Mar 2024 10:00:01 +0000"),
+    ];
+    h.extend(below.iter().map(|s| s.to_string()));
+    h
+}
+
+#[tokio::test]
+async fn a_pass_forged_below_exchanges_header_is_rejected_and_the_genuine_one_creates_a_record() {
+    let h = Harness::new(
+        StoreKind::Sqlite,
+        &["trusted-authserv-ids = [\"exchange-online\"]"],
+    )
+    .await;
+    let p = h.start(Default::default());
+    // Exchange saw an SPF pass for the attacker's own envelope domain only;
+    // the attacker wrote a perfect verdict of their own, below Exchange's
+    // Received from them.
+    let spoofed = exchange_trace(
+        "Authentication-Results: spf=pass (sender IP is 203.0.113.7)\r\n smtp.mailfrom=mailer.evil.example; dkim=none (message not signed)\r\n header.d=none;dmarc=none action=none header.from=contoso.com;compauth=softpass\r\n reason=201",
+        "203.0.113.7",
+        &[
+            EXO_PASS,
+            "Received: from [10.0.0.5] by mailer.evil.example; Fri, 1 Mar 2024 10:00:00 +0000",
+        ],
+    );
+    let spoofed: Vec<&str> = spoofed.iter().map(String::as_str).collect();
+    let e = envelope(good_lease(SECURE_SUBJECT, "ann@contoso.com", &spoofed));
+    h.publish(&e).await;
+    let store = h.store().await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures[0].reason, "unauthenticated-sender");
+    assert!(
+        failures[0]
+            .detail
+            .contains("exchange-online: spf=pass smtp.mailfrom=mailer.evil.example"),
+        "{}",
+        failures[0].detail
+    );
+    let dead = wait_for("the dead letter", WAIT, || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        dead,
+        vec![("unauthenticated-sender".to_string(), e.dedupe_key.clone())]
+    );
+
+    let genuine = exchange_trace(EXO_PASS, "40.107.22.54", &[]);
+    let genuine: Vec<&str> = genuine.iter().map(String::as_str).collect();
+    h.publish(&envelope(good_lease(
+        SECURE_SUBJECT,
+        "ann@contoso.com",
+        &genuine,
+    )))
+    .await;
+    let records = wait_records(&store, 1, WAIT).await;
+    assert_eq!(
+        records[0].topic.as_deref(),
+        Some(format!("/^{SECURE_SUBJECT}$/").as_str())
+    );
+    assert_eq!(store.failures().await.unwrap().len(), 1);
+    p.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_message_that_panics_processing_is_dead_lettered_after_the_delivery_limit() {
     let h = Harness::new(StoreKind::Sqlite, &["delivery-limit = 3"]).await;

@@ -7,7 +7,8 @@
 //!
 //! - [`consumer`]: one delivery from dedupe check to ack;
 //! - [`analyze`]: the pure checks — [`mime`] parsing, [`route`] (topic,
-//!   sender, authentication), [`workbook`] (guard rails, typed cells) and
+//!   sender, and [`sender_auth`] for the authentication check),
+//!   [`workbook`] (guard rails, typed cells) and
 //!   [`objectmap`] (the `Tririga Object Map` interpreter);
 //! - [`store`]: the SQLite/PostgreSQL record store;
 //! - [`deadletter`]: confirmed publishes to the dead-letter exchange.
@@ -20,6 +21,7 @@ pub mod mime;
 pub mod objectmap;
 pub mod reject;
 pub mod route;
+pub mod sender_auth;
 pub mod store;
 pub mod value;
 pub mod workbook;

@@ -1,6 +1,7 @@
 //! The mail itself (§6): parsed with mail-parser within nesting and part
-//! limits, reduced to what the CREATE action needs — subject, senders,
-//! `Authentication-Results`, and the `.xlsx` attachments.
+//! limits, reduced to what the CREATE action needs — subject, senders, the
+//! trace headers (`Received`, `Authentication-Results`) in order, and the
+//! `.xlsx` attachments.
 
 use mail_parser::{Message, MessageParser, MimeHeaders, PartType};
 
@@ -27,6 +28,17 @@ pub struct Attachment {
     pub bytes: Vec<u8>,
 }
 
+/// A top-level trace header, as [`crate::sender_auth`] needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceHeader {
+    /// A `Received` header (its content is not needed, only its position).
+    Received,
+    /// An `Authentication-Results` value, whitespace runs folded to one
+    /// space. (`ARC-Authentication-Results` and
+    /// `Authentication-Results-Original` are not kept.)
+    AuthenticationResults(String),
+}
+
 /// What the processor needs from a mail.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mail {
@@ -40,8 +52,9 @@ pub struct Mail {
     pub message_id: Option<String>,
     /// The Date header, seconds since the epoch.
     pub date: Option<i64>,
-    /// Raw values of every top-level `Authentication-Results` header.
-    pub auth_results: Vec<String>,
+    /// The top-level `Received` and `Authentication-Results` headers, in
+    /// order from the top.
+    pub trace: Vec<TraceHeader>,
     /// The `.xlsx` attachments.
     pub workbooks: Vec<Attachment>,
 }
@@ -127,10 +140,19 @@ pub fn parse_mail(raw: &[u8], limits: &MimeLimits) -> Checked<Mail> {
         )
     })?;
     let workbooks = walk(&message, limits)?;
-    let auth_results = message
+    let trace = message
         .headers_raw()
-        .filter(|(name, _)| name.eq_ignore_ascii_case("Authentication-Results"))
-        .map(|(_, value)| value.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter_map(|(name, value)| {
+            if name.eq_ignore_ascii_case("Received") {
+                Some(TraceHeader::Received)
+            } else if name.eq_ignore_ascii_case("Authentication-Results") {
+                Some(TraceHeader::AuthenticationResults(
+                    value.split_whitespace().collect::<Vec<_>>().join(" "),
+                ))
+            } else {
+                None
+            }
+        })
         .collect();
     Ok(Mail {
         subject: message.subject().unwrap_or_default().trim().to_string(),
@@ -138,7 +160,7 @@ pub fn parse_mail(raw: &[u8], limits: &MimeLimits) -> Checked<Mail> {
         sender: address_list(message.sender()).into_iter().next(),
         message_id: message.message_id().map(str::to_string),
         date: message.date().map(|d| d.to_timestamp()),
-        auth_results,
+        trace,
         workbooks,
     })
 }
@@ -168,7 +190,7 @@ mod tests {
 
     #[test]
     fn reads_headers_senders_and_the_workbook() {
-        let raw = b"From: \"Ann\" <Ann@Contoso.com>\r\nSender: ops@contoso.com\r\nSubject:  Lease Abstract Form \r\nMessage-ID: <m1@x>\r\nDate: Fri, 01 Mar 2024 10:00:00 +0000\r\nAuthentication-Results: mx.contoso.com;\r\n spf=pass smtp.mailfrom=contoso.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/octet-stream; name=\"Form.XLSX\"\r\nContent-Disposition: attachment; filename=\"Form.XLSX\"\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsDBA==\r\n--x--\r\n";
+        let raw = b"Received: from a by b; Fri, 01 Mar 2024 10:00:02 +0000\r\nAuthentication-Results: spf=pass (sender IP is 192.0.2.1)\r\n smtp.mailfrom=contoso.com;dmarc=pass action=none header.from=contoso.com\r\nARC-Authentication-Results: i=1; mx.microsoft.com 1; spf=pass\r\nReceived: from c by a; Fri, 01 Mar 2024 10:00:01 +0000\r\nFrom: \"Ann\" <Ann@Contoso.com>\r\nSender: ops@contoso.com\r\nSubject:  Lease Abstract Form \r\nMessage-ID: <m1@x>\r\nDate: Fri, 01 Mar 2024 10:00:00 +0000\r\nAuthentication-Results: mx.contoso.com;\r\n spf=pass smtp.mailfrom=contoso.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--x\r\nContent-Type: application/octet-stream; name=\"Form.XLSX\"\r\nContent-Disposition: attachment; filename=\"Form.XLSX\"\r\nContent-Transfer-Encoding: base64\r\n\r\nUEsDBA==\r\n--x--\r\n";
         let mail = parse_mail(raw, &LIMITS).unwrap();
         assert_eq!(mail.subject, "Lease Abstract Form");
         assert_eq!(mail.from, vec!["ann@contoso.com".to_string()]);
@@ -176,8 +198,17 @@ mod tests {
         assert_eq!(mail.message_id.as_deref(), Some("m1@x"));
         assert_eq!(mail.date, Some(1_709_287_200));
         assert_eq!(
-            mail.auth_results,
-            vec!["mx.contoso.com; spf=pass smtp.mailfrom=contoso.com".to_string()]
+            mail.trace,
+            vec![
+                TraceHeader::Received,
+                TraceHeader::AuthenticationResults(
+                    "spf=pass (sender IP is 192.0.2.1) smtp.mailfrom=contoso.com;dmarc=pass action=none header.from=contoso.com".into()
+                ),
+                TraceHeader::Received,
+                TraceHeader::AuthenticationResults(
+                    "mx.contoso.com; spf=pass smtp.mailfrom=contoso.com".into()
+                ),
+            ]
         );
         assert_eq!(mail.workbooks.len(), 1);
         assert_eq!(mail.workbooks[0].bytes, b"PK\x03\x04");

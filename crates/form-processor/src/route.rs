@@ -1,10 +1,13 @@
 //! Routing and trust (§6): which topic a subject names, whether the sender
-//! may submit it, and whether a trusted server authenticated the sender.
+//! may submit it, and whether a trusted server authenticated the sender
+//! ([`crate::sender_auth`]).
 
 use common::config::Topic;
+use tracing::debug;
 
 use crate::mime::Mail;
 use crate::reject::{Checked, Reason, Rejection};
+use crate::sender_auth;
 
 /// The first topic whose subject matches (case-insensitive exact, or regex).
 pub fn find_topic<'a>(topics: &'a [Topic], subject: &str) -> Option<&'a Topic> {
@@ -25,45 +28,6 @@ pub fn sender_allowed(allow: &[String], address: &str) -> bool {
         } else {
             entry == address
         }
-    })
-}
-
-/// Removes RFC 5322 comments (`(…)`, possibly nested) from a header value.
-fn strip_comments(s: &str) -> String {
-    let mut depth = 0u32;
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '(' => depth += 1,
-            ')' if depth > 0 => depth -= 1,
-            _ if depth == 0 => out.push(c),
-            _ => {}
-        }
-    }
-    out
-}
-
-/// True when one `Authentication-Results` value (RFC 8601) comes from a
-/// trusted authserv-id and reports `dmarc=pass` or `spf=pass`.
-pub fn authenticated_by(header: &str, trusted: &[String]) -> bool {
-    let value = strip_comments(header);
-    let mut sections = value.split(';');
-    let Some(id) = sections.next().and_then(|s| s.split_whitespace().next()) else {
-        return false;
-    };
-    if !trusted.iter().any(|t| t.eq_ignore_ascii_case(id)) {
-        return false;
-    }
-    sections.any(|resinfo| {
-        let Some(first) = resinfo.split_whitespace().next() else {
-            return false;
-        };
-        let Some((method, result)) = first.split_once('=') else {
-            return false;
-        };
-        let method = method.trim().to_ascii_lowercase();
-        let method = method.split('/').next().unwrap_or_default();
-        (method == "dmarc" || method == "spf") && result.trim().eq_ignore_ascii_case("pass")
     })
 }
 
@@ -90,16 +54,11 @@ pub fn admit<'a>(topic: Option<&'a Topic>, trusted: &[String], mail: &Mail) -> C
             ));
         }
     }
-    if topic.require_authenticated_sender
-        && !mail
-            .auth_results
-            .iter()
-            .any(|h| authenticated_by(h, trusted))
-    {
-        return Err(Rejection::new(
-            Reason::UnauthenticatedSender,
-            "no Authentication-Results from a trusted server reports dmarc=pass or spf=pass",
-        ));
+    if topic.require_authenticated_sender {
+        match sender_auth::authenticate(&mail.trace, &mail.from, trusted) {
+            Ok(pass) => debug!(by = %pass.by, how = %pass.how, "sender authenticated"),
+            Err(why) => return Err(Rejection::new(Reason::UnauthenticatedSender, why)),
+        }
     }
     Ok(topic)
 }
@@ -107,6 +66,7 @@ pub fn admit<'a>(topic: Option<&'a Topic>, trusted: &[String], mail: &Mail) -> C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mime::TraceHeader;
     use common::config::SubjectMatcher;
 
     fn topic(subject: &str, matcher: SubjectMatcher, senders: &[&str], auth: bool) -> Topic {
@@ -141,30 +101,6 @@ mod tests {
     }
 
     #[test]
-    fn authentication_results_table() {
-        let trusted = vec!["mx.contoso.com".to_string()];
-        let cases = [
-            ("mx.contoso.com; spf=pass smtp.mailfrom=contoso.com", true),
-            (
-                "MX.Contoso.com 1; dkim=fail; dmarc=pass action=none header.from=contoso.com",
-                true,
-            ),
-            ("mx.contoso.com; spf=fail; dmarc=fail", false),
-            (
-                "mx.contoso.com; spf=softfail (sender says spf=pass) smtp.mailfrom=x",
-                false,
-            ),
-            ("evil.example; spf=pass", false),
-            ("mx.contoso.com (comment); dmarc=pass", true),
-            ("mx.contoso.com; none", false),
-            ("", false),
-        ];
-        for (header, want) in cases {
-            assert_eq!(authenticated_by(header, &trusted), want, "{header}");
-        }
-    }
-
-    #[test]
     fn routing_checks_topic_sender_and_authentication() {
         let topics = vec![
             topic(
@@ -188,7 +124,10 @@ mod tests {
             subject: subject.into(),
             from: vec![from.into()],
             sender: sender.map(str::to_string),
-            auth_results: auth.iter().map(|s| s.to_string()).collect(),
+            trace: auth
+                .iter()
+                .map(|s| TraceHeader::AuthenticationResults(s.to_string()))
+                .collect(),
             ..Default::default()
         };
         let ok = route(
@@ -224,6 +163,15 @@ mod tests {
                 mail("PAY-12", "a@contoso.com", None, &["evil; spf=pass"]),
                 Reason::UnauthenticatedSender,
             ),
+            (
+                mail(
+                    "PAY-12",
+                    "a@contoso.com",
+                    None,
+                    &["mx.contoso.com; spf=pass smtp.mailfrom=evil.com"],
+                ),
+                Reason::UnauthenticatedSender,
+            ),
         ];
         for (m, want) in cases {
             assert_eq!(
@@ -239,7 +187,7 @@ mod tests {
                 "PAY-12",
                 "a@contoso.com",
                 None,
-                &["mx.contoso.com; spf=pass"]
+                &["mx.contoso.com; spf=pass smtp.mailfrom=contoso.com"]
             )
         )
         .is_ok());

@@ -17,7 +17,10 @@ pub struct FormProcessorConfig {
     pub prefetch: u16,
     /// Deliveries of one dedupe key before it is dead-lettered unprocessed.
     pub delivery_limit: u32,
-    /// authserv-ids whose `Authentication-Results` are trusted.
+    /// Whose `Authentication-Results` headers `require-authenticated-sender`
+    /// believes: authserv-ids (RFC 8601) of the receiving side, and/or
+    /// `exchange-online` for Exchange Online's id-less header (trusted by its
+    /// position above the `Received` from the sender).
     pub trusted_authserv_ids: Vec<String>,
     /// Largest accepted workbook attachment, bytes.
     pub max_workbook_bytes: u64,
@@ -102,11 +105,28 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> FormProcessorConfig {
             SqliteSynchronous::Full
         }
     };
+    let trusted_authserv_ids = w.string_list(t, p, "trusted-authserv-ids");
+    for (i, id) in trusted_authserv_ids.iter().enumerate() {
+        // An authserv-id is an RFC 2045 token (in practice a host name).
+        if id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "()<>@,;:\\\"/[]?=".contains(c))
+        {
+            w.err(
+                format!("{p}.trusted-authserv-ids[{i}]"),
+                format!(
+                    "{id:?} is not an authserv-id: expected the receiving server's host name as it \
+                     opens its Authentication-Results headers (e.g. \"mx.contoso.com\"), or \
+                     \"exchange-online\""
+                ),
+            );
+        }
+    }
     FormProcessorConfig {
         store,
         prefetch: w.int_in(t, p, "prefetch", 1, 65535, 64) as u16,
         delivery_limit: w.int_in(t, p, "delivery-limit", 1, 1000, 5) as u32,
-        trusted_authserv_ids: w.string_list(t, p, "trusted-authserv-ids"),
+        trusted_authserv_ids,
         max_workbook_bytes: w.int_in(t, p, "max-workbook-bytes", 1024, 1 << 34, 10 << 20),
         max_decompressed_bytes: w.int_in(t, p, "max-decompressed-bytes", 1024, 1 << 36, 100 << 20),
         max_sheets: w.int_in(t, p, "max-sheets", 1, 10_000, 64) as u32,

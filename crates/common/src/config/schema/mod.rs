@@ -103,6 +103,22 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         }
     }
 
+    if form_processor.trusted_authserv_ids.is_empty() {
+        // Nothing would be trusted: every mail of such a topic is rejected.
+        for (i, t) in topics.iter().enumerate() {
+            if t.require_authenticated_sender {
+                w.err(
+                    format!(
+                        "{}[{i}].require-authenticated-sender",
+                        Section::Topics.key()
+                    ),
+                    "needs [form-processor] trusted-authserv-ids: list the receiving server's \
+                     authserv-id, or \"exchange-online\" for an Exchange Online mailbox",
+                );
+            }
+        }
+    }
+
     if w.errors.is_empty() {
         Ok(Config {
             redis,
@@ -181,6 +197,46 @@ mod tests {
         for (toml, want) in cases {
             let toml = format!("{toml}\n[token-broker]\ntoken-encryption = \"none\"\n");
             assert_eq!(errors(&toml), [want], "{toml}");
+        }
+    }
+
+    #[test]
+    fn trusted_authserv_ids_are_validated_and_needed_by_authenticated_topics() {
+        let toml = |ids: &str, auth: bool| {
+            format!(
+                "[token-broker]\ntoken-encryption = \"none\"\n[form-processor]\n{ids}\n\
+                 [[topics]]\nsubject = \"s\"\nmodule = \"m\"\nbusiness-object = \"b\"\n\
+                 senders = [\"*\"]\nrequire-authenticated-sender = {auth}\n"
+            )
+        };
+        let needs = "topics[0].require-authenticated-sender: needs [form-processor] \
+                     trusted-authserv-ids: list the receiving server's authserv-id, or \
+                     \"exchange-online\" for an Exchange Online mailbox";
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (toml("", false), vec![]),
+            (toml("", true), vec![needs]),
+            (toml("trusted-authserv-ids = []", true), vec![needs]),
+            (
+                toml("trusted-authserv-ids = [\"exchange-online\"]", true),
+                vec![],
+            ),
+            (
+                toml(
+                    "trusted-authserv-ids = [\"mx.contoso.com\", \"Exchange-Online\"]",
+                    true,
+                ),
+                vec![],
+            ),
+            (
+                toml(
+                    "trusted-authserv-ids = [\"mx.contoso.com; spf=pass\"]",
+                    true,
+                ),
+                vec!["form-processor.trusted-authserv-ids[0]: \"mx.contoso.com; spf=pass\" is not an authserv-id: expected the receiving server's host name as it opens its Authentication-Results headers (e.g. \"mx.contoso.com\"), or \"exchange-online\""],
+            ),
+        ];
+        for (toml, want) in cases {
+            assert_eq!(errors(&toml), want, "{toml}");
         }
     }
 

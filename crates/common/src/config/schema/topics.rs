@@ -26,7 +26,8 @@ pub struct Topic {
     pub unique: Vec<String>,
     /// Allowed senders: addresses, `@domain`, or `*`.
     pub senders: Vec<String>,
-    /// Require `dmarc=pass` or `spf=pass` from a trusted authserv-id.
+    /// Require the receiving side to have authenticated the From domain
+    /// (`form_processor::sender_auth`; `[form-processor] trusted-authserv-ids`).
     pub require_authenticated_sender: bool,
 }
 
