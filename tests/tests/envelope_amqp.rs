@@ -24,8 +24,9 @@ async fn connect(env: &Endpoints) -> Connection {
         .expect("connect to RabbitMQ")
 }
 
-#[tokio::test]
-async fn envelope_round_trips_through_a_real_queue() {
+/// A connection, a channel and a fresh classic topology under its own
+/// prefix.
+async fn classic_topology() -> (Connection, lapin::Channel, common::topology::Topology) {
     let env = Endpoints::load();
     let conn = connect(&env).await;
     let channel = conn.create_channel().await.unwrap();
@@ -33,6 +34,12 @@ async fn envelope_round_trips_through_a_real_queue() {
     let topo = common::topology::declare(&channel, &config, false)
         .await
         .unwrap();
+    (conn, channel, topo)
+}
+
+#[tokio::test]
+async fn envelope_round_trips_through_a_real_queue() {
+    let (_conn, channel, topo) = classic_topology().await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -145,13 +152,7 @@ async fn topology_declares_idempotently_for_both_queue_types() {
 #[tokio::test]
 async fn a_publisher_holds_at_most_its_byte_limit_unconfirmed() {
     use common::fetch::publish::Publisher;
-    let env = Endpoints::load();
-    let conn = connect(&env).await;
-    let channel = conn.create_channel().await.unwrap();
-    let config = amqp_config(&env, &unique("t"), QueueType::Classic);
-    let topo = common::topology::declare(&channel, &config, false)
-        .await
-        .unwrap();
+    let (conn, _channel, topo) = classic_topology().await;
     let limit: u64 = 3 << 20;
     let mut publisher: Publisher<usize> = Publisher::open(&conn, &topo.exchange, 256, limit)
         .await

@@ -691,6 +691,39 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
     p.stop().await.unwrap();
 }
 
+/// A mail without a workbook, published, rejected and marked
+/// dead-lettered by a processor that keeps running: the envelope, its
+/// stored failure and the processor.
+async fn a_dead_lettered_rejection(
+    h: &Harness,
+    store: &form_processor::store::Store,
+) -> (
+    common::envelope::Envelope,
+    form_processor::store::StoredFailure,
+    Processor,
+) {
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let p = h.start(Default::default());
+    let failures = wait_failures(store, 1, WAIT).await;
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f[0].dead_lettered.then_some(())
+    })
+    .await;
+    (e, failures[0].clone(), p)
+}
+
+/// Runs `mailagent ARGS` with the harness's CLI config.
+fn mailagent(h: &Harness, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+        .arg("--config")
+        .arg(h.config_path_for(common::Component::Cli))
+        .args(args)
+        .output()
+        .expect("run mailagent")
+}
+
 /// `mailagent dead-letters replay` with the CREATE queue's binding removed:
 /// the replay reaches no queue, the command fails, and the dead-letter copy
 /// and the failure stay. With the binding back, the replay is processed
@@ -701,16 +734,8 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
     let store = h.store().await;
     // A mail without a workbook: replayed, it is rejected again, which
     // shows that the replay was processed afresh.
-    let e = envelope(with_attachments(&[]));
-    h.publish(&e).await;
-    let p = h.start(Default::default());
-    let failures = wait_failures(&store, 1, WAIT).await;
-    wait_for("the failure marked", WAIT, || async {
-        let f = store.failures().await.ok()?;
-        f[0].dead_lettered.then_some(())
-    })
-    .await;
-    let id = failures[0].id.to_string();
+    let (e, failure, p) = a_dead_lettered_rejection(&h, &store).await;
+    let id = failure.id.to_string();
     h.channel
         .queue_unbind(
             &h.topology.create_queue,
@@ -720,15 +745,7 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
         )
         .await
         .expect("unbind");
-    let cli = h.config_path_for(common::Component::Cli);
-    let replay = || {
-        std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
-            .arg("--config")
-            .arg(&cli)
-            .args(["dead-letters", "replay", &id])
-            .output()
-            .expect("run mailagent")
-    };
+    let replay = || mailagent(&h, &["dead-letters", "replay", &id]);
     let out = replay();
     assert!(!out.status.success(), "the replay reached no queue");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -765,15 +782,7 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
 async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
     let h = Harness::new(StoreKind::Sqlite, &[]).await;
     let store = h.store().await;
-    let e = envelope(with_attachments(&[]));
-    h.publish(&e).await;
-    let p = h.start(Default::default());
-    let failures = wait_failures(&store, 1, WAIT).await;
-    wait_for("the failure marked", WAIT, || async {
-        let f = store.failures().await.ok()?;
-        f[0].dead_lettered.then_some(())
-    })
-    .await;
+    let (e, failure, p) = a_dead_lettered_rejection(&h, &store).await;
     // The other processor's copy, as it dead-lettered it.
     let mut headers = lapin::types::FieldTable::default();
     headers.insert(
@@ -802,14 +811,8 @@ async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
         (n == 2).then_some(())
     })
     .await;
-    let cli = h.config_path_for(common::Component::Cli);
-    let mailagent = |args: &[&str]| {
-        let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
-            .arg("--config")
-            .arg(&cli)
-            .args(args)
-            .output()
-            .expect("run mailagent");
+    let ok = |args: &[&str]| {
+        let out = mailagent(&h, args);
         assert!(
             out.status.success(),
             "{}",
@@ -817,15 +820,15 @@ async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let listed = mailagent(&["dead-letters", "list"]);
+    let listed = ok(&["dead-letters", "list"]);
     assert!(
         listed.contains("1 failure(s); 2 message(s) waiting"),
         "{listed}"
     );
     // The processor stopped, so the queues show what the replay did.
     p.stop().await.unwrap();
-    let id = failures[0].id.to_string();
-    let replayed = mailagent(&["dead-letters", "replay", &id]);
+    let id = failure.id.to_string();
+    let replayed = ok(&["dead-letters", "replay", &id]);
     assert!(replayed.contains("1 more copy"), "{replayed}");
     let dead_left = common::topology::queue_depth(&h.channel, &h.topology.dead_queue)
         .await

@@ -25,6 +25,19 @@ async fn wait_started(fx: &Fixture, config: &str) {
     assert!(up, "the fetcher did not start on {config}");
 }
 
+/// True once `rabbit` holds a publisher's connection blocked (it stops
+/// reading from publishers under a resource alarm), within 20 s.
+async fn publisher_blocked(rabbit: &PrivateRabbit) -> bool {
+    support::eventually(Duration::from_secs(20), || async {
+        rabbit
+            .connection_states()
+            .await
+            .iter()
+            .any(|s| s == "blocked")
+    })
+    .await
+}
+
 fn start(config: common::Config) -> (CancellationToken, JoinHandle<()>) {
     support::start(config, support::options())
 }
@@ -102,14 +115,7 @@ async fn while_publishers_are_blocked_by_a_resource_alarm_nothing_is_flagged_the
     let seeded = seed(&fx, "al", 50);
     // The fetcher fetched and published: RabbitMQ holds its connection
     // blocked (it stops reading from publishers under an alarm).
-    let blocked = support::eventually(Duration::from_secs(20), || async {
-        rabbit
-            .connection_states()
-            .await
-            .iter()
-            .any(|s| s == "blocked")
-    })
-    .await;
+    let blocked = publisher_blocked(&rabbit).await;
     assert!(
         blocked,
         "no blocked publisher: {:?}",
@@ -367,14 +373,7 @@ async fn a_replica_whose_lease_renewal_is_held_past_its_ttl_flags_nothing_after_
     // A batch in flight whose confirms are held back (a resource alarm).
     rabbit.set_disk_alarm().await;
     let seeded = seed(&fx, "fc", 30);
-    let blocked = support::eventually(Duration::from_secs(20), || async {
-        rabbit
-            .connection_states()
-            .await
-            .iter()
-            .any(|s| s == "blocked")
-    })
-    .await;
+    let blocked = publisher_blocked(&rabbit).await;
     assert!(blocked, "the batch is not in flight");
 
     // Redis goes silent: no renewal answers. The last one was sent before
