@@ -147,12 +147,7 @@ async fn rejected_with(kind: StoreKind, extra: &[&str], raw: Vec<u8>, reason: &s
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert_eq!(failures[0].reason, reason, "{}", failures[0].detail);
     assert_eq!(failures[0].source.dedupe_key, e.dedupe_key);
-    let dead = wait_for("the dead letter", WAIT, || async {
-        let d = h.drain_dead().await;
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
-    assert_eq!(dead, vec![(reason.to_string(), e.dedupe_key.clone())]);
+    expect_one_dead_letter(&h, "the dead letter", WAIT, reason, &e.dedupe_key).await;
     assert!(p.running(), "the processor still runs");
     // And it still works.
     let good = mail(
@@ -412,15 +407,14 @@ async fn a_pass_forged_below_exchanges_header_is_rejected_and_the_genuine_one_cr
         "{}",
         failures[0].detail
     );
-    let dead = wait_for("the dead letter", WAIT, || async {
-        let d = h.drain_dead().await;
-        (!d.is_empty()).then_some(d)
-    })
+    expect_one_dead_letter(
+        &h,
+        "the dead letter",
+        WAIT,
+        "unauthenticated-sender",
+        &e.dedupe_key,
+    )
     .await;
-    assert_eq!(
-        dead,
-        vec![("unauthenticated-sender".to_string(), e.dedupe_key.clone())]
-    );
 
     let genuine = exchange_trace(EXO_PASS, "40.107.22.54", &[]);
     let genuine: Vec<&str> = genuine.iter().map(String::as_str).collect();
@@ -671,15 +665,14 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
     common::topology::declare(&h.channel, &h.config.amqp, false)
         .await
         .expect("declare the topology again");
-    let dead = wait_for("the dead letter", Duration::from_secs(60), || async {
-        let d = h.drain_dead().await;
-        (!d.is_empty()).then_some(d)
-    })
+    expect_one_dead_letter(
+        &h,
+        "the dead letter",
+        Duration::from_secs(60),
+        "no-workbook",
+        &e.dedupe_key,
+    )
     .await;
-    assert_eq!(
-        dead,
-        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
-    );
     wait_for("the failure marked", WAIT, || async {
         let f = store.failures().await.ok()?;
         f[0].dead_lettered.then_some(())
@@ -689,6 +682,23 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
     p.stop().await.unwrap();
+}
+
+/// Waits up to `within` for what reaches the dead-letter queue and checks
+/// it is exactly one message, of `reason` and dedupe key `key`.
+async fn expect_one_dead_letter(
+    h: &Harness,
+    what: &str,
+    within: Duration,
+    reason: &str,
+    key: &str,
+) {
+    let dead = wait_for(what, within, || async {
+        let d = h.drain_dead().await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead, vec![(reason.to_string(), key.to_string())]);
 }
 
 /// A mail without a workbook, published, rejected and marked
@@ -762,15 +772,14 @@ async fn a_replay_that_reaches_no_queue_keeps_the_dead_letter_copy() {
     );
     // Processed afresh: rejected again (no workbook), dead-lettered again;
     // the old copy was consumed by the replay.
-    let dead = wait_for("the new dead letter", WAIT, || async {
-        let d = h.drain_dead().await;
-        (!d.is_empty()).then_some(d)
-    })
+    expect_one_dead_letter(
+        &h,
+        "the new dead letter",
+        WAIT,
+        "no-workbook",
+        &e.dedupe_key,
+    )
     .await;
-    assert_eq!(
-        dead,
-        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
-    );
     p.stop().await.unwrap();
 }
 
@@ -840,15 +849,14 @@ async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
     assert_eq!(h.queue_depth().await, 1, "the mail went back once");
     // Processed afresh once: rejected again, one new dead letter.
     let p = h.start(Default::default());
-    let dead = wait_for("the new dead letter", WAIT, || async {
-        let d = h.drain_dead().await;
-        (!d.is_empty()).then_some(d)
-    })
+    expect_one_dead_letter(
+        &h,
+        "the new dead letter",
+        WAIT,
+        "no-workbook",
+        &e.dedupe_key,
+    )
     .await;
-    assert_eq!(
-        dead,
-        vec![("no-workbook".to_string(), e.dedupe_key.clone())]
-    );
     p.stop().await.unwrap();
 }
 
