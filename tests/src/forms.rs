@@ -323,6 +323,12 @@ pub type ExtraConfig<'a> = &'a [&'a str];
 impl Harness {
     /// A fresh world; `extra` lines go into `[form-processor]`.
     pub async fn new(kind: StoreKind, extra: ExtraConfig<'_>) -> Self {
+        Self::with_amqp(kind, extra, &[]).await
+    }
+
+    /// A fresh world; `extra` lines go into `[form-processor]`, `amqp`
+    /// lines into `[amqp]` (a quorum topology, say).
+    pub async fn with_amqp(kind: StoreKind, extra: ExtraConfig<'_>, amqp: &[&str]) -> Self {
         let env = Endpoints::load();
         let dir = tempfile::tempdir().unwrap();
         let prefix = unique("fp");
@@ -350,6 +356,9 @@ impl Harness {
             );
         for line in form_processor_settings(extra) {
             cfg.section_line("form-processor", &line);
+        }
+        for line in amqp {
+            cfg.section_line("amqp", line);
         }
         let path = cfg.path_for(Component::FormProcessor);
         let config = cfg.load(Component::FormProcessor);

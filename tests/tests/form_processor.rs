@@ -860,6 +860,56 @@ async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
     p.stop().await.unwrap();
 }
 
+/// On quorum queues (`queue-type = "quorum"`, here with `[amqp]
+/// delivery-limit = 1` on the dead-letter queue too), a replay looks at
+/// the dead letters ahead of its own without counting a delivery for
+/// them: it puts them back instead of returning them unacked. Returned,
+/// each would be dropped by RabbitMQ after two replays that passed over it.
+#[tokio::test]
+async fn replays_on_quorum_queues_never_use_up_the_other_dead_letters_deliveries() {
+    let h = Harness::with_amqp(
+        StoreKind::Sqlite,
+        &[],
+        &["queue-type = \"quorum\"", "delivery-limit = 1"],
+    )
+    .await;
+    let store = h.store().await;
+    let mails: Vec<_> = (0..4).map(|_| envelope(with_attachments(&[]))).collect();
+    for e in &mails {
+        h.publish(e).await;
+    }
+    let p = h.start(Default::default());
+    wait_for("four dead letters", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        (f.len() == 4 && f.iter().all(|f| f.dead_lettered)).then_some(())
+    })
+    .await;
+    p.stop().await.unwrap();
+    let failures = store.failures().await.unwrap();
+    // Replay them one by one, the last one last: each earlier replay passed
+    // over it.
+    let last = &mails[3].dedupe_key;
+    let mut order: Vec<_> = failures
+        .iter()
+        .filter(|f| &f.source.dedupe_key != last)
+        .collect();
+    order.extend(failures.iter().filter(|f| &f.source.dedupe_key == last));
+    for (before, f) in order.into_iter().enumerate() {
+        let out = mailagent(&h, &["dead-letters", "replay", &f.id.to_string()]);
+        assert!(
+            out.status.success(),
+            "replay of #{} ({before} replayed before it): {}",
+            f.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(h.queue_depth().await, 4, "every mail went back");
+    let dead_left = common::topology::queue_depth(&h.channel, &h.topology.dead_queue)
+        .await
+        .unwrap();
+    assert_eq!(dead_left, 0);
+}
+
 /// For each `$run`, two tests running it against each record store, named
 /// `$sqlite` and `$postgres` (spelled out, so a test is found by its name).
 macro_rules! both_stores {

@@ -89,8 +89,10 @@ pub fn amqp_permissions(role: Role, prefix: &str) -> AmqpPermissions {
         Role::ImapFetcher | Role::PopFetcher => (none(), only("incoming"), none()),
         // Consumes its queue; publishes rejected mail to the dead-letter exchange.
         Role::FormProcessor => (none(), only("dead"), only("create")),
-        // Lists and replays dead letters: reads the dead queue, republishes.
-        Role::Cli => (none(), only("incoming"), only("dead")),
+        // Lists and replays dead letters: reads the dead queue, republishes
+        // the replayed one and puts the others back through the dead-letter
+        // exchange.
+        Role::Cli => (none(), only("(incoming|dead)"), only("dead")),
     };
     AmqpPermissions {
         configure,

@@ -96,6 +96,14 @@ async fn replay(
         .find(|f| f.id == id)
         .ok_or_else(|| anyhow!("no failure #{id}"))?;
     let key = failure.source.dedupe_key.clone();
+    let publisher = common::topology::confirming_channel(conn).await?;
+    let mut replayed: Option<String> = None;
+    let mut copies = 0;
+    // Each message of the queue is looked at once. One that is not this
+    // mail is put back (published again to the dead-letter exchange,
+    // confirmed, then the original acked) instead of being returned
+    // unacked: on a quorum queue a return counts as a delivery, and past
+    // the queue's delivery limit RabbitMQ drops a dead letter.
     for _ in 0..depth {
         let Some(m) = channel
             .basic_get(&topology.dead_queue, BasicGetOptions::default())
@@ -103,7 +111,17 @@ async fn replay(
         else {
             break;
         };
-        if m.properties.message_id().as_ref().map(|s| s.as_str()) != Some(key.as_str()) {
+        let same = m.properties.message_id().as_ref().map(|s| s.as_str()) == Some(key.as_str());
+        if same && replayed.is_some() {
+            // Two copies of one rejected mail processed at once may both
+            // have been dead-lettered: the replay stands for them all.
+            m.acker.ack(BasicAckOptions::default()).await?;
+            copies += 1;
+            continue;
+        }
+        if !same {
+            put_back(&publisher, topology, &m).await?;
+            m.acker.ack(BasicAckOptions::default()).await?;
             continue;
         }
         let reason = header_text(&m.properties, REASON);
@@ -117,58 +135,92 @@ async fn replay(
         // Published first (mandatory, confirmed); the failure is forgotten
         // by the processor when the replay arrives, and the dead-letter copy
         // acked only now: a replay that reaches no queue loses nothing.
-        let publisher = common::topology::confirming_channel(conn).await?;
-        let confirm = publisher
-            .basic_publish(
-                &topology.exchange,
-                common::config::Action::Create.routing_key(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..Default::default()
-                },
-                &m.data,
-                props,
-            )
-            .await?
-            .await?;
-        let _ = publisher.close(200, "done").await;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => {}
-            Confirmation::Ack(Some(_)) => bail!(
+        let confirm = publish(
+            &publisher,
+            &topology.exchange,
+            common::config::Action::Create.routing_key(),
+            &m.data,
+            props,
+        )
+        .await?;
+        let refused = match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => None,
+            Confirmation::Ack(Some(_)) => Some(format!(
                 "the replay reached no queue (is {} bound to {} with key create?); failure #{id} stays dead-lettered",
-                topology.create_queue,
-                topology.exchange
-            ),
-            Confirmation::Nack(_) => {
-                bail!("RabbitMQ refused the replay; failure #{id} stays dead-lettered")
-            }
+                topology.create_queue, topology.exchange
+            )),
+            Confirmation::Nack(_) => Some(format!(
+                "RabbitMQ refused the replay; failure #{id} stays dead-lettered"
+            )),
+        };
+        if let Some(refused) = refused {
+            put_back(&publisher, topology, &m).await?;
+            m.acker.ack(BasicAckOptions::default()).await?;
+            let _ = publisher.close(200, "done").await;
+            bail!(refused);
         }
         m.acker.ack(BasicAckOptions::default()).await?;
-        // Two copies of one rejected mail processed at once may both have
-        // been dead-lettered: the rest of that dedupe key's copies go too,
-        // since the replay stands for them all.
-        let mut copies = 0;
-        while let Some(other) = channel
-            .basic_get(&topology.dead_queue, BasicGetOptions::default())
-            .await?
-        {
-            if other.properties.message_id().as_ref().map(|s| s.as_str()) == Some(key.as_str()) {
-                other.acker.ack(BasicAckOptions::default()).await?;
-                copies += 1;
-            }
-        }
-        let copies = match copies {
-            0 => String::new(),
-            n => format!("; {n} more copy(ies) of the same mail removed"),
-        };
-        println!(
-            "replayed failure #{id} ({reason}) into {}{copies}",
-            topology.create_queue
-        );
-        return Ok(());
+        replayed = Some(reason);
     }
-    bail!(
-        "failure #{id} has no message waiting in {}",
-        topology.dead_queue
+    let _ = publisher.close(200, "done").await;
+    let Some(reason) = replayed else {
+        bail!(
+            "failure #{id} has no message waiting in {}",
+            topology.dead_queue
+        )
+    };
+    let copies = match copies {
+        0 => String::new(),
+        n => format!("; {n} more copy(ies) of the same mail removed"),
+    };
+    println!(
+        "replayed failure #{id} ({reason}) into {}{copies}",
+        topology.create_queue
+    );
+    Ok(())
+}
+
+/// Publishes `body` to `exchange` with `routing_key`, mandatory, and waits
+/// for the confirm.
+async fn publish(
+    publisher: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: lapin::BasicProperties,
+) -> anyhow::Result<Confirmation> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    Ok(publisher
+        .basic_publish(exchange, routing_key, options, body, props)
+        .await?
+        .await?)
+}
+
+/// Puts a dead letter the replay looked at back into the dead-letter queue
+/// (through the dead-letter exchange, confirmed), unchanged: headers,
+/// `x-reason`, `x-death` and message id as they were.
+async fn put_back(
+    publisher: &lapin::Channel,
+    topology: &common::topology::Topology,
+    m: &lapin::message::BasicGetMessage,
+) -> anyhow::Result<()> {
+    let confirm = publish(
+        publisher,
+        &topology.dead_exchange,
+        "",
+        &m.data,
+        m.properties.clone(),
     )
+    .await?;
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        _ => bail!(
+            "could not put a dead letter back into {} (is it bound to {}?); nothing was removed",
+            topology.dead_queue,
+            topology.dead_exchange
+        ),
+    }
 }
