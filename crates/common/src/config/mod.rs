@@ -22,7 +22,9 @@ pub use schema::form_processor::{FormProcessorConfig, SqliteSynchronous};
 pub use schema::incoming_mail::{
     Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
 };
-pub use schema::oauth_profiles::{AccessType, ClientAuth, OAuthProfile, Provider};
+pub use schema::oauth_profiles::{
+    AccessType, AssertionAlgorithm, ClientAuth, Credential, OAuthProfile, Provider,
+};
 pub use schema::parse;
 pub use schema::redis::RedisConfig;
 pub use schema::tls::TlsConfig;
