@@ -589,7 +589,7 @@ fn verify_assertion(
         return bad(700023, "invalid_client", format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://aka.ms/certCreds. Expected audience '{token_url}', got '{}'.", claim("aud")));
     }
     if claim("iss") != client_id || claim("sub") != client_id {
-        return bad(700021, "invalid_client", format!("Client assertion application identifier doesn't match 'client_id' parameter. Review the documentation at https://aka.ms/certCreds ."));
+        return bad(700021, "invalid_client", "Client assertion application identifier doesn't match 'client_id' parameter. Review the documentation at https://aka.ms/certCreds .".to_string());
     }
     let skew = 300;
     let (nbf, exp) = (number("nbf").unwrap_or(0), number("exp"));

@@ -114,7 +114,7 @@ async fn force_refresh(
     idp: &TestIdp,
     app: &str,
     n: usize,
-) -> Vec<RecordAndState> {
+) -> Vec<RequestRecord> {
     let client = tokens(env, cfg).await;
     let current = wait_for("a token", Duration::from_secs(15), || async {
         client.current(PROFILE).await.unwrap()
@@ -133,8 +133,6 @@ async fn force_refresh(
     assert_ne!(replaced.fingerprint, current.fingerprint);
     records
 }
-
-type RecordAndState = RequestRecord;
 
 #[tokio::test]
 async fn certificate_profile_logs_into_imap_and_pop3_with_ps256_and_rs256() {
@@ -500,6 +498,9 @@ async fn credential_expiry_gauge_matches_the_certificate_and_status_shows_days_l
     );
 }
 
+/// Writes a profile's credential files; returns its credential lines.
+type ProfileBody<'a> = Box<dyn Fn(&TestConfig) -> String + 'a>;
+
 #[test]
 fn check_config_names_the_credential_key_and_exits_2() {
     let env = Endpoints::load();
@@ -507,7 +508,7 @@ fn check_config_names_the_credential_key_and_exits_2() {
     let now = common::heartbeat::now_secs() as i64;
     let expired = TestCert::with_key(&cert.key_pem, now - 86_400 * 10, now - 86_400);
     let other = TestCert::new(100);
-    let cases: Vec<(&str, Box<dyn Fn(&TestConfig) -> String>, &str)> = vec![
+    let cases: Vec<(&str, ProfileBody, &str)> = vec![
         (
             "secret and certificate",
             Box::new(|c: &TestConfig| {
