@@ -94,12 +94,19 @@ pub async fn request_token(
     request_token_with(http, profile, &presented).await
 }
 
-/// A credential that cannot be used, as a refusal: a person must act.
+/// A credential that cannot be used. An expired certificate needs a person
+/// (a refusal, retried slowly); a file that is missing, unreadable or does
+/// not match its key may be in the middle of a rotation (the certificate
+/// replaced, the key not yet), so it is retried on the transient schedule.
 pub fn credential_error(e: credential::CredentialError) -> RequestError {
-    RequestError::Rejected {
-        error: "credential".into(),
-        code: None,
-        reason: format!("cannot use the profile's credential: {e}"),
+    let reason = format!("cannot use the profile's credential: {e}");
+    match e {
+        credential::CredentialError::Expired { .. } => RequestError::Rejected {
+            error: "credential".into(),
+            code: None,
+            reason,
+        },
+        _ => RequestError::Transient(reason),
     }
 }
 
