@@ -346,3 +346,55 @@ async fn a_connection_that_goes_silent_during_idle_is_renewed_and_new_mail_arriv
     );
     stop(shutdown, task).await;
 }
+
+/// Issue 13: a session does not outlive its token. A token that lives 20 s
+/// opens an IDLE session; the broker (here: the test) stores the next token;
+/// the fetcher ends that session and opens a new one before the first token
+/// expires, and mail that arrives afterwards is published within the IDLE
+/// latency goal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_renewed_before_its_token_expires() {
+    let fx = Fixture::new("renew");
+    let short = fx.mint(Duration::from_secs(20), 0);
+    let started = std::time::Instant::now();
+    let expires = common::heartbeat::now_secs() + 20;
+    fx.tokens()
+        .await
+        .store(support::PROFILE, &short, expires)
+        .await
+        .expect("store token");
+    let channel = fx.channel().await;
+    let relay = Relay::start(fx.env.mail_addr("IMAPS")).await;
+    let (config, _) = fx.config(&[table_via(&fx, &relay, "renew", "")]);
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "renew").await;
+    assert_eq!(relay.connections(), 1, "one session so far");
+    // The broker's next token, stored well before the first one expires.
+    fx.plant_token().await;
+    let renewed = support::eventually(Duration::from_secs(20), || async {
+        relay.connections() >= 2
+    })
+    .await;
+    assert!(renewed, "no new session before the token expired");
+    let at = started.elapsed();
+    assert!(
+        at < Duration::from_secs(20),
+        "the session was renewed only after its token expired ({at:?})"
+    );
+    // Past the first token's expiry: new mail still arrives promptly.
+    let past = support::eventually(Duration::from_secs(30), || async {
+        common::heartbeat::now_secs() > expires
+    })
+    .await;
+    assert!(past);
+    let mail = maildir::message(&fx.prefix, 1, 600, false);
+    let appended = std::time::Instant::now();
+    support::append(&fx.env, &fx.mailbox, "INBOX", &mail).await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "published after the renewal");
+    eprintln!(
+        "renewed after {at:?}; mail published {:?} after APPEND",
+        appended.elapsed()
+    );
+    stop(shutdown, task).await;
+}
