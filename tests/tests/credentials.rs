@@ -637,3 +637,77 @@ async fn unopenable_stored_token_is_replaced_at_once() {
         broker.stop().await;
     }
 }
+
+/// The token key was replaced while a token sealed with the old one sits in
+/// Redis: the fetcher, which cannot open it, asks for a refresh of exactly
+/// that token; the broker (restarted with only the new key) replaces it at
+/// once, and the fetcher hands over mail within 30 s — not at the old
+/// token's expiry an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_key_change_the_fetcher_hands_over_mail_within_30_s() {
+    use futures::StreamExt;
+    use mailagent_tests::{fixture, imap_support, maildir};
+    let env = Endpoints::load();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
+    let mailbox = format!("{}@example.com", unique("keychange"));
+    env.grant(&app, &mailbox);
+    let mut cfg = TestConfig::new(&env);
+    cfg.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
+    cfg.incoming_mail(&mailagent_tests::harness::mail_table(
+        "kc",
+        &mailbox,
+        env.mail_addr("IMAPS").port(),
+        "imaps",
+        &format!("oauth-profile = \"{PROFILE}\""),
+        "",
+    ));
+    // The token the broker stored before the key file was replaced.
+    let mut before = TestConfig::with_prefix(&env, &cfg.redis_prefix);
+    before.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
+    let old = tokens(&env, &before)
+        .await
+        .store(
+            PROFILE,
+            &idp.mint(&app, Duration::from_secs(3600)),
+            common::heartbeat::now_secs() + 3500,
+        )
+        .await
+        .unwrap();
+
+    let config = cfg.load(Component::ImapFetcher);
+    let channel = fixture::channel_with_topology(env.amqp_url(), &config.amqp).await;
+    let queue = format!("{}.create", cfg.redis_prefix);
+    let mut pubsub = redis::Client::open(env.redis_url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub
+        .subscribe(Keys::new(cfg.redis_prefix.clone()).token_refresh_channel())
+        .await
+        .unwrap();
+    let (shutdown, task) = imap_support::start(config, imap_support::options());
+    let request: String = {
+        let mut messages = pubsub.on_message();
+        let msg = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("the fetcher asks for a refresh within 30 s")
+            .expect("message");
+        msg.get_payload().unwrap()
+    };
+    assert!(request.contains(&old.fingerprint), "{request}");
+
+    let restarted = std::time::Instant::now();
+    let broker = Broker::start(&cfg);
+    let mail = maildir::message(&cfg.redis_prefix, 1, 600, false);
+    imap_support::append(&env, &mailbox, "INBOX", &mail).await;
+    let got = fixture::drain(&channel, &queue, 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "mail handed over after the key change");
+    assert!(restarted.elapsed() < Duration::from_secs(30));
+    eprintln!(
+        "mail handed over {:?} after the broker restarted with the new key",
+        restarted.elapsed()
+    );
+    imap_support::stop(shutdown, task).await;
+    broker.stop().await;
+}

@@ -37,6 +37,8 @@ pub struct CredentialWatch {
     warned: Option<Instant>,
     /// The fingerprint of a stored token that could not be opened, already logged.
     unopenable: Option<String>,
+    /// The last error reading the credential, already logged.
+    unreadable: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -163,9 +165,16 @@ impl Worker {
         {
             self.watch.checked = Some(Instant::now());
             match common::credential::expiry(&self.profile) {
-                Ok(e) => self.watch.expires_at = e,
+                Ok(e) => {
+                    self.watch.expires_at = e;
+                    self.watch.unreadable = None;
+                }
                 Err(e) => {
-                    tracing::warn!(profile = %name, error = %e, "cannot read the profile's credential");
+                    let message = e.to_string();
+                    if self.watch.unreadable.as_ref() != Some(&message) {
+                        tracing::warn!(profile = %name, error = %message, "cannot read the profile's credential");
+                        self.watch.unreadable = Some(message);
+                    }
                 }
             }
         }
