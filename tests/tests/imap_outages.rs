@@ -398,3 +398,70 @@ async fn an_idle_session_is_renewed_before_its_token_expires() {
     );
     stop(shutdown, task).await;
 }
+
+/// Issue 13: the server ends the session mid-batch with a `BYE` (Dovecot's
+/// `doveadm kick` stands in for Exchange's `BYE … AccessTokenExpired`): the
+/// fetcher reconnects and every mail arrives. What was published in the
+/// batch the BYE cut short but not yet flagged is fetched again — at most
+/// one batch (`batch-size`, 200), each copy with its first delivery's dedupe
+/// key, so the form processor creates nothing twice (docs/imap-fetcher.md).
+/// Sessions renewed before token expiry avoid this cost altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bye_mid_batch_reconnects_and_every_mail_arrives_with_one_dedupe_key() {
+    let fx = Fixture::new("bye");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let seeded = seed(&fx, "by", 2000);
+    let (config, _) = fx.config(&[fx.mail_table("by", &fx.mailbox, "")]);
+    let (shutdown, task) = start(config);
+    let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+    // Mid-batch: some mail handed over, most not yet.
+    while got.len() < 50 {
+        let batch = support::drain(&channel, &fx.queue(), 50, Duration::from_secs(30)).await;
+        assert!(!batch.is_empty(), "nothing published within 30 s");
+        got.extend(batch.into_iter().map(|e| (e.dedupe_key, e.body)));
+    }
+    let conf = std::path::Path::new(&fx.env.get("MAILAGENT_TEST_DOVECOT_LOG"))
+        .with_file_name("dovecot.conf");
+    let kick = std::process::Command::new("doveadm")
+        .arg("-c")
+        .arg(&conf)
+        .args(["kick", &fx.mailbox])
+        .output()
+        .expect("run doveadm kick");
+    let kicked = String::from_utf8_lossy(&kick.stdout).to_string();
+    assert!(kicked.contains(&fx.mailbox), "kicked mid-batch: {kicked}");
+    let arrived = |got: &Vec<(String, Vec<u8>)>| {
+        got.iter()
+            .map(|(_, b)| b.clone())
+            .collect::<BTreeSet<Vec<u8>>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while arrived(&got) != seeded && tokio::time::Instant::now() < deadline {
+        for e in support::drain(&channel, &fx.queue(), 2000, Duration::from_secs(2)).await {
+            got.push((e.dedupe_key, e.body));
+        }
+    }
+    for e in support::drain(&channel, &fx.queue(), 2000, Duration::from_secs(3)).await {
+        got.push((e.dedupe_key, e.body));
+    }
+    let unique = arrived(&got);
+    assert!(
+        unique == seeded,
+        "{} of {} mails arrived",
+        unique.intersection(&seeded).count(),
+        seeded.len()
+    );
+    let again = got.len() - seeded.len();
+    assert!(
+        again <= 200,
+        "{again} mails published again: more than the batch in flight"
+    );
+    let mut keys: std::collections::HashMap<Vec<u8>, String> = Default::default();
+    for (key, body) in &got {
+        let first = keys.entry(body.clone()).or_insert_with(|| key.clone());
+        assert_eq!(first, key, "a copy with another dedupe key");
+    }
+    eprintln!("BYE mid-batch: {again} of 2000 mails published a second time (same dedupe key)");
+    stop(shutdown, task).await;
+}
