@@ -624,6 +624,19 @@ async fn unopenable_stored_token_is_replaced_at_once() {
         let old = sealer.store(PROFILE, &planted, exp).await.unwrap();
         let client = tokens(&env, &cfg).await;
         assert!(client.current(PROFILE).await.is_err(), "{case}: opens?");
+        // `mailagent status` names the key problem.
+        let path = cfg.path_for(Component::Cli);
+        let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+            .args(["status", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let expected = if case == "old key" {
+            "is not configured"
+        } else {
+            "stored in clear"
+        };
+        assert!(text.contains(expected), "{case}: {text}");
         let started = std::time::Instant::now();
         let broker = Broker::start(&cfg);
         let fresh = wait_for(
@@ -709,5 +722,40 @@ async fn after_a_key_change_the_fetcher_hands_over_mail_within_30_s() {
         restarted.elapsed()
     );
     imap_support::stop(shutdown, task).await;
+    broker.stop().await;
+}
+
+/// A certificate replaced by an expired one (still registered) is never
+/// sent: the profile is marked failing with the reason, and the token in
+/// Redis stays in use.
+#[tokio::test]
+async fn an_expired_certificate_is_not_sent_and_the_profile_says_why() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let good = TestCert::new(100);
+    let now = common::heartbeat::now_secs() as i64;
+    let expired = TestCert::with_key(&good.key_pem, now - 86_400 * 10, now - 86_400);
+    let app = idp.register_cert_app(&good.der);
+    idp.add_certificate(&app, &expired.der);
+    let mut cfg = TestConfig::new(&env);
+    fast(&mut cfg);
+    good.write(cfg.dir(), "app");
+    cert_profile(&mut cfg, &idp, &app, "");
+    let broker = Broker::start(&cfg);
+    successes(&idp, &app, 1).await;
+    expired.write(cfg.dir(), "app");
+    let client = tokens(&env, &cfg).await;
+    let current = client.current(PROFILE).await.unwrap().unwrap();
+    client.report_failure(PROFILE, &current).await.unwrap();
+    let s = wait_for("state failing", Duration::from_secs(15), || async {
+        let s = state(&env, &cfg).await;
+        (s.state == "failing").then_some(s)
+    })
+    .await;
+    let reason = s.last_error.clone().unwrap_or_default();
+    assert!(reason.contains("expired on"), "{reason}");
+    assert!(reason.contains(&expired.thumbprint()), "{reason}");
+    assert_eq!(idp.requests().len(), 1, "the expired certificate was sent");
+    assert!(client.current(PROFILE).await.unwrap().is_some());
     broker.stop().await;
 }
