@@ -759,3 +759,32 @@ async fn an_expired_certificate_is_not_sent_and_the_profile_says_why() {
     assert!(client.current(PROFILE).await.unwrap().is_some());
     broker.stop().await;
 }
+
+/// The secret file is read for each request: a wrong secret fixed in the
+/// file is used at the next attempt, without a restart, and the secret's
+/// configured expiry reaches the gauge's source (the state).
+#[tokio::test]
+async fn a_secret_file_fixed_while_running_is_used_at_the_next_attempt() {
+    let env = Endpoints::load();
+    let (idp, app, secret) = TestIdp::start_with_app(&env).await;
+    let mut cfg = TestConfig::new(&env);
+    fast(&mut cfg);
+    cfg.idp_profile(PROFILE, &idp.token_url(), &app, "not-the-secret");
+    cfg.push("application-secret-expires = \"2030-01-01\"\n");
+    let broker = Broker::start(&cfg);
+    let s = wait_for("state failing", Duration::from_secs(15), || async {
+        let s = state(&env, &cfg).await;
+        (s.state == "failing").then_some(s)
+    })
+    .await;
+    assert_eq!(s.error_code.as_deref(), Some("AADSTS7000215"));
+    replace(&cfg.dir().join(format!("{PROFILE}-secret")), &secret);
+    let s = wait_for("state ok", Duration::from_secs(15), || async {
+        let s = state(&env, &cfg).await;
+        (s.state == "ok").then_some(s)
+    })
+    .await;
+    assert_eq!(s.credential_used.as_deref(), Some("secret"));
+    assert_eq!(s.credential_expires_at, Some(1_893_456_000));
+    broker.stop().await;
+}
