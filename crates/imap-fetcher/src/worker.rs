@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::config::MailAuth;
 use common::fetch::Mailbox;
+use common::token::AccessToken;
 use futures::{Stream, StreamExt};
 
 use crate::error::{Error, Result};
@@ -73,21 +74,31 @@ impl Worker<'_> {
     /// a fresh token, so a server that ends sessions at token expiry
     /// (Exchange Online's `BYE … AccessTokenExpired`) never cuts a batch.
     pub async fn session(&self) -> Result<()> {
+        let mut previous = None;
         loop {
-            match self.one_session().await? {
-                Ended::Stopped => return Ok(()),
-                Ended::TokenDue => {
+            match self.one_session(previous.take()).await? {
+                (Ended::Stopped, _) => return Ok(()),
+                (Ended::TokenDue, fingerprint) => {
                     tracing::info!(config = %self.mb.cfg.name, "renewing the session before its token expires");
+                    previous = fingerprint;
                 }
             }
         }
     }
 
     /// One session: login, select, then pass/wait until stopped, failed,
-    /// or its token is due for renewal.
-    async fn one_session(&self) -> Result<Ended> {
+    /// or its token is due for renewal. When the broker has no newer token
+    /// than `previous` (the one the last session was renewed from), this
+    /// session is not renewed: it runs until the server ends it, rather
+    /// than logging in again and again with the same token.
+    async fn one_session(&self, previous: Option<String>) -> Result<(Ended, Option<String>)> {
         let cfg = &self.mb.cfg;
-        let (mut session, renew_at) = self.login().await?;
+        let (mut session, token) = self.login().await?;
+        let renew_at = token
+            .as_ref()
+            .filter(|t| previous.as_ref() != Some(&t.fingerprint))
+            .map(|t| renewal_due(t.expires_at));
+        let fingerprint = token.map(|t| t.fingerprint);
         let folder = utf7::encode(&cfg.folder);
         let mailbox = self.cmd("SELECT", session.select(&folder)).await?;
         let uidvalidity = mailbox.uid_validity.ok_or_else(|| {
@@ -110,10 +121,12 @@ impl Worker<'_> {
                 .await?;
             self.mb.passed(started);
             if self.mb.stopping() {
-                return logout(session).await.map(|()| Ended::Stopped);
+                return logout(session).await.map(|()| (Ended::Stopped, None));
             }
             if renew_at.is_some_and(|t| Instant::now() >= t) {
-                return logout(session).await.map(|()| Ended::TokenDue);
+                return logout(session)
+                    .await
+                    .map(|()| (Ended::TokenDue, fingerprint));
             }
             if new_mail_reported(&session) {
                 // Mail that arrived during the pass was announced then; IDLE
@@ -128,22 +141,22 @@ impl Worker<'_> {
             } else {
                 let wait = until_renewal.map_or(cfg.poll_interval, |d| d.min(cfg.poll_interval));
                 tokio::select! {
-                    _ = self.mb.graceful.cancelled() => return logout(session).await.map(|()| Ended::Stopped),
+                    _ = self.mb.graceful.cancelled() => return logout(session).await.map(|()| (Ended::Stopped, None)),
                     _ = tokio::time::sleep(wait) => {}
                 }
                 self.cmd("NOOP", session.noop()).await?;
                 session
             };
             if self.mb.stopping() {
-                return logout(session).await.map(|()| Ended::Stopped);
+                return logout(session).await.map(|()| (Ended::Stopped, None));
             }
         }
     }
 
     /// Logs in; on a refused token asks the broker for a forced refresh of
     /// that token and retries once with the replacement. With a token, also
-    /// when the session must end to renew it ([`renewal_due`]).
-    async fn login(&self) -> Result<(ImapSession, Option<Instant>)> {
+    /// the token it logged in with.
+    async fn login(&self) -> Result<(ImapSession, Option<AccessToken>)> {
         let (cfg, tls) = (&self.mb.cfg, &self.mb.kit.tls);
         match &cfg.auth {
             MailAuth::Password { password } => {
@@ -163,10 +176,10 @@ impl Worker<'_> {
                         };
                         session::open(cfg, tls, xoauth2(fresh.token.expose()))
                             .await
-                            .map(|s| (s, Some(renewal_due(fresh.expires_at))))
+                            .map(|s| (s, Some(fresh)))
                             .map_err(|e| self.refused_is_permission(e))
                     }
-                    other => other.map(|s| (s, Some(renewal_due(token.expires_at)))),
+                    other => other.map(|s| (s, Some(token))),
                 }
             }
         }
