@@ -44,7 +44,28 @@ pub struct Client {
     pub expired: bool,
     /// Roles put into its tokens.
     pub roles: Vec<String>,
+    /// Certificates registered on the app (Certificates & secrets → Certificates).
+    pub certificates: Vec<RegisteredCert>,
+    /// Federated credentials: (issuer, subject) pairs a client assertion
+    /// from a workload platform may carry.
+    pub federated: Vec<(String, String)>,
 }
+
+/// A certificate uploaded to an app registration.
+#[derive(Debug, Clone)]
+pub struct RegisteredCert {
+    /// base64url SHA-256 of the DER (`x5t#S256`).
+    pub x5t_s256: String,
+    /// base64url SHA-1 of the DER (`x5t`).
+    pub x5t: String,
+    /// The RSA public key (PKCS#1 DER).
+    pub public_key: Vec<u8>,
+    /// `notAfter`, epoch seconds.
+    pub not_after: i64,
+}
+
+/// The audience Entra ID expects in a federated (workload identity) assertion.
+pub const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 /// A canned failure for the next request(s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +90,28 @@ pub struct RequestRecord {
     pub at: Instant,
     /// HTTP status answered.
     pub status: u16,
+    /// A `client_secret` was sent.
+    pub had_secret: bool,
+    /// The `client_assertion`, when one was sent.
+    pub assertion: Option<String>,
+    /// The AADSTS code answered, when an error.
+    pub error_code: Option<u32>,
+}
+
+impl RequestRecord {
+    /// The assertion's JOSE header, decoded (not verified).
+    pub fn assertion_header(&self) -> Option<jsonwebtoken::Header> {
+        jsonwebtoken::decode_header(self.assertion.as_deref()?).ok()
+    }
+
+    /// The assertion's claims, decoded (not verified).
+    pub fn assertion_claims(&self) -> Option<serde_json::Value> {
+        let payload = self.assertion.as_deref()?.split('.').nth(1)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
 }
 
 /// Signing material and claims settings.
@@ -299,8 +342,45 @@ impl IdpState {
                 secret_id: uuid::Uuid::new_v4().to_string(),
                 expired: false,
                 roles: ROLES.iter().map(|r| r.to_string()).collect(),
+                certificates: Vec::new(),
+                federated: Vec::new(),
             },
         );
+    }
+
+    /// Registers an app that has no secret (a random one nobody knows)
+    /// and the certificate `der`; returns its id.
+    pub fn register_cert_app(&self, der: &[u8]) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.register(&id, &format!("unknown-{}", uuid::Uuid::new_v4()));
+        self.add_certificate(&id, der);
+        id
+    }
+
+    /// Uploads another certificate (DER) to an app.
+    pub fn add_certificate(&self, client_id: &str, der: &[u8]) {
+        use sha2::Digest as _;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).expect("an X.509 certificate");
+        let registered = RegisteredCert {
+            x5t_s256: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(sha2::Sha256::digest(der)),
+            x5t: {
+                use sha1::Digest as _;
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha1::Sha1::digest(der))
+            },
+            public_key: cert.public_key().subject_public_key.data.to_vec(),
+            not_after: cert.validity().not_after.timestamp(),
+        };
+        if let Some(c) = self.lock().clients.get_mut(client_id) {
+            c.certificates.push(registered);
+        }
+    }
+
+    /// Adds a federated credential (issuer, subject) to an app.
+    pub fn add_federated(&self, client_id: &str, issuer: &str, subject: &str) {
+        if let Some(c) = self.lock().clients.get_mut(client_id) {
+            c.federated.push((issuer.to_string(), subject.to_string()));
+        }
     }
 
     /// The secret *ID* of a client (for the "ID instead of Value" mistake).
@@ -372,6 +452,8 @@ struct TokenForm {
     grant_type: Option<String>,
     client_id: Option<String>,
     client_secret: Option<String>,
+    client_assertion_type: Option<String>,
+    client_assertion: Option<String>,
     scope: Option<String>,
 }
 
@@ -389,7 +471,132 @@ fn entra_error(status: StatusCode, error: &str, code: u32, description: String) 
         "correlation_id": correlation_id,
         "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
     });
-    (status, Json(body)).into_response()
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("x-test-aadsts", code.to_string().parse().expect("header"));
+    response
+}
+
+/// Verifies a client assertion as Entra ID does: a certificate assertion
+/// (`x5t#S256`/`x5t` in its header) by the signature with the registered
+/// certificate, its validity, `aud` = the token URL, `iss` = `sub` = the
+/// client id, and the time window; a federated assertion (no thumbprint)
+/// by a registered (issuer, subject) pair and [`FEDERATED_AUDIENCE`] (the
+/// platform issuer's signature is not fetched and checked here).
+#[allow(clippy::result_large_err)]
+fn verify_assertion(
+    client: &Client,
+    client_id: &str,
+    assertion: &str,
+    token_url: &str,
+) -> Result<(), Response> {
+    use jsonwebtoken::{DecodingKey, Validation};
+    let bad = |code: u32, error: &str, message: String| {
+        Err(entra_error(StatusCode::UNAUTHORIZED, error, code, message))
+    };
+    let Ok(header) = jsonwebtoken::decode_header(assertion) else {
+        return bad(
+            50027,
+            "invalid_request",
+            "JWT token is invalid or malformed.".into(),
+        );
+    };
+    let claims: serde_json::Value = match assertion
+        .split('.')
+        .nth(1)
+        .and_then(|p| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(p)
+                .ok()
+        })
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(c) => c,
+        None => {
+            return bad(
+                50027,
+                "invalid_request",
+                "JWT token is invalid or malformed.".into(),
+            )
+        }
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let claim = |k: &str| {
+        claims
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let number = |k: &str| claims.get(k).and_then(|v| v.as_i64());
+    if header.x5t_s256.is_none() && header.x5t.is_none() {
+        // Federated credential.
+        let (iss, sub) = (claim("iss"), claim("sub"));
+        if !client.federated.iter().any(|(i, s)| *i == iss && *s == sub) {
+            return bad(700213, "invalid_client", format!("No matching federated identity record found for presented assertion subject '{sub}'. Check your federated identity credential Subject, Audience and Issuer against the presented assertion."));
+        }
+        if claim("aud") != FEDERATED_AUDIENCE {
+            return bad(700212, "invalid_client", format!("No matching federated identity record found for presented assertion audience '{}'.", claim("aud")));
+        }
+        if number("exp").is_none_or(|e| e < now) {
+            return bad(
+                700024,
+                "invalid_client",
+                "Client assertion is not within its valid time range.".into(),
+            );
+        }
+        return Ok(());
+    }
+    let found = client.certificates.iter().find(|c| {
+        header.x5t_s256.as_deref() == Some(c.x5t_s256.as_str())
+            || (header.x5t_s256.is_none() && header.x5t.as_deref() == Some(c.x5t.as_str()))
+    });
+    let Some(cert) = found else {
+        return bad(700027, "invalid_client", format!("Client assertion failed signature validation. [Reason - The key was not found., Thumbprint of key used by client: '{}', Please visit the Azure Portal, Graph Explorer or directly use MS Graph to see configured keys for app Id '{client_id}'.]", header.x5t.clone().unwrap_or_default()));
+    };
+    if let (Some(s256), Some(x5t)) = (&header.x5t_s256, &header.x5t) {
+        if *s256 != cert.x5t_s256 || *x5t != cert.x5t {
+            return bad(700027, "invalid_client", "Client assertion failed signature validation. [Reason - x5t and x5t#S256 name different keys.]".into());
+        }
+    }
+    if cert.not_after < now {
+        return bad(700027, "invalid_client", format!("Client assertion contains an invalid signature. [Reason - The key used is expired., Thumbprint of key used by client: '{}']", header.x5t.clone().unwrap_or_default()));
+    }
+    if !matches!(
+        header.alg,
+        jsonwebtoken::Algorithm::PS256 | jsonwebtoken::Algorithm::RS256
+    ) {
+        return bad(700027, "invalid_client", format!("Client assertion failed signature validation. [Reason - unsupported algorithm {:?}.]", header.alg));
+    }
+    let mut validation = Validation::new(header.alg);
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    if jsonwebtoken::decode::<serde_json::Value>(
+        assertion,
+        &DecodingKey::from_rsa_der(&cert.public_key),
+        &validation,
+    )
+    .is_err()
+    {
+        return bad(700027, "invalid_client", "Client assertion contains an invalid signature. [Reason - The provided signature value did not match the expected signature value.]".into());
+    }
+    if claim("aud") != token_url {
+        return bad(700023, "invalid_client", format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://aka.ms/certCreds. Expected audience '{token_url}', got '{}'.", claim("aud")));
+    }
+    if claim("iss") != client_id || claim("sub") != client_id {
+        return bad(700021, "invalid_client", "Client assertion application identifier doesn't match 'client_id' parameter. Review the documentation at https://aka.ms/certCreds .".to_string());
+    }
+    let skew = 300;
+    let (nbf, exp) = (number("nbf").unwrap_or(0), number("exp"));
+    if exp.is_none_or(|e| e + skew < now) || nbf > now + skew {
+        return bad(700024, "invalid_client", "Client assertion is not within its valid time range. Ensure that the access token is not expired before using it.".into());
+    }
+    Ok(())
 }
 
 async fn token(
@@ -399,6 +606,11 @@ async fn token(
     form: Option<Form<TokenForm>>,
 ) -> Response {
     let Form(mut form) = form.unwrap_or_default();
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     // HTTP Basic client authentication, as RFC 6749 §2.3.1 allows.
     if let Some(basic) = headers
         .get("authorization")
@@ -438,19 +650,27 @@ async fn token(
         }
         Some(Failure::Delay(d)) => {
             tokio::time::sleep(d).await;
-            issue(&state, &tenant, &form)
+            issue(&state, &tenant, &form, &host)
         }
-        None => issue(&state, &tenant, &form),
+        None => issue(&state, &tenant, &form, &host),
     };
+    let error_code = response
+        .headers()
+        .get("x-test-aadsts")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     state.lock().requests.push(RequestRecord {
         client_id: form.client_id.clone(),
         at: Instant::now(),
         status: response.status().as_u16(),
+        had_secret: form.client_secret.is_some(),
+        assertion: form.client_assertion.clone(),
+        error_code,
     });
     response
 }
 
-fn issue(state: &IdpState, tenant: &str, form: &TokenForm) -> Response {
+fn issue(state: &IdpState, tenant: &str, form: &TokenForm, host: &str) -> Response {
     if tenant != state.signer.tenant {
         return entra_error(StatusCode::BAD_REQUEST, "invalid_request", 90002, format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."));
     }
@@ -485,14 +705,24 @@ fn issue(state: &IdpState, tenant: &str, form: &TokenForm) -> Response {
     let Some(client) = client else {
         return entra_error(StatusCode::BAD_REQUEST, "unauthorized_client", 700016, format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant. You may have sent your authentication request to the wrong tenant."));
     };
-    let Some(secret) = form.client_secret.as_deref() else {
-        return entra_error(StatusCode::BAD_REQUEST, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.".into());
-    };
-    if secret != client.secret {
-        return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000215, format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."));
-    }
-    if client.expired {
-        return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000222, format!("The provided client secret keys for app '{client_id}' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds."));
+    if let Some(assertion) = form.client_assertion.as_deref() {
+        if form.client_assertion_type.as_deref() != Some(common::credential::JWT_BEARER) {
+            return entra_error(StatusCode::BAD_REQUEST, "invalid_request", 50027, "Invalid client_assertion_type: expected urn:ietf:params:oauth:client-assertion-type:jwt-bearer.".into());
+        }
+        let token_url = format!("http://{host}/{tenant}/oauth2/v2.0/token");
+        if let Err(refusal) = verify_assertion(&client, client_id, assertion, &token_url) {
+            return refusal;
+        }
+    } else {
+        let Some(secret) = form.client_secret.as_deref() else {
+            return entra_error(StatusCode::BAD_REQUEST, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.".into());
+        };
+        if secret != client.secret {
+            return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000215, format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."));
+        }
+        if client.expired {
+            return entra_error(StatusCode::UNAUTHORIZED, "invalid_client", 7000222, format!("The provided client secret keys for app '{client_id}' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds."));
+        }
     }
     let scope = form.scope.as_deref().unwrap_or("");
     if scope.is_empty() {

@@ -23,6 +23,7 @@ pub struct Relay {
     diverted: Arc<AtomicBool>,
     generation: tokio::sync::watch::Sender<u64>,
     stall: Arc<Stall>,
+    accepted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -119,8 +120,11 @@ impl Relay {
         let (flag, divert, gen) = (Arc::clone(&up), Arc::clone(&diverted), generation.clone());
         let stalls = Arc::clone(&stall);
         let diversion: Diversion = Arc::new(diversion);
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&accepted);
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
                 if !flag.load(Ordering::SeqCst) {
                     continue; // dropped: refused while down
                 }
@@ -144,8 +148,14 @@ impl Relay {
             diverted,
             generation,
             stall,
+            accepted,
             task,
         }
+    }
+
+    /// Connections accepted so far (forwarded, diverted or refused).
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Cuts every connection and refuses new ones.

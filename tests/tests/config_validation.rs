@@ -452,10 +452,12 @@ fn environment_overrides_the_file_and_secrets_come_from_files() {
         "amqp://svc:from-file-pw@rabbit:5672/%2f"
     );
     let profile = config.profile("contoso").unwrap();
-    assert_eq!(
-        profile.application_secret.as_ref().unwrap().expose(),
-        CLIENT_SECRET
-    );
+    match &profile.credential {
+        common::config::Credential::Secret { value, .. } => {
+            assert_eq!(value.as_ref().unwrap().expose(), CLIENT_SECRET)
+        }
+        other => panic!("{other:?}"),
+    }
     match &config.mail_config("legacy-pop").unwrap().auth {
         MailAuth::Password { password } => {
             assert_eq!(password.as_ref().unwrap().expose(), MAIL_PASSWORD)

@@ -411,3 +411,122 @@ async fn a_replica_whose_lease_renewal_is_held_past_its_ttl_flags_nothing_after_
     assert!(bodies == seeded, "every mail handed over");
     stop(shutdown, task).await;
 }
+
+/// Issue 13: a session does not outlive its token. A token that lives 20 s
+/// opens an IDLE session; the broker (here: the test) stores the next token;
+/// the fetcher ends that session and opens a new one before the first token
+/// expires, and mail that arrives afterwards is published within the IDLE
+/// latency goal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_is_renewed_before_its_token_expires() {
+    let fx = Fixture::new("renew");
+    let short = fx.mint(Duration::from_secs(20), 0);
+    let started = std::time::Instant::now();
+    let expires = common::heartbeat::now_secs() + 20;
+    fx.tokens()
+        .await
+        .store(support::PROFILE, &short, expires)
+        .await
+        .expect("store token");
+    let channel = fx.channel().await;
+    let relay = Relay::start(fx.env.mail_addr("IMAPS")).await;
+    let (config, _) = fx.config(&[table_via(&fx, &relay, "renew", "")]);
+    let (shutdown, task) = start(config);
+    wait_started(&fx, "renew").await;
+    assert_eq!(relay.connections(), 1, "one session so far");
+    // The broker's next token, stored well before the first one expires.
+    fx.plant_token().await;
+    let renewed = support::eventually(Duration::from_secs(20), || async {
+        relay.connections() >= 2
+    })
+    .await;
+    assert!(renewed, "no new session before the token expired");
+    let at = started.elapsed();
+    assert!(
+        at < Duration::from_secs(20),
+        "the session was renewed only after its token expired ({at:?})"
+    );
+    // Past the first token's expiry: new mail still arrives promptly.
+    let past = support::eventually(Duration::from_secs(30), || async {
+        common::heartbeat::now_secs() > expires
+    })
+    .await;
+    assert!(past);
+    let mail = maildir::message(&fx.prefix, 1, 600, false);
+    let appended = std::time::Instant::now();
+    support::append(&fx.env, &fx.mailbox, "INBOX", &mail).await;
+    let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "published after the renewal");
+    eprintln!(
+        "renewed after {at:?}; mail published {:?} after APPEND",
+        appended.elapsed()
+    );
+    stop(shutdown, task).await;
+}
+
+/// Issue 13: the server ends the session mid-batch with a `BYE` (Dovecot's
+/// `doveadm kick` stands in for Exchange's `BYE … AccessTokenExpired`): the
+/// fetcher reconnects and every mail arrives. What was published in the
+/// batch the BYE cut short but not yet flagged is fetched again — at most
+/// one batch (`batch-size`, 200), each copy with its first delivery's dedupe
+/// key, so the form processor creates nothing twice (docs/imap-fetcher.md).
+/// Sessions renewed before token expiry avoid this cost altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bye_mid_batch_reconnects_and_every_mail_arrives_with_one_dedupe_key() {
+    let fx = Fixture::new("bye");
+    fx.plant_token().await;
+    let channel = fx.channel().await;
+    let seeded = seed(&fx, "by", 2000);
+    let (config, _) = fx.config(&[fx.mail_table("by", &fx.mailbox, "")]);
+    let (shutdown, task) = start(config);
+    let mut got: Vec<(String, Vec<u8>)> = Vec::new();
+    // Mid-batch: some mail handed over, most not yet.
+    while got.len() < 50 {
+        let batch = support::drain(&channel, &fx.queue(), 50, Duration::from_secs(30)).await;
+        assert!(!batch.is_empty(), "nothing published within 30 s");
+        got.extend(batch.into_iter().map(|e| (e.dedupe_key, e.body)));
+    }
+    let conf = std::path::Path::new(&fx.env.get("MAILAGENT_TEST_DOVECOT_LOG"))
+        .with_file_name("dovecot.conf");
+    let kick = std::process::Command::new("doveadm")
+        .arg("-c")
+        .arg(&conf)
+        .args(["kick", &fx.mailbox])
+        .output()
+        .expect("run doveadm kick");
+    let kicked = String::from_utf8_lossy(&kick.stdout).to_string();
+    assert!(kicked.contains(&fx.mailbox), "kicked mid-batch: {kicked}");
+    let arrived = |got: &Vec<(String, Vec<u8>)>| {
+        got.iter()
+            .map(|(_, b)| b.clone())
+            .collect::<BTreeSet<Vec<u8>>>()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while arrived(&got) != seeded && tokio::time::Instant::now() < deadline {
+        for e in support::drain(&channel, &fx.queue(), 2000, Duration::from_secs(2)).await {
+            got.push((e.dedupe_key, e.body));
+        }
+    }
+    for e in support::drain(&channel, &fx.queue(), 2000, Duration::from_secs(3)).await {
+        got.push((e.dedupe_key, e.body));
+    }
+    let unique = arrived(&got);
+    assert!(
+        unique == seeded,
+        "{} of {} mails arrived",
+        unique.intersection(&seeded).count(),
+        seeded.len()
+    );
+    let again = got.len() - seeded.len();
+    assert!(
+        again <= 200,
+        "{again} mails published again: more than the batch in flight"
+    );
+    let mut keys: std::collections::HashMap<Vec<u8>, String> = Default::default();
+    for (key, body) in &got {
+        let first = keys.entry(body.clone()).or_insert_with(|| key.clone());
+        assert_eq!(first, key, "a copy with another dedupe key");
+    }
+    eprintln!("BYE mid-batch: {again} of 2000 mails published a second time (same dedupe key)");
+    stop(shutdown, task).await;
+}

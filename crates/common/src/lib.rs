@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod connect;
+pub mod credential;
 pub mod envelope;
 pub mod error;
 pub mod fetch;

@@ -48,6 +48,13 @@ pub enum TokenError {
         /// Profile name.
         profile: String,
     },
+    /// The stored token is in clear while token keys are configured: a
+    /// left-over of `token-encryption = "none"`, never trusted.
+    #[error("cannot use the token of profile {profile}: it is stored in clear (kid none) while token encryption keys are configured")]
+    Unsealed {
+        /// Profile name.
+        profile: String,
+    },
     /// The stored value is not a token record.
     #[error("cannot read the token of profile {profile}: {reason}")]
     Corrupt {
@@ -190,6 +197,11 @@ impl TokenCipher {
             .decode(&stored.ct)
             .map_err(|_| corrupt("ciphertext is not base64"))?;
         let plain = if stored.kid == CLEAR {
+            if !self.clear {
+                return Err(TokenError::Unsealed {
+                    profile: profile.into(),
+                });
+            }
             ct
         } else {
             let key = self
@@ -384,6 +396,19 @@ pub struct ProfileState {
     pub failures: u32,
     /// Ceiling of the current backoff step, milliseconds.
     pub backoff_ceiling_ms: Option<u64>,
+    /// The credential kind: `secret`, `certificate` or `assertion-file`.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// The credential last used, named without its value (`secret`,
+    /// `certificate <thumbprint>`, `assertion file <path>`).
+    #[serde(default)]
+    pub credential_used: Option<String>,
+    /// When the credential expires (epoch seconds), when known.
+    #[serde(default)]
+    pub credential_expires_at: Option<i64>,
+    /// Why the credential cannot be read, when it cannot.
+    #[serde(default)]
+    pub credential_error: Option<String>,
     /// When this state was written (epoch seconds).
     pub updated_at: u64,
 }

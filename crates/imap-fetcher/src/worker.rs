@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::config::MailAuth;
 use common::fetch::Mailbox;
+use common::token::AccessToken;
 use futures::{Stream, StreamExt};
 
 use crate::error::{Error, Result};
@@ -68,10 +69,36 @@ impl Worker<'_> {
         }
     }
 
-    /// One session: login, select, then pass/wait until stopped or failed.
+    /// Sessions until stopped or failed: a session opened with a token ends
+    /// (LOGOUT) before that token expires and a new one starts at once with
+    /// a fresh token, so a server that ends sessions at token expiry
+    /// (Exchange Online's `BYE … AccessTokenExpired`) never cuts a batch.
     pub async fn session(&self) -> Result<()> {
+        let mut previous = None;
+        loop {
+            match self.one_session(previous.take()).await? {
+                (Ended::Stopped, _) => return Ok(()),
+                (Ended::TokenDue, fingerprint) => {
+                    tracing::info!(config = %self.mb.cfg.name, "renewing the session before its token expires");
+                    previous = fingerprint;
+                }
+            }
+        }
+    }
+
+    /// One session: login, select, then pass/wait until stopped, failed,
+    /// or its token is due for renewal. When the broker has no newer token
+    /// than `previous` (the one the last session was renewed from), this
+    /// session is not renewed: it runs until the server ends it, rather
+    /// than logging in again and again with the same token.
+    async fn one_session(&self, previous: Option<String>) -> Result<(Ended, Option<String>)> {
         let cfg = &self.mb.cfg;
-        let mut session = self.login().await?;
+        let (mut session, token) = self.login().await?;
+        let renew_at = token
+            .as_ref()
+            .filter(|t| previous.as_ref() != Some(&t.fingerprint))
+            .map(|t| renewal_due(t.expires_at));
+        let fingerprint = token.map(|t| t.fingerprint);
         let folder = utf7::encode(&cfg.folder);
         let mailbox = self.cmd("SELECT", session.select(&folder)).await?;
         let uidvalidity = mailbox.uid_validity.ok_or_else(|| {
@@ -94,7 +121,12 @@ impl Worker<'_> {
                 .await?;
             self.mb.passed(started);
             if self.mb.stopping() {
-                return logout(session).await;
+                return logout(session).await.map(|()| (Ended::Stopped, None));
+            }
+            if renew_at.is_some_and(|t| Instant::now() >= t) {
+                return logout(session)
+                    .await
+                    .map(|()| (Ended::TokenDue, fingerprint));
             }
             if new_mail_reported(&session) {
                 // Mail that arrived during the pass was announced then; IDLE
@@ -102,31 +134,36 @@ impl Worker<'_> {
                 tracing::debug!(config = %cfg.name, "new mail announced during the pass; passing again");
                 continue;
             }
+            let until_renewal = renew_at.map(|t| t.saturating_duration_since(Instant::now()));
             session = if cfg.idle && caps.idle {
-                self.idle(session).await?
+                let wait = until_renewal.map_or(cfg.idle_renew, |d| d.min(cfg.idle_renew));
+                self.idle(session, wait).await?
             } else {
+                let wait = until_renewal.map_or(cfg.poll_interval, |d| d.min(cfg.poll_interval));
                 tokio::select! {
-                    _ = self.mb.graceful.cancelled() => return logout(session).await,
-                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                    _ = self.mb.graceful.cancelled() => return logout(session).await.map(|()| (Ended::Stopped, None)),
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 self.cmd("NOOP", session.noop()).await?;
                 session
             };
             if self.mb.stopping() {
-                return logout(session).await;
+                return logout(session).await.map(|()| (Ended::Stopped, None));
             }
         }
     }
 
     /// Logs in; on a refused token asks the broker for a forced refresh of
-    /// that token and retries once with the replacement.
-    async fn login(&self) -> Result<ImapSession> {
+    /// that token and retries once with the replacement. With a token, also
+    /// the token it logged in with.
+    async fn login(&self) -> Result<(ImapSession, Option<AccessToken>)> {
         let (cfg, tls) = (&self.mb.cfg, &self.mb.kit.tls);
         match &cfg.auth {
             MailAuth::Password { password } => {
                 let password = password.as_ref().map(|p| p.expose()).unwrap_or("");
                 session::open(cfg, tls, Credentials::Password { password })
                     .await
+                    .map(|s| (s, None))
                     .map_err(|e| self.refused_is_permission(e))
             }
             MailAuth::OAuth { profile } => {
@@ -139,9 +176,10 @@ impl Worker<'_> {
                         };
                         session::open(cfg, tls, xoauth2(fresh.token.expose()))
                             .await
+                            .map(|s| (s, Some(fresh)))
                             .map_err(|e| self.refused_is_permission(e))
                     }
-                    other => other,
+                    other => other.map(|s| (s, Some(token))),
                 }
             }
         }
@@ -158,15 +196,16 @@ impl Worker<'_> {
         }
     }
 
-    /// IDLE until the server reports a change, `idle-renew` passes, or a
-    /// graceful stop is asked for. Returns the session, ready for commands.
-    async fn idle(&self, session: ImapSession) -> Result<ImapSession> {
+    /// IDLE until the server reports a change, `wait` (`idle-renew`, or less
+    /// when the token is due) passes, or a graceful stop is asked for.
+    /// Returns the session, ready for commands.
+    async fn idle(&self, session: ImapSession, wait: Duration) -> Result<ImapSession> {
         use async_imap::extensions::idle::IdleResponse;
         use async_imap::imap_proto::{Response, Status};
         let mut handle = session.idle();
         self.cmd("IDLE", handle.init()).await?;
         let outcome = {
-            let (fut, stop) = handle.wait_with_timeout(self.mb.cfg.idle_renew);
+            let (fut, stop) = handle.wait_with_timeout(wait);
             tokio::pin!(fut);
             tokio::select! {
                 r = &mut fut => r,
@@ -206,6 +245,24 @@ impl Worker<'_> {
         }
         self.cmd("DONE", handle.done()).await
     }
+}
+
+/// Why a session ended without an error.
+enum Ended {
+    /// A graceful stop.
+    Stopped,
+    /// Its token is about to expire: start a new session.
+    TokenDue,
+}
+
+/// When a session opened with a token expiring at `expires_at` (epoch
+/// seconds) should end: a quarter of its remaining life before expiry,
+/// between 5 s and 2 min ahead (an Entra token of 60–90 min: 2 min; the
+/// broker has a fresh one long before).
+fn renewal_due(expires_at: u64) -> Instant {
+    let left = Duration::from_secs(expires_at.saturating_sub(common::heartbeat::now_secs()));
+    let margin = (left / 4).clamp(Duration::from_secs(5), Duration::from_secs(120));
+    Instant::now() + left.saturating_sub(margin)
 }
 
 /// Ends a session at a graceful stop (LOGOUT, briefly waited for).

@@ -30,6 +30,14 @@ struct ProfileRow {
     last_error: Option<String>,
     error_code: Option<String>,
     next_attempt_in_s: Option<i64>,
+    /// `secret`, `certificate` or `assertion-file`.
+    credential: String,
+    /// The credential the broker last used (thumbprint, never a value).
+    credential_used: Option<String>,
+    /// Days until the credential expires (negative: expired), when known.
+    credential_days_left: Option<i64>,
+    /// The stored token cannot be opened with the configured keys.
+    token_problem: Option<String>,
 }
 
 /// A mail config as status shows it.
@@ -69,7 +77,15 @@ pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             .await?
             .unwrap_or_default();
         let stored = tokens.stored(&p.name).await.unwrap_or(None);
+        let token_problem = match tokens.current(&p.name).await {
+            Err(e) if !e.is_transient() => Some(e.to_string()),
+            _ => None,
+        };
         let now = now_secs() as i64;
+        let expires = common::credential::expiry(p)
+            .ok()
+            .flatten()
+            .or(state.credential_expires_at);
         profiles.push(ProfileRow {
             name: p.name.clone(),
             state: if state.state.is_empty() {
@@ -82,6 +98,10 @@ pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             last_error: state.last_error.clone(),
             error_code: state.error_code.clone(),
             next_attempt_in_s: state.next_attempt_ms.map(|ms| (ms / 1000) as i64 - now),
+            credential: common::credential::kind(&p.credential).to_string(),
+            credential_used: state.credential_used.clone(),
+            credential_days_left: expires.map(|e| (e - now).div_euclid(86_400)),
+            token_problem,
         });
     }
 
@@ -226,6 +246,8 @@ fn render(r: &Report) -> String {
             "STATE",
             "EXPIRES IN",
             "KEY",
+            "CREDENTIAL",
+            "DAYS LEFT",
             "NEXT ATTEMPT",
             "LAST ERROR",
         ],
@@ -239,11 +261,28 @@ fn render(r: &Report) -> String {
                         .map(|s| format!("{s}s"))
                         .unwrap_or_else(|| "no token".into()),
                     p.key_id.clone().unwrap_or_else(|| "-".into()),
+                    p.credential_used
+                        .clone()
+                        .unwrap_or_else(|| p.credential.clone()),
+                    p.credential_days_left
+                        .map(|d| {
+                            if d < 0 {
+                                "expired".to_string()
+                            } else {
+                                d.to_string()
+                            }
+                        })
+                        .unwrap_or_else(|| "-".into()),
                     p.next_attempt_in_s
                         .filter(|s| *s > 0)
                         .map(|s| format!("in {s}s"))
                         .unwrap_or_else(|| "-".into()),
-                    p.last_error.clone().unwrap_or_else(|| "-".into()),
+                    match (&p.token_problem, &p.last_error) {
+                        (Some(t), Some(e)) => format!("{t}; {e}"),
+                        (Some(t), None) => t.clone(),
+                        (None, Some(e)) => e.clone(),
+                        (None, None) => "-".into(),
+                    },
                 ]
             })
             .collect(),

@@ -212,13 +212,20 @@ async fn request_token(
     config: &Config,
     profile: &common::config::OAuthProfile,
 ) -> Result<(String, String), Diagnosis> {
-    use token_broker::request::{http_client, request_token, RequestError};
+    use token_broker::request::{http_client, request_token_with, RequestError};
     let http = http_client(&config.token_broker, &config.tls)
         .map_err(|e| fail(e.to_string(), "check [tls] extra-ca-file"))?;
-    match request_token(&http, profile).await {
+    let presented = common::credential::present(profile).map_err(|e| {
+        fail(
+            e.to_string(),
+            "fix the profile's credential files (see docs/exchange-online.md)",
+        )
+    })?;
+    let used = presented.description.clone();
+    match request_token_with(&http, profile, &presented).await {
         Ok(t) => Ok((
             t.access_token.expose().to_string(),
-            format!("got a token valid for {} s", t.expires_in),
+            format!("got a token valid for {} s with the {used}", t.expires_in),
         )),
         Err(RequestError::Rejected { code, reason, .. }) => {
             let cause = match code.as_deref() {
@@ -226,6 +233,10 @@ async fn request_token(
                 Some("AADSTS7000222") => "the client secret has expired: create a new one under Certificates & secrets".to_string(),
                 Some("AADSTS700016") => "no such application in this tenant: check application-key and the tenant id in token-url".to_string(),
                 Some("AADSTS1002012") | Some("AADSTS500011") => "wrong scope: use https://outlook.office365.com/.default".to_string(),
+                Some(c @ ("AADSTS700027" | "AADSTS700024" | "AADSTS700023" | "AADSTS700021")) => format!(
+                    "{} (credential used: {used})",
+                    token_broker::request::hint(c).unwrap_or("the client assertion was refused")
+                ),
                 Some(c) => token_broker::request::hint(c).map(str::to_string).unwrap_or_else(|| format!("Entra ID refused the request ({c})")),
                 None => "the token endpoint refused the request".to_string(),
             };

@@ -65,6 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             owner: service.instance.clone(),
             metrics: metrics.clone(),
             heartbeat: service.heartbeat.clone(),
+            watch: Default::default(),
         };
         tasks.push(tokio::spawn(worker.run(rx, shutdown.clone())));
     }

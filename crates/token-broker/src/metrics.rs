@@ -9,6 +9,9 @@ pub struct Metrics {
     pub refreshes: IntCounterVec,
     /// Seconds until the current token expires, per profile (negative: none).
     pub seconds_to_expiry: prometheus::GaugeVec,
+    /// Seconds until the profile's credential (certificate `notAfter`, or
+    /// `application-secret-expires`) expires; absent when unknown.
+    pub credential_seconds_to_expiry: prometheus::GaugeVec,
     /// Token endpoint latency.
     pub endpoint_latency: HistogramVec,
     /// Forced-refresh requests by profile and what was done (`refreshed`, `stale`, `too-soon`).
@@ -33,6 +36,13 @@ impl Metrics {
                 ),
                 &["profile"],
             )?,
+            credential_seconds_to_expiry: prometheus::GaugeVec::new(
+                Opts::new(
+                    "token_credential_seconds_to_expiry",
+                    "Seconds until the profile's credential (certificate notAfter or application-secret-expires) expires",
+                ),
+                &["profile"],
+            )?,
             endpoint_latency: HistogramVec::new(
                 HistogramOpts::new("token_endpoint_seconds", "Token endpoint request latency")
                     .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
@@ -48,6 +58,7 @@ impl Metrics {
         };
         registry.register(Box::new(m.refreshes.clone()))?;
         registry.register(Box::new(m.seconds_to_expiry.clone()))?;
+        registry.register(Box::new(m.credential_seconds_to_expiry.clone()))?;
         registry.register(Box::new(m.endpoint_latency.clone()))?;
         registry.register(Box::new(m.forced.clone()))?;
         Ok(m)

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use common::config::{ClientAuth, OAuthProfile, TlsConfig, TokenBrokerConfig};
+use common::credential::{self, Presented, Proof};
 use common::Secret;
 use serde::Deserialize;
 
@@ -84,34 +85,57 @@ pub fn http_client(cfg: &TokenBrokerConfig, tls: &TlsConfig) -> anyhow::Result<r
     Ok(builder.build()?)
 }
 
-/// Requests a token for `profile` with its client secret.
+/// Requests a token for `profile`, reading its credential afresh.
 pub async fn request_token(
     http: &reqwest::Client,
     profile: &OAuthProfile,
 ) -> Result<IssuedToken, RequestError> {
-    let secret = profile
-        .application_secret
-        .as_ref()
-        .ok_or_else(|| RequestError::Rejected {
-            error: "config".into(),
+    let presented = credential::present(profile).map_err(credential_error)?;
+    request_token_with(http, profile, &presented).await
+}
+
+/// A credential that cannot be used. An expired certificate needs a person
+/// (a refusal, retried slowly); a file that is missing, unreadable or does
+/// not match its key may be in the middle of a rotation (the certificate
+/// replaced, the key not yet), so it is retried on the transient schedule.
+pub fn credential_error(e: credential::CredentialError) -> RequestError {
+    let reason = format!("cannot use the profile's credential: {e}");
+    match e {
+        credential::CredentialError::Expired { .. } => RequestError::Rejected {
+            error: "credential".into(),
             code: None,
-            reason: "no client secret configured".into(),
-        })?;
+            reason,
+        },
+        _ => RequestError::Transient(reason),
+    }
+}
+
+/// Requests a token for `profile` with an already presented credential.
+pub async fn request_token_with(
+    http: &reqwest::Client,
+    profile: &OAuthProfile,
+    presented: &Presented,
+) -> Result<IssuedToken, RequestError> {
     let mut form: Vec<(&str, &str)> = vec![
         ("grant_type", "client_credentials"),
         ("scope", &profile.scope),
     ];
     let mut request = http.post(profile.token_url.clone());
-    match profile.client_auth {
-        ClientAuth::Body => {
-            form.push(("client_id", &profile.application_key));
-            form.push(("client_secret", secret.expose()));
-        }
-        ClientAuth::Basic => {
+    match (&presented.proof, profile.client_auth) {
+        (Proof::Secret(secret), ClientAuth::Basic) => {
             // RFC 6749 §2.3.1: form-urlencode id and secret before Basic.
             let id = form_encode(&profile.application_key);
             let pw = form_encode(secret.expose());
             request = request.basic_auth(id, Some(pw));
+        }
+        (Proof::Secret(secret), ClientAuth::Body) => {
+            form.push(("client_id", &profile.application_key));
+            form.push(("client_secret", secret.expose()));
+        }
+        (Proof::Assertion(assertion), _) => {
+            form.push(("client_id", &profile.application_key));
+            form.push(("client_assertion_type", credential::JWT_BEARER));
+            form.push(("client_assertion", assertion.expose()));
         }
     }
     let response = request
@@ -228,7 +252,13 @@ fn short_description(err: &ErrorBody) -> String {
 pub fn hint(code: &str) -> Option<&'static str> {
     Some(match code {
         "AADSTS7000215" => "wrong client secret: configure the secret's Value, not its ID",
-        "AADSTS7000222" => "the client secret has expired: create a new one in the app registration",
+        "AADSTS7000222" => "the client secret has expired: create a new one in the app registration (or move to a certificate), then update application-secret and application-secret-expires",
+        "AADSTS700027" => "the certificate assertion was refused: the certificate is not registered on the app (Certificates & secrets -> Certificates), has expired, or the key does not match it",
+        "AADSTS700024" => "the client assertion is outside its time window: check this host's clock (NTP)",
+        "AADSTS700023" => "the client assertion's audience is wrong: its aud must be the profile's token-url",
+        "AADSTS700021" => "the client assertion's issuer is wrong: iss and sub must be the application (client) id",
+        "AADSTS7000218" => "the request carried no credential: configure a secret, a certificate or a client assertion file",
+        "AADSTS700213" | "AADSTS70021" => "no federated credential on the app matches the assertion's issuer and subject: check the federated credential in the app registration",
         "AADSTS700016" => "unknown application id in this tenant: check application-key and the tenant in token-url",
         "AADSTS1002012" => "the scope must end in /.default for the client-credentials grant",
         "AADSTS90002" => "unknown tenant: check the tenant id in token-url",

@@ -14,10 +14,32 @@ use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::request::{request_token, RequestError};
+use crate::request::{credential_error, request_token_with, RequestError};
 
 /// Longest sleep between two looks at Redis (another replica may have refreshed).
 const MAX_NAP: Duration = Duration::from_secs(1);
+
+/// How often the credential's expiry is read again from its files.
+const CREDENTIAL_CHECK: Duration = Duration::from_secs(10);
+
+/// Inside this many seconds of the credential's expiry, a warning is logged
+/// once a day.
+const EXPIRY_WARNING_SECS: i64 = 30 * 86_400;
+
+/// What the loop remembers about the profile's credential between looks.
+#[derive(Default)]
+pub struct CredentialWatch {
+    /// When the files were last read.
+    checked: Option<Instant>,
+    /// The credential's expiry (epoch seconds), when known.
+    expires_at: Option<i64>,
+    /// When the last expiry warning was logged.
+    warned: Option<Instant>,
+    /// The fingerprint of a stored token that could not be opened, already logged.
+    unopenable: Option<String>,
+    /// The last error reading the credential, already logged.
+    unreadable: Option<String>,
+}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -55,6 +77,8 @@ pub struct Worker {
     pub metrics: Metrics,
     /// Heartbeat (counts refreshes, records errors).
     pub heartbeat: Heartbeat,
+    /// The credential's expiry and warnings.
+    pub watch: CredentialWatch,
 }
 
 impl Worker {
@@ -97,16 +121,90 @@ impl Worker {
             .await
     }
 
-    async fn stored(&self) -> anyhow::Result<Option<StoredToken>> {
-        Ok(self
+    /// The stored token, when it is valid *and opens* with this broker's
+    /// keys: a token sealed under a key no longer configured, one that fails
+    /// authentication, or one in clear while keys are configured is treated
+    /// as absent, so it is replaced at once instead of at its expiry.
+    async fn stored(&mut self) -> anyhow::Result<Option<StoredToken>> {
+        let name = &self.profile.name;
+        let Some(stored) = self
             .tokens
-            .stored(&self.profile.name)
-            .await?
-            .filter(|s| s.expires_at > now_secs()))
+            .stored(name)
+            .await
+            .or_else(|e| match e {
+                e if e.is_transient() => Err(e),
+                e => {
+                    tracing::warn!(profile = %name, error = %e, "the stored token is unreadable; replacing it");
+                    Ok(None)
+                }
+            })?
+            .filter(|s| s.expires_at > now_secs())
+        else {
+            return Ok(None);
+        };
+        match self.tokens.cipher().open(name, &stored) {
+            Ok(_) => Ok(Some(stored)),
+            Err(e) => {
+                if self.watch.unopenable.as_ref() != Some(&stored.fingerprint) {
+                    tracing::warn!(profile = %name, fingerprint = %stored.fingerprint, error = %e, "cannot open the stored token; replacing it now");
+                    self.watch.unopenable = Some(stored.fingerprint.clone());
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads the credential's expiry again when due, sets the gauge, and
+    /// warns once a day inside 30 days of it.
+    fn watch_credential(&mut self) {
+        let name = self.profile.name.clone();
+        if self
+            .watch
+            .checked
+            .is_none_or(|t| t.elapsed() >= CREDENTIAL_CHECK)
+        {
+            self.watch.checked = Some(Instant::now());
+            match common::credential::expiry(&self.profile) {
+                Ok(e) => {
+                    self.watch.expires_at = e;
+                    self.watch.unreadable = None;
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if self.watch.unreadable.as_ref() != Some(&message) {
+                        tracing::warn!(profile = %name, error = %message, "cannot read the profile's credential");
+                        self.watch.unreadable = Some(message);
+                    }
+                }
+            }
+        }
+        let gauge = &self.metrics.credential_seconds_to_expiry;
+        let Some(expires_at) = self.watch.expires_at else {
+            let _ = gauge.remove_label_values(&[&name]);
+            return;
+        };
+        let left = expires_at - now_secs() as i64;
+        gauge.with_label_values(&[&name]).set(left as f64);
+        if left < EXPIRY_WARNING_SECS
+            && self
+                .watch
+                .warned
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400))
+        {
+            self.watch.warned = Some(Instant::now());
+            let kind = common::credential::kind(&self.profile.credential);
+            let expires = common::credential::date(expires_at);
+            if left <= 0 {
+                tracing::error!(profile = %name, credential = kind, %expires, "the profile's credential has expired: replace it in the app registration and in the configuration");
+            } else {
+                tracing::warn!(profile = %name, credential = kind, %expires, days_left = left / 86_400, "the profile's credential expires soon: add a new one to the app registration and configure it");
+            }
+        }
     }
 
     /// One look: refresh if due and allowed; returns how long to sleep.
     async fn tick(&mut self) -> anyhow::Result<Duration> {
+        self.watch_credential();
         let stored = self.stored().await?;
         let state = self.state().await?;
         let gauge = stored
@@ -201,7 +299,20 @@ impl Worker {
         self.write_state(&state).await?;
 
         let started = Instant::now();
-        let result = request_token(&self.http, &self.profile).await;
+        let kind = common::credential::kind(&self.profile.credential);
+        let presented = common::credential::present(&self.profile);
+        let (used, unusable) = match &presented {
+            Ok(p) => {
+                self.watch.expires_at = p.expires_at;
+                tracing::info!(profile = %name, credential = %p.description, trigger = ?trigger, "requesting a token");
+                (Some(p.description.clone()), None)
+            }
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let result = match presented {
+            Ok(p) => request_token_with(&self.http, &self.profile, &p).await,
+            Err(e) => Err(credential_error(e)),
+        };
         self.metrics
             .endpoint_latency
             .with_label_values(&[&name])
@@ -230,6 +341,7 @@ impl Worker {
                 });
                 tracing::info!(
                     profile = %name,
+                    credential = used.as_deref().unwrap_or(kind),
                     expires_in = issued.expires_in,
                     fingerprint = %token.fingerprint,
                     trigger = ?trigger,
@@ -304,6 +416,10 @@ impl Worker {
             .refreshes
             .with_label_values(&[&name, outcome])
             .inc();
+        state.credential = Some(kind.to_string());
+        state.credential_used = used;
+        state.credential_expires_at = self.watch.expires_at;
+        state.credential_error = unusable;
         self.write_state(&state).await?;
         Ok(())
     }

@@ -20,6 +20,10 @@ struct Args {
     /// Register a client: `CLIENT_ID:SECRET` (repeatable).
     #[arg(long = "client")]
     clients: Vec<String>,
+    /// Register a client by a certificate: `CLIENT_ID:PEM_FILE` (repeatable;
+    /// the client has no usable secret).
+    #[arg(long = "certificate")]
+    certificates: Vec<String>,
     /// File to write the bound address to, once listening.
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -45,6 +49,17 @@ async fn main() -> anyhow::Result<()> {
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("--client takes CLIENT_ID:SECRET"))?;
         idp.register(id, secret);
+    }
+    for c in &args.certificates {
+        let (id, path) = c
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--certificate takes CLIENT_ID:PEM_FILE"))?;
+        let pem = std::fs::read(path)?;
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("no certificate in {path}"))??;
+        idp.register(id, &format!("unknown-{}", uuid::Uuid::new_v4()));
+        idp.add_certificate(id, der.as_ref());
     }
     if let Some(path) = &args.addr_file {
         std::fs::write(path, idp.addr.to_string())?;

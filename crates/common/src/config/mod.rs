@@ -22,7 +22,9 @@ pub use schema::form_processor::{FormProcessorConfig, SqliteSynchronous};
 pub use schema::incoming_mail::{
     Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
 };
-pub use schema::oauth_profiles::{AccessType, ClientAuth, OAuthProfile, Provider};
+pub use schema::oauth_profiles::{
+    AccessType, AssertionAlgorithm, ClientAuth, Credential, OAuthProfile, Provider,
+};
 pub use schema::parse;
 pub use schema::redis::RedisConfig;
 pub use schema::tls::TlsConfig;
@@ -153,8 +155,24 @@ impl Config {
             self.form_processor.store
         ));
         for p in &self.oauth_profiles {
+            let credential = match &p.credential {
+                Credential::Secret { expires_at, .. } => match expires_at {
+                    Some(e) => {
+                        format!("secret [redacted] expiring {}", crate::credential::date(*e))
+                    }
+                    None => "secret [redacted]".to_string(),
+                },
+                Credential::Certificate {
+                    certificate_file,
+                    algorithm,
+                    ..
+                } => format!("certificate {} ({algorithm:?})", certificate_file.display()),
+                Credential::AssertionFile { path } => {
+                    format!("client assertion file {}", path.display())
+                }
+            };
             out.push_str(&format!(
-                "oauth-profile {}: {} {}, client {}, secret [redacted], token-url {}, scope {}\n",
+                "oauth-profile {}: {} {}, client {}, {credential}, token-url {}, scope {}\n",
                 p.name,
                 p.provider.as_str(),
                 p.access_type.as_str(),

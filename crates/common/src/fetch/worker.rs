@@ -138,16 +138,49 @@ impl Mailbox {
         }
     }
 
-    /// The profile's current token from Redis.
+    /// The profile's current token from Redis. A stored token this fetcher
+    /// cannot open (a key it does not have, failed authentication, clear
+    /// while keys are configured) is treated as a refused one: the broker is
+    /// asked to replace exactly it, and the replacement is awaited up to
+    /// `token-wait`; without one the key problem is the error.
     pub async fn token(&self, profile: &str) -> Result<AccessToken, FetchError> {
-        self.kit
-            .tokens
-            .current(profile)
+        let tokens = &self.kit.tokens;
+        let problem = match tokens.current(profile).await {
+            Ok(Some(t)) => return Ok(t),
+            Ok(None) => {
+                return Err(FetchError::NoToken {
+                    profile: profile.to_string(),
+                })
+            }
+            Err(e) if e.is_transient() => return Err(token_error(profile)(e)),
+            Err(e) => e,
+        };
+        let Some(stored) = tokens.stored(profile).await.ok().flatten() else {
+            return Err(token_error(profile)(problem));
+        };
+        tracing::warn!(config = %self.cfg.name, profile, fingerprint = %stored.fingerprint, error = %problem, "cannot open the stored token; asking the broker for a forced refresh");
+        let unopenable = AccessToken {
+            token: crate::Secret::new(""),
+            expires_at: stored.expires_at,
+            fingerprint: stored.fingerprint,
+        };
+        tokens
+            .report_failure(profile, &unopenable)
             .await
-            .map_err(token_error(profile))?
-            .ok_or_else(|| FetchError::NoToken {
-                profile: profile.to_string(),
-            })
+            .map_err(token_error(profile))?;
+        let deadline = tokio::time::Instant::now() + self.kit.options.token_wait;
+        loop {
+            if let Ok(Some(t)) = tokens.current(profile).await {
+                return Ok(t);
+            }
+            if self.stopping() || tokio::time::Instant::now() >= deadline {
+                return Err(token_error(profile)(problem));
+            }
+            tokio::select! {
+                _ = self.graceful.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
     }
 
     /// The server refused `refused`: counts it, asks the broker for a forced
