@@ -174,7 +174,7 @@ mod tests {
             (
                 Role::Cli,
                 "^$",
-                "^mailagent\\.incoming$",
+                "^mailagent\\.(incoming|dead)$",
                 "^mailagent\\.dead$",
             ),
         ];
