@@ -297,3 +297,31 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// The token broker running in this process on a test config.
+pub struct Broker {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Broker {
+    /// Starts `token_broker::run` on `cfg`'s broker config.
+    pub fn start(cfg: &TestConfig) -> Self {
+        let config = cfg.load(Component::TokenBroker);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(token_broker::run(config, shutdown.clone()));
+        Self { shutdown, task }
+    }
+
+    /// Stops it gracefully within 10 s; panics if it does not exit cleanly.
+    pub async fn stop(self) {
+        crate::fixture::stop_task(
+            &self.shutdown,
+            self.task,
+            std::time::Duration::from_secs(10),
+            "broker",
+        )
+        .await
+        .expect("broker exits cleanly");
+    }
+}

@@ -10,36 +10,15 @@ use std::time::Duration;
 use common::config::{AssertionAlgorithm, Component, LoadOptions};
 use common::credential::Certificate;
 use common::keys::Keys;
-use common::shutdown::CancellationToken;
 use common::token::{read_state, ProfileState, TokenClient};
 use mailagent_tests::certs::{replace, TestCert};
 use mailagent_tests::env::{unique, Endpoints};
-use mailagent_tests::fixture::stop_task;
+use mailagent_tests::harness::Broker;
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{RequestRecord, TestIdp, FEDERATED_AUDIENCE};
 use mailagent_tests::mailclient::{self, AuthOutcome};
 
 const PROFILE: &str = "contoso";
-
-struct Broker {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Broker {
-    fn start(cfg: &TestConfig) -> Self {
-        let config = cfg.load(Component::TokenBroker);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(token_broker::run(config, shutdown.clone()));
-        Self { shutdown, task }
-    }
-
-    async fn stop(self) {
-        stop_task(&self.shutdown, self.task, Duration::from_secs(10), "broker")
-            .await
-            .expect("broker exits cleanly");
-    }
-}
 
 async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
     redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())

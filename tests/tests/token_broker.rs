@@ -3,37 +3,16 @@
 use std::time::{Duration, Instant};
 
 use common::keys::Keys;
-use common::shutdown::CancellationToken;
 use common::token::{read_state, AccessToken, ProfileState, TokenClient};
 use common::Component;
 use mailagent_tests::env::Endpoints;
-use mailagent_tests::fixture::stop_task;
+use mailagent_tests::harness::Broker;
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{Failure, TestIdp};
 use mailagent_tests::process;
 use redis::aio::ConnectionManager;
 
 const PROFILE: &str = "contoso";
-
-struct Broker {
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Broker {
-    fn start(cfg: &TestConfig) -> Self {
-        let config = cfg.load(Component::TokenBroker);
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(token_broker::run(config, shutdown.clone()));
-        Self { shutdown, task }
-    }
-
-    async fn stop(self) {
-        stop_task(&self.shutdown, self.task, Duration::from_secs(10), "broker")
-            .await
-            .expect("broker exits cleanly");
-    }
-}
 
 async fn redis(env: &Endpoints) -> ConnectionManager {
     ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
