@@ -20,6 +20,16 @@ use mailagent_tests::mailclient::{self, AuthOutcome};
 
 const PROFILE: &str = "contoso";
 
+/// What `mailagent status` prints for `cfg`.
+fn status(cfg: &TestConfig) -> String {
+    let path = cfg.path_for(Component::Cli);
+    let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+        .args(["status", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
     redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
         .await
@@ -309,12 +319,7 @@ async fn unregistered_certificate_marks_the_profile_failing_with_aadsts700027() 
     broker.stop().await;
 
     // `mailagent status` shows the code.
-    let path = cfg.path_for(Component::Cli);
-    let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
-        .args(["status", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status(&cfg);
     assert!(text.contains("AADSTS700027"), "{text}");
     assert!(text.contains("certificate"), "{text}");
 }
@@ -460,12 +465,7 @@ async fn credential_expiry_gauge_matches_the_certificate_and_status_shows_days_l
     );
     broker.stop().await;
 
-    let path = cfg.path_for(Component::Cli);
-    let out = std::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
-        .args(["status", "--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status(&cfg);
     let row = text
         .lines()
         .find(|l| l.starts_with(PROFILE))
