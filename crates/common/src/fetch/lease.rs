@@ -78,8 +78,6 @@ return 0";
 pub struct LeaseClock {
     deadline: watch::Receiver<Instant>,
     margin: Duration,
-    /// The sender of an [`LeaseClock::unbounded`] clock, kept with it.
-    _own: Option<Arc<watch::Sender<Instant>>>,
 }
 
 impl LeaseClock {
@@ -87,19 +85,6 @@ impl LeaseClock {
         Self {
             deadline,
             margin: margin(ttl),
-            _own: None,
-        }
-    }
-
-    /// A clock that never runs out, for work outside a lease (a one-off
-    /// `test-connection`, unit tests).
-    pub fn unbounded() -> Self {
-        let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-        let (tx, rx) = watch::channel(far);
-        Self {
-            deadline: rx,
-            margin: Duration::ZERO,
-            _own: Some(Arc::new(tx)),
         }
     }
 
@@ -182,9 +167,6 @@ pub async fn fence(
 ) -> redis::RedisResult<bool> {
     if !clock.valid() {
         return Ok(false);
-    }
-    if clock.margin.is_zero() {
-        return Ok(true); // unbounded: no lease to fence with
     }
     let script = redis::Script::new(OWNED_FOR);
     let mut invocation = script.key(keys.lease(config));
