@@ -325,3 +325,38 @@ impl Broker {
         .expect("broker exits cleanly");
     }
 }
+
+/// A Redis connection to the test server.
+pub async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
+    redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// A token client as a fetcher on `cfg` reads tokens (its prefix and
+/// encryption keys).
+pub async fn token_client(env: &Endpoints, cfg: &TestConfig) -> common::token::TokenClient {
+    let config = cfg.load(Component::ImapFetcher);
+    common::token::TokenClient::new(
+        redis(env).await,
+        common::keys::Keys::new(cfg.redis_prefix.clone()),
+        &config.token_broker.encryption,
+    )
+}
+
+/// `profile`'s state as the broker wrote it under `cfg`'s prefix (default
+/// when none yet).
+pub async fn profile_state(
+    env: &Endpoints,
+    cfg: &TestConfig,
+    profile: &str,
+) -> common::token::ProfileState {
+    common::token::read_state(
+        &mut redis(env).await,
+        &common::keys::Keys::new(cfg.redis_prefix.clone()),
+        profile,
+    )
+    .await
+    .unwrap()
+    .unwrap_or_default()
+}

@@ -10,10 +10,10 @@ use std::time::Duration;
 use common::config::{AssertionAlgorithm, Component, LoadOptions};
 use common::credential::Certificate;
 use common::keys::Keys;
-use common::token::{read_state, ProfileState, TokenClient};
+use common::token::{ProfileState, TokenClient};
 use mailagent_tests::certs::{replace, TestCert};
 use mailagent_tests::env::{unique, Endpoints};
-use mailagent_tests::harness::Broker;
+use mailagent_tests::harness::{profile_state, redis, token_client, Broker};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{RequestRecord, TestIdp, FEDERATED_AUDIENCE};
 use mailagent_tests::mailclient::{self, AuthOutcome};
@@ -30,30 +30,8 @@ fn status(cfg: &TestConfig) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
-    redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn tokens(env: &Endpoints, cfg: &TestConfig) -> TokenClient {
-    let config = cfg.load(Component::ImapFetcher);
-    TokenClient::new(
-        redis(env).await,
-        Keys::new(cfg.redis_prefix.clone()),
-        &config.token_broker.encryption,
-    )
-}
-
 async fn state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
-    read_state(
-        &mut redis(env).await,
-        &Keys::new(cfg.redis_prefix.clone()),
-        PROFILE,
-    )
-    .await
-    .unwrap()
-    .unwrap_or_default()
+    profile_state(env, cfg, PROFILE).await
 }
 
 /// A profile of the test IdP with a certificate credential (no secret).
@@ -104,7 +82,7 @@ async fn force_refresh(
     app: &str,
     n: usize,
 ) -> Vec<RequestRecord> {
-    let client = tokens(env, cfg).await;
+    let client = token_client(env, cfg).await;
     let current = wait_for("a token", Duration::from_secs(15), || async {
         client.current(PROFILE).await.unwrap()
     })
@@ -148,7 +126,7 @@ async fn certificate_profile_logs_into_imap_and_pop3_with_ps256_and_rs256() {
             cfg.toml
         );
         let broker = Broker::start(&cfg);
-        let client = tokens(&env, &cfg).await;
+        let client = token_client(&env, &cfg).await;
         let token = wait_for("a token", Duration::from_secs(15), || async {
             client.current(PROFILE).await.unwrap()
         })
@@ -592,7 +570,7 @@ async fn unopenable_stored_token_is_replaced_at_once() {
             "old key" => {
                 let mut old = TestConfig::with_prefix(&env, &cfg.redis_prefix);
                 old.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
-                tokens(&env, &old).await
+                token_client(&env, &old).await
             }
             _ => TokenClient::new(
                 redis(&env).await,
@@ -601,7 +579,7 @@ async fn unopenable_stored_token_is_replaced_at_once() {
             ),
         };
         let old = sealer.store(PROFILE, &planted, exp).await.unwrap();
-        let client = tokens(&env, &cfg).await;
+        let client = token_client(&env, &cfg).await;
         assert!(client.current(PROFILE).await.is_err(), "{case}: opens?");
         // `mailagent status` names the key problem.
         let path = cfg.path_for(Component::Cli);
@@ -656,7 +634,7 @@ async fn after_a_key_change_the_fetcher_hands_over_mail_within_30_s() {
     // The token the broker stored before the key file was replaced.
     let mut before = TestConfig::with_prefix(&env, &cfg.redis_prefix);
     before.idp_profile(PROFILE, &idp.token_url(), &app, &secret);
-    let old = tokens(&env, &before)
+    let old = token_client(&env, &before)
         .await
         .store(
             PROFILE,
@@ -723,7 +701,7 @@ async fn an_expired_certificate_is_not_sent_and_the_profile_says_why() {
     let broker = Broker::start(&cfg);
     successes(&idp, &app, 1).await;
     expired.write(cfg.dir(), "app");
-    let client = tokens(&env, &cfg).await;
+    let client = token_client(&env, &cfg).await;
     let current = client.current(PROFILE).await.unwrap().unwrap();
     client.report_failure(PROFILE, &current).await.unwrap();
     let s = wait_for("state failing", Duration::from_secs(15), || async {

@@ -6,28 +6,12 @@ use common::keys::Keys;
 use common::token::{read_state, AccessToken, ProfileState, TokenClient};
 use common::Component;
 use mailagent_tests::env::Endpoints;
-use mailagent_tests::harness::Broker;
+use mailagent_tests::harness::{profile_state, redis, token_client, Broker};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{Failure, TestIdp};
 use mailagent_tests::process;
-use redis::aio::ConnectionManager;
 
 const PROFILE: &str = "contoso";
-
-async fn redis(env: &Endpoints) -> ConnectionManager {
-    ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
-        .await
-        .unwrap()
-}
-
-async fn token_client(env: &Endpoints, cfg: &TestConfig) -> TokenClient {
-    let config = cfg.load(Component::ImapFetcher);
-    TokenClient::new(
-        redis(env).await,
-        Keys::new(cfg.redis_prefix.clone()),
-        &config.token_broker.encryption,
-    )
-}
 
 /// Waits up to 15 s for a valid token of [`PROFILE`] (`what` names it in
 /// the failure).
@@ -48,14 +32,7 @@ async fn failing_state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
 }
 
 async fn state(env: &Endpoints, cfg: &TestConfig) -> ProfileState {
-    read_state(
-        &mut redis(env).await,
-        &Keys::new(cfg.redis_prefix.clone()),
-        PROFILE,
-    )
-    .await
-    .unwrap()
-    .unwrap_or_default()
+    profile_state(env, cfg, PROFILE).await
 }
 
 /// Fast schedules for tests: refresh at half-life, retry a failing profile every `slow` seconds.
