@@ -354,7 +354,9 @@ impl TokenClient {
         Ok(())
     }
 
-    /// Waits (polling) until the profile's token differs from `failed`, up to `timeout`.
+    /// Waits (polling) until the profile's token differs from `failed`, up to
+    /// `timeout`. A stored token that cannot be opened counts as not replaced
+    /// yet; only a transient error (Redis) ends the wait early.
     pub async fn wait_for_replacement(
         &self,
         profile: &str,
@@ -363,10 +365,13 @@ impl TokenClient {
     ) -> Result<Option<AccessToken>, TokenError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(t) = self.current(profile).await? {
-                if t.fingerprint != failed.fingerprint {
-                    return Ok(Some(t));
-                }
+            match self.current(profile).await {
+                Ok(Some(t)) if t.fingerprint != failed.fingerprint => return Ok(Some(t)),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                // Stored but not to be opened (an unknown key id, say): not
+                // replaced yet.
+                Err(_) => {}
             }
             if tokio::time::Instant::now() >= deadline {
                 return Ok(None);

@@ -168,19 +168,12 @@ impl Mailbox {
             .report_failure(profile, &unopenable)
             .await
             .map_err(token_error(profile))?;
-        let deadline = tokio::time::Instant::now() + self.kit.options.token_wait;
-        loop {
-            if let Ok(Some(t)) = tokens.current(profile).await {
-                return Ok(t);
-            }
-            if self.stopping() || tokio::time::Instant::now() >= deadline {
-                return Err(token_error(profile)(problem));
-            }
-            tokio::select! {
-                _ = self.graceful.cancelled() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
+        let wait = tokens.wait_for_replacement(profile, &unopenable, self.kit.options.token_wait);
+        let replaced = tokio::select! {
+            _ = self.graceful.cancelled() => None,
+            r = wait => r.map_err(token_error(profile))?,
+        };
+        replaced.ok_or_else(|| token_error(profile)(problem))
     }
 
     /// The server refused `refused`: counts it, asks the broker for a forced
