@@ -56,7 +56,7 @@ fn fast(cfg: &mut TestConfig) {
         .broker_setting("backoff-max = 1");
 }
 
-/// Waits until the IdP has answered `n` requests of `app` with 200; they.
+/// Waits until the IdP has answered `n` requests of `app` with 200, and returns those requests.
 async fn successes(idp: &TestIdp, app: &str, n: usize) -> Vec<RequestRecord> {
     wait_for(
         &format!("{n} successful token requests"),
@@ -238,9 +238,11 @@ async fn client_assertion_file_is_sent_as_it_is_and_reread_for_each_request() {
         )
         .unwrap()
     };
+    // Each token is made once: `exp` moves with the clock.
+    let (token1, token2) = (platform_token(1), platform_token(2));
     let mut cfg = TestConfig::new(&env);
     fast(&mut cfg);
-    let file = cfg.file("azure-identity-token", &platform_token(1));
+    let file = cfg.file("azure-identity-token", &token1);
     cfg.oauth_profile(
         PROFILE,
         &format!(
@@ -251,18 +253,12 @@ async fn client_assertion_file_is_sent_as_it_is_and_reread_for_each_request() {
     );
     let broker = Broker::start(&cfg);
     let first = successes(&idp, &app, 1).await;
-    assert_eq!(
-        first[0].assertion.as_deref(),
-        Some(platform_token(1).as_str())
-    );
+    assert_eq!(first[0].assertion.as_deref(), Some(token1.as_str()));
     assert!(!first[0].had_secret);
 
-    replace(&file, &platform_token(2));
+    replace(&file, &token2);
     let records = force_refresh(&env, &cfg, &idp, &app, 2).await;
-    assert_eq!(
-        records[1].assertion.as_deref(),
-        Some(platform_token(2).as_str())
-    );
+    assert_eq!(records[1].assertion.as_deref(), Some(token2.as_str()));
     assert_eq!(
         state(&env, &cfg).await.credential.as_deref(),
         Some("assertion-file")
