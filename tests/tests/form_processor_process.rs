@@ -1,6 +1,7 @@
 //! The form processor and the `mailagent records` CLI as real processes:
-//! kill -9 with messages in flight loses and doubles nothing, and the CLI
-//! prints the records as §7's JSON lines.
+//! kill -9 with messages in flight loses and doubles nothing (one processor
+//! on SQLite, two on one PostgreSQL database), and the CLI prints the records
+//! as §7's JSON lines.
 
 use std::process::Command;
 use std::time::Duration;
@@ -108,4 +109,74 @@ async fn records_cli_prints_one_json_object_a_line() {
         .unwrap();
     assert!(filtered.status.success());
     assert!(filtered.stdout.is_empty());
+}
+
+/// §7a: several processors on one PostgreSQL database. Every mail is
+/// delivered twice (as a fetcher's redelivery would), two processors take
+/// them at once, and each is killed with SIGKILL in turn while messages are
+/// in flight: every dedupe key still gives exactly one record, nothing is
+/// rejected and nothing dead-lettered.
+#[tokio::test]
+async fn two_processors_on_postgres_killed_in_turn_make_one_record_per_dedupe_key() {
+    let h = Harness::new(StoreKind::Postgres, &[]).await;
+    let n = 600;
+    let envelopes: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("L-{i}");
+            let wb = lease_workbook(&Lease {
+                id: &id,
+                ..Default::default()
+            });
+            envelope(mail(
+                LEASE_SUBJECT,
+                "ann@contoso.com",
+                &[],
+                &[Attachment::xlsx(wb)],
+            ))
+        })
+        .collect();
+    for e in envelopes.iter().chain(envelopes.iter()) {
+        h.publish(e).await;
+    }
+    let store = h.store().await;
+    let count = || async { store.records(&Default::default()).await.unwrap().len() };
+    let mut a = spawn_processor(&h);
+    let mut b = spawn_processor(&h);
+    for (victim, at) in [(&mut a, n / 5), (&mut b, n / 2)] {
+        wait_for(
+            &format!("{at} records"),
+            Duration::from_secs(120),
+            || async { (count().await >= at).then_some(()) },
+        )
+        .await;
+        victim.kill().await.unwrap(); // SIGKILL, and reaped
+        *victim = spawn_processor(&h);
+    }
+    assert!(count().await < n, "both were killed before the end");
+    wait_records(&store, n, Duration::from_secs(180)).await;
+    wait_for("an empty queue", Duration::from_secs(60), || async {
+        (h.queue_depth().await == 0).then_some(())
+    })
+    .await;
+    // Both stop gracefully: what they held unacked is settled before exit.
+    for child in [&mut a, &mut b] {
+        let status = process::stop(child, Duration::from_secs(30))
+            .await
+            .expect("form-processor did not stop on SIGTERM");
+        assert!(status.success(), "graceful stop exits 0, got {status}");
+    }
+    let records = store.records(&Default::default()).await.unwrap();
+    let mut keys: Vec<&str> = records
+        .iter()
+        .map(|r| r.source.dedupe_key.as_str())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(records.len(), n, "exactly {n} records");
+    assert_eq!(keys.len(), n, "one record per dedupe key");
+    assert!(
+        store.failures().await.unwrap().is_empty(),
+        "nothing rejected"
+    );
+    assert!(h.drain_dead().await.is_empty(), "nothing dead-lettered");
 }
