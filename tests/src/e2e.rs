@@ -387,6 +387,63 @@ pub struct Outcome {
     pub dead_lettered_twice: usize,
 }
 
+/// Where the stack's Redis and RabbitMQ are.
+#[derive(Debug, Clone, Default)]
+pub enum Servers {
+    /// The single test servers of `scripts/services`, each behind a
+    /// cuttable [`Relay`].
+    #[default]
+    Relayed,
+    /// Other servers (the multi-node ones of `scripts/services up
+    /// --cluster`), reached directly; faults are real node kills.
+    Direct {
+        /// The `[redis]` lines replacing `url` (e.g. `sentinels = [...]`).
+        redis: Vec<String>,
+        /// The RabbitMQ nodes (`[amqp] urls`), administrator URLs.
+        amqp_urls: Vec<String>,
+    },
+}
+
+/// The shape of a stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// IMAP configs wait with IDLE (else poll every second).
+    pub imap_idle: bool,
+    /// imap-fetcher replicas.
+    pub imap_fetchers: usize,
+    /// pop-fetcher replicas.
+    pub pop_fetchers: usize,
+    /// form-processor replicas.
+    pub processors: usize,
+    /// The record store.
+    pub store: crate::forms::StoreKind,
+    /// Redis and RabbitMQ.
+    pub servers: Servers,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            imap_idle: false,
+            imap_fetchers: 3,
+            pop_fetchers: 1,
+            processors: 1,
+            store: crate::forms::StoreKind::Sqlite,
+            servers: Servers::Relayed,
+        }
+    }
+}
+
+/// The name of replica `i` of `n` of `bin`: the bare binary name when it
+/// is the only one (`form-processor`), else numbered (`imap-fetcher-2`).
+pub fn replica_name(bin: Bin, i: usize, n: usize) -> String {
+    if n == 1 && bin != Bin::ImapFetcher {
+        bin.name().to_string()
+    } else {
+        format!("{}-{i}", bin.name())
+    }
+}
+
 /// One test's running agent and everything around it.
 pub struct Stack {
     /// The servers.
@@ -405,14 +462,18 @@ pub struct Stack {
     pub mailboxes: [String; 4],
     /// Mail config names, in the same order.
     pub configs: [String; 4],
-    /// The record store (the processor's SQLite file).
+    /// The record store (SQLite file or PostgreSQL database).
     pub store: Store,
     /// The configuration file every process reads.
     pub config_path: PathBuf,
     /// Direct (not relayed) Redis connection for the test's checks.
     pub redis: redis::aio::ConnectionManager,
-    /// Direct AMQP channel for the test's checks.
-    pub channel: lapin::Channel,
+    /// AMQP channel for the test's checks (see [`Stack::channel`]).
+    channel: tokio::sync::Mutex<lapin::Channel>,
+    /// The RabbitMQ nodes the test's own channel may use.
+    amqp_urls: Vec<String>,
+    /// The shape it was started with.
+    pub options: StackOptions,
     dir: Option<tempfile::TempDir>,
     procs: Vec<Supervised>,
     /// Message ids of every dead letter taken off the queue so far.
@@ -438,6 +499,19 @@ impl Stack {
     /// imap-fetcher replicas, one pop-fetcher, one form-processor. The IMAP
     /// configs wait with IDLE when `imap_idle`, else poll every second.
     pub async fn start(label: &str, imap_idle: bool) -> Self {
+        Self::start_with(
+            label,
+            StackOptions {
+                imap_idle,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Stack::start`] in the shape `options` gives.
+    pub async fn start_with(label: &str, options: StackOptions) -> Self {
+        let imap_idle = options.imap_idle;
         let env = Endpoints::load();
         let prefix = unique(label);
         let idp = TestIdp::start(&env).await;
@@ -464,7 +538,22 @@ impl Stack {
         let redis_via = via(redis_url, &redis_relay);
         let amqp_via = via(amqp_url, &amqp_relay);
         let mut cfg = TestConfig::with_prefix(&env, &prefix);
-        cfg.servers(&redis_via, &amqp_via);
+        let amqp_urls = match &options.servers {
+            Servers::Relayed => {
+                cfg.servers(&redis_via, &amqp_via);
+                vec![env.amqp_url().to_string()]
+            }
+            Servers::Direct { redis, amqp_urls } => {
+                cfg.remove_key("redis", "url").remove_key("amqp", "url");
+                for line in redis {
+                    cfg.section_line("redis", line);
+                }
+                let list: Vec<String> = amqp_urls.iter().map(|u| format!("\"{u}\"")).collect();
+                cfg.section_line("amqp", &format!("urls = [{}]", list.join(", ")))
+                    .section_line("amqp", "queue-type = \"quorum\"");
+                amqp_urls.clone()
+            }
+        };
         for line in [
             "refresh-lead-min = 0",
             "forced-refresh-min-interval = 1",
@@ -476,7 +565,14 @@ impl Stack {
         ] {
             cfg.broker_setting(line);
         }
-        let store_url = cfg.sqlite_store();
+        let store_url = match options.store {
+            crate::forms::StoreKind::Sqlite => cfg.sqlite_store(),
+            _ => {
+                let url = crate::forms::create_database(env.postgres_url(), &prefix).await;
+                cfg.store(&url);
+                url
+            }
+        };
         cfg.section_line("form-processor", "prefetch = 32")
             .idp_profile(PROFILE, &token_url, &app, &secret)
             .lease_topic();
@@ -502,24 +598,18 @@ impl Stack {
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
-        let redis = redis::aio::ConnectionManager::new(
-            redis::Client::open(env.redis_url()).expect("redis url"),
-        )
-        .await
-        .expect("redis");
-        let conn =
-            lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .expect("amqp");
-        let channel = conn.create_channel().await.expect("channel");
-        let amqp_config = common::config::AmqpConfig {
-            url: common::secret::SecretUrl::new(env.amqp_url().to_string()),
-            prefix: prefix.clone(),
-            queue_type: common::config::QueueType::Classic,
-            delivery_limit: 0,
-            broker_max_message_bytes: common::config::DEFAULT_BROKER_MAX_MESSAGE_BYTES,
+        // The test's own view, as an administrator (the CLI's config
+        // before `restrict`): the same servers, without the relays.
+        let admin = {
+            let mut direct = TestConfig::with_prefix(&env, &prefix);
+            if let Servers::Direct { .. } = options.servers {
+                direct.toml = cfg.toml.clone();
+            }
+            direct.load(common::Component::Cli)
         };
-        common::topology::declare(&channel, &amqp_config, false)
+        let redis = common::connect::redis(&admin).await.expect("redis");
+        let channel = open_channel(&amqp_urls).await;
+        common::topology::declare(&channel, &admin.amqp, false)
             .await
             .expect("declare topology");
 
@@ -549,11 +639,15 @@ impl Stack {
             ));
         };
         add(Bin::TokenBroker, "token-broker");
-        for i in 0..3 {
-            add(Bin::ImapFetcher, &format!("imap-fetcher-{i}"));
+        for (bin, n) in [
+            (Bin::ImapFetcher, options.imap_fetchers),
+            (Bin::PopFetcher, options.pop_fetchers),
+            (Bin::FormProcessor, options.processors),
+        ] {
+            for i in 0..n {
+                add(bin, &replica_name(bin, i, n));
+            }
         }
-        add(Bin::PopFetcher, "pop-fetcher");
-        add(Bin::FormProcessor, "form-processor");
 
         let stack = Self {
             env,
@@ -567,7 +661,9 @@ impl Stack {
             store,
             config_path,
             redis,
-            channel,
+            channel: tokio::sync::Mutex::new(channel),
+            amqp_urls,
+            options,
             dir: Some(cfg.dir),
             procs,
             dead_letters: Mutex::new(Vec::new()),
@@ -591,6 +687,23 @@ impl Stack {
         format!("{}.dead", self.prefix)
     }
 
+    /// The test's AMQP channel, opened again (on the first node that
+    /// answers) when a node kill or a relay cut closed it.
+    pub async fn channel(&self) -> lapin::Channel {
+        let mut channel = self.channel.lock().await;
+        if !channel.status().connected() {
+            *channel = open_channel(&self.amqp_urls).await;
+        }
+        channel.clone()
+    }
+
+    /// Messages ready in `queue` (`u32::MAX` while RabbitMQ cannot say).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        common::topology::queue_depth(&self.channel().await, queue)
+            .await
+            .unwrap_or(u32::MAX)
+    }
+
     /// Where the logs are.
     pub fn logs(&self) -> PathBuf {
         self.dir
@@ -609,10 +722,11 @@ impl Stack {
             || async {
                 let agents = self.agents().await;
                 let count = |c: &str| agents.iter().filter(|a| a.0 == c).count();
+                let o = &self.options;
                 let up = count("token-broker") == 1
-                    && count("imap-fetcher") == 3
-                    && count("pop-fetcher") == 1
-                    && count("form-processor") == 1;
+                    && count("imap-fetcher") == o.imap_fetchers
+                    && count("pop-fetcher") == o.pop_fetchers
+                    && count("form-processor") == o.processors;
                 let token = self.exists(&self.keys().token(PROFILE)).await;
                 let leased = self.lease_owners().await.len() == 4;
                 up && token && leased
@@ -765,9 +879,7 @@ impl Stack {
             Duration::from_millis(250),
             || async {
                 let now = self.settled().await;
-                let depth = common::topology::queue_depth(&self.channel, &self.create_queue())
-                    .await
-                    .unwrap_or(u32::MAX);
+                let depth = self.queue_depth(&self.create_queue()).await;
                 let (before, since) = last.get();
                 if now != before || depth != 0 {
                     last.set((now, Instant::now()));
@@ -927,8 +1039,8 @@ impl Stack {
     /// ids (dedupe keys).
     async fn drain_dead(&self) -> Vec<String> {
         let mut out = Vec::new();
-        while let Some(m) = self
-            .channel
+        let channel = self.channel().await;
+        while let Some(m) = channel
             .basic_get(&self.dead_queue(), BasicGetOptions::default())
             .await
             .expect("basic_get")
@@ -944,9 +1056,9 @@ impl Stack {
     /// the shared servers (queues, Redis keys, mailboxes).
     pub async fn shutdown(mut self) {
         self.stop_processes().await;
+        let channel = self.channel().await;
         for q in [self.create_queue(), self.dead_queue()] {
-            let _ = self
-                .channel
+            let _ = channel
                 .queue_delete(&q, QueueDeleteOptions::default())
                 .await;
         }
@@ -986,6 +1098,28 @@ impl Drop for Stack {
                 eprintln!("[e2e] logs and config kept in {}", kept.display());
             }
         }
+    }
+}
+
+/// A channel on the first of `urls` that accepts a connection, trying
+/// them in turn for up to a minute (a cluster node may be down).
+async fn open_channel(urls: &[String]) -> lapin::Channel {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for url in urls {
+            let props = lapin::ConnectionProperties::default();
+            if let Ok(conn) = lapin::Connection::connect(url, props).await {
+                if let Ok(channel) = conn.create_channel().await {
+                    return channel;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no RabbitMQ node of {} answers",
+            urls.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -120,6 +120,26 @@ encryption-key-file = "{key}"
         self
     }
 
+    /// Removes `key` from `[section]` (e.g. `url`, where a list of nodes
+    /// replaces it).
+    pub fn remove_key(&mut self, section: &str, key: &str) -> &mut Self {
+        let header = format!("[{section}]\n");
+        let Some(at) = find_header(&self.toml, &header) else {
+            return self;
+        };
+        let start = at + header.len();
+        let end = self.toml[start..]
+            .find("\n[")
+            .map_or(self.toml.len(), |i| start + i + 1);
+        let kept: String = self.toml[start..end]
+            .lines()
+            .filter(|l| l.split('=').next().unwrap_or_default().trim() != key)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.toml.replace_range(start..end, &kept);
+        self
+    }
+
     /// Points the config at other Redis and AMQP URLs (relays, other users).
     pub fn servers(&mut self, redis_url: &str, amqp_url: &str) -> &mut Self {
         self.section_line("redis", &format!("url = \"{redis_url}\""))
