@@ -514,6 +514,7 @@ impl Stack {
         let channel = conn.create_channel().await.expect("channel");
         let amqp_config = common::config::AmqpConfig {
             url: common::secret::SecretUrl::new(env.amqp_url().to_string()),
+            urls: vec![common::secret::SecretUrl::new(env.amqp_url().to_string())],
             prefix: prefix.clone(),
             queue_type: common::config::QueueType::Classic,
             delivery_limit: 0,
