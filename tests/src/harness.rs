@@ -126,6 +126,22 @@ encryption-key-file = "{key}"
             .section_line("amqp", &format!("url = \"{amqp_url}\""))
     }
 
+    /// Points `[amqp]` at several nodes: `urls = [...]` instead of `url`.
+    pub fn amqp_urls(&mut self, urls: &[String]) -> &mut Self {
+        let start = find_header(&self.toml, "[amqp]\n").expect("[amqp] section") + "[amqp]\n".len();
+        let end = self.toml[start..]
+            .find("\n[")
+            .map_or(self.toml.len(), |i| start + i + 1);
+        let section: String = self.toml[start..end]
+            .lines()
+            .filter(|l| l.split('=').next().unwrap_or_default().trim() != "url")
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.toml.replace_range(start..end, &section);
+        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        self.section_line("amqp", &format!("urls = [{}]", list.join(", ")))
+    }
+
     /// Tokens in Redis in clear (`token-encryption = "none"`) instead of
     /// sealed with the generated key.
     pub fn no_token_encryption(&mut self) -> &mut Self {

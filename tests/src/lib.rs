@@ -3,6 +3,7 @@
 //! Microsoft Entra ID, and small protocol clients used to check servers.
 
 pub mod bench;
+pub mod cluster;
 pub mod certs;
 pub mod corpus;
 pub mod e2e;
