@@ -154,25 +154,45 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
     assert_eq!(keys.len(), FORMS);
 
     let p = h.start(Default::default());
+    // The publisher starts on the node that is about to die, so its
+    // connection is lost mid-run; it reconnects through `[amqp] urls`.
     let config = Arc::new(h.config.clone());
-    let conn = common::connect::amqp(&config, "test-fetcher")
+    let leader_url = common::secret::SecretUrl::new(leader.url.clone());
+    let conn = common::connect::amqp_node(&config, &leader_url, "test-fetcher")
         .await
-        .expect("connect the publisher");
+        .expect("connect the publisher to the leader");
     let link = Arc::new(AmqpLink::new(config, "test-fetcher".into(), conn));
     let publishing = {
         let link = link.clone();
         let exchange = h.topology.exchange.clone();
         let envelopes = envelopes.clone();
-        tokio::spawn(async move { publish_all(&link, &exchange, &envelopes).await })
+        let store = store.clone();
+        tokio::spawn(async move {
+            // Chunks of 10, kept at most 60 forms ahead of the processor,
+            // so that publishing lasts as long as processing does.
+            let mut attempts = 0;
+            let mut sent = 0;
+            for chunk in envelopes.chunks(10) {
+                wait_for("the processor to catch up", WAIT, || async {
+                    let made = store.records(&Default::default()).await.ok()?.len();
+                    (made + 60 >= sent).then_some(())
+                })
+                .await;
+                attempts += publish_all(&link, &exchange, chunk).await;
+                sent += chunk.len();
+            }
+            attempts
+        })
     };
 
-    // Mid-run: some forms are records, others are still being published
-    // or waiting in the queue.
-    wait_for("the first 50 records", WAIT, || async {
+    // Mid-run: some forms are records, others are being published or wait
+    // in the queue.
+    wait_for("the first 100 records", WAIT, || async {
         let n = store.records(&Default::default()).await.ok()?.len();
-        (n >= 50).then_some(())
+        (n >= 100).then_some(())
     })
     .await;
+    assert!(!publishing.is_finished(), "the kill comes while forms are being published");
     cluster.kill_9(&leader).await;
     let new_leader = cluster.wait_leader(&h.topology.create_queue, WAIT).await;
     assert_ne!(new_leader.name, leader.name, "another node leads after the kill");
@@ -260,10 +280,6 @@ async fn cluster_poison_on_quorum_queues_is_caught_by_our_limit_first() {
     let p = h.start(Default::default());
     let records = wait_records(&store, 1, WAIT).await;
     assert_eq!(records[0].source.dedupe_key, e.dedupe_key);
-    wait_for("the failure forgotten", WAIT, || async {
-        store.failures().await.ok()?.is_empty().then_some(())
-    })
-    .await;
     assert_eq!(dead_depth(&h).await, 0);
     p.stop().await.unwrap();
 }
@@ -352,10 +368,6 @@ async fn cluster_rabbitmqs_own_delivery_limit_is_listed_and_replayable() {
     let p = h.start(Default::default());
     let records = wait_records(&store, 1, WAIT).await;
     assert_eq!(records[0].source.dedupe_key, e.dedupe_key);
-    wait_for("the failure forgotten", WAIT, || async {
-        store.failures().await.ok()?.is_empty().then_some(())
-    })
-    .await;
     assert_eq!(dead_depth(&h).await, 0);
     p.stop().await.unwrap();
 }
