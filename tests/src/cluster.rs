@@ -40,7 +40,10 @@ impl Cluster {
     pub fn load(env: &Endpoints) -> Self {
         let nodes = (1..=3)
             .map(|i| {
-                let get = |what: &str| env.get(&format!("MAILAGENT_TEST_CLUSTER_NODE{i}_{what}")).to_string();
+                let get = |what: &str| {
+                    env.get(&format!("MAILAGENT_TEST_CLUSTER_NODE{i}_{what}"))
+                        .to_string()
+                };
                 Node {
                     index: i,
                     name: get("NAME"),
@@ -75,7 +78,15 @@ impl Cluster {
     pub fn leader(&self, queue: &str) -> Option<(String, Vec<String>)> {
         for n in self.nodes.iter().filter(|n| self.running(n)) {
             let out = std::process::Command::new(&n.rabbitmqctl)
-                .args(["-q", "list_queues", "name", "leader", "members", "--formatter", "json"])
+                .args([
+                    "-q",
+                    "list_queues",
+                    "name",
+                    "leader",
+                    "members",
+                    "--formatter",
+                    "json",
+                ])
                 .output()
                 .ok()?;
             if !out.status.success() {
@@ -87,7 +98,11 @@ impl Cluster {
                     let leader = row["leader"].as_str()?.to_string();
                     let members = row["members"]
                         .as_array()
-                        .map(|m| m.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
                         .unwrap_or_default();
                     return Some((leader, members));
                 }
@@ -110,9 +125,11 @@ impl Cluster {
     pub async fn kill_9(&self, n: &Node) {
         let p = pid(n).unwrap_or_else(|| panic!("node {} is not running", n.name));
         assert!(crate::process::signal("KILL", p), "kill -9 {p}");
-        wait_for(&format!("node {} to die", n.name), Duration::from_secs(20), || async {
-            (!self.running(n)).then_some(())
-        })
+        wait_for(
+            &format!("node {} to die", n.name),
+            Duration::from_secs(20),
+            || async { (!self.running(n)).then_some(()) },
+        )
         .await;
     }
 

@@ -390,7 +390,9 @@ impl Harness {
             None => Connection::connect(env.amqp_url(), ConnectionProperties::default())
                 .await
                 .unwrap(),
-            Some(_) => common::connect::amqp(&config, "test-harness").await.unwrap(),
+            Some(_) => common::connect::amqp(&config, "test-harness")
+                .await
+                .unwrap(),
         };
         let channel = conn.create_channel().await.unwrap();
         let topology = common::topology::declare(&channel, &config.amqp, false)

@@ -3,8 +3,8 @@
 //! Microsoft Entra ID, and small protocol clients used to check servers.
 
 pub mod bench;
-pub mod cluster;
 pub mod certs;
+pub mod cluster;
 pub mod corpus;
 pub mod e2e;
 pub mod env;

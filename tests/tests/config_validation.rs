@@ -312,11 +312,7 @@ fn bad_cases() -> Vec<(&'static str, Edit, &'static str)> {
             ),
             "amqp.urls",
         ),
-        (
-            "amqp urls empty",
-            amqp_urls("[]"),
-            "amqp.urls",
-        ),
+        ("amqp urls empty", amqp_urls("[]"), "amqp.urls"),
         (
             "amqp urls with a bad scheme",
             amqp_urls(r#"["amqp://n1:5672/%2f", "http://n2:5672/"]"#),
@@ -379,9 +375,16 @@ fn amqp_urls_and_the_quorum_delivery_limit_are_validated() {
     .unwrap();
     assert_eq!(config.amqp.urls.len(), 2);
     assert_eq!(config.amqp.delivery_limit, 20);
-    assert_eq!(config.amqp.delivery_limit, common::config::DEFAULT_DELIVERY_LIMIT);
+    assert_eq!(
+        config.amqp.delivery_limit,
+        common::config::DEFAULT_DELIVERY_LIMIT
+    );
 
-    let equal = good.replacen("[form-processor]\n", "[form-processor]\ndelivery-limit = 20\n", 1);
+    let equal = good.replacen(
+        "[form-processor]\n",
+        "[form-processor]\ndelivery-limit = 20\n",
+        1,
+    );
     let out = check("form-processor", &f.write("config.toml", &equal));
     let all = text(&out);
     assert_eq!(out.status.code(), Some(2), "{all}");

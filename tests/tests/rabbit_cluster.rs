@@ -147,7 +147,11 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
     let store = h.store().await;
     let leader = cluster.wait_leader(&h.topology.create_queue, WAIT).await;
     let (_, members) = cluster.leader(&h.topology.create_queue).unwrap();
-    assert_eq!(members.len(), 3, "the quorum queue has a member on each node");
+    assert_eq!(
+        members.len(),
+        3,
+        "the quorum queue has a member on each node"
+    );
 
     let envelopes: Vec<Envelope> = (0..FORMS).map(|i| lease(&format!("C-{i}"))).collect();
     let keys: HashSet<String> = envelopes.iter().map(|e| e.dedupe_key.clone()).collect();
@@ -192,10 +196,16 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
         (n >= 100).then_some(())
     })
     .await;
-    assert!(!publishing.is_finished(), "the kill comes while forms are being published");
+    assert!(
+        !publishing.is_finished(),
+        "the kill comes while forms are being published"
+    );
     cluster.kill_9(&leader).await;
     let new_leader = cluster.wait_leader(&h.topology.create_queue, WAIT).await;
-    assert_ne!(new_leader.name, leader.name, "another node leads after the kill");
+    assert_ne!(
+        new_leader.name, leader.name,
+        "another node leads after the kill"
+    );
 
     let attempts = tokio::time::timeout(Duration::from_secs(200), publishing)
         .await
@@ -230,7 +240,10 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
         store.failures().await.unwrap().is_empty(),
         "no form was rejected"
     );
-    assert_eq!(depth_via_any_node(&h, &h.topology.dead_queue).await, Some(0));
+    assert_eq!(
+        depth_via_any_node(&h, &h.topology.dead_queue).await,
+        Some(0)
+    );
     assert!(p.running(), "the processor survived the node's death");
     p.stop().await.unwrap();
     link.close().await;
@@ -271,7 +284,10 @@ async fn cluster_poison_on_quorum_queues_is_caught_by_our_limit_first() {
 
     let (ok, out) = mailagent(&h, &["dead-letters", "list"]);
     assert!(ok, "{out}");
-    assert!(out.contains(&format!("#{} poison", failures[0].id)), "{out}");
+    assert!(
+        out.contains(&format!("#{} poison", failures[0].id)),
+        "{out}"
+    );
     assert!(out.contains("1 failure(s); 1 message(s) waiting"), "{out}");
     assert!(!out.contains("delivery_limit"), "{out}");
 
@@ -341,7 +357,10 @@ async fn cluster_rabbitmqs_own_delivery_limit_is_listed_and_replayable() {
     let returned = requeuer.await.unwrap();
     assert!(returned >= 2, "returned {returned} times");
     assert_eq!(h.queue_depth().await, 0);
-    assert!(store.failures().await.unwrap().is_empty(), "no processor ran");
+    assert!(
+        store.failures().await.unwrap().is_empty(),
+        "no processor ran"
+    );
 
     let (ok, out) = mailagent(&h, &["dead-letters", "list"]);
     assert!(ok, "{out}");
@@ -403,7 +422,10 @@ async fn cluster_status_shows_every_node() {
             .expect("create queue");
         assert_eq!(create["ready"], 1, "{n}");
     }
-    assert!(!out.contains("guest:guest"), "passwords are redacted: {out}");
+    assert!(
+        !out.contains("guest:guest"),
+        "passwords are redacted: {out}"
+    );
 
     let victim = cluster.nodes[2].clone();
     cluster.kill_9(&victim).await;

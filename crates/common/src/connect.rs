@@ -94,9 +94,7 @@ pub async fn amqp(config: &Config, connection_name: &str) -> Result<Connection> 
             }
         }
     }
-    Err(transient
-        .or(permanent)
-        .expect("[amqp] urls is never empty"))
+    Err(transient.or(permanent).expect("[amqp] urls is never empty"))
 }
 
 /// Opens an AMQP connection to the node at `url` only (one of

@@ -216,7 +216,10 @@ async fn record(
                 }
                 Some(Known::Record(id)) => Ok((
                     rejection.reason.code().to_string(),
-                    format!("{}; the same mail was created as record {id} meanwhile", rejection.detail),
+                    format!(
+                        "{}; the same mail was created as record {id} meanwhile",
+                        rejection.detail
+                    ),
                 )),
                 None => Ok((rejection.reason.code().to_string(), rejection.detail)),
             }
@@ -355,7 +358,10 @@ mod tests {
             Some(("delivery_limit".to_string(), "t.create".to_string()))
         );
         let first_only = props_with(&[
-            ("x-first-death-reason", AMQPValue::LongString("expired".into())),
+            (
+                "x-first-death-reason",
+                AMQPValue::LongString("expired".into()),
+            ),
             ("x-first-death-queue", AMQPValue::LongString("q".into())),
         ]);
         assert_eq!(

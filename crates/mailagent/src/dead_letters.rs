@@ -57,9 +57,14 @@ pub async fn dead_letters(config: &Config, command: &DeadLettersCommand) -> anyh
         max_depth: config.form_processor.max_mime_depth,
         max_parts: config.form_processor.max_mime_parts,
     };
-    let reconciled = form_processor::broker_dead::reconcile(&store, &conn, &topology, limits).await?;
+    let reconciled =
+        form_processor::broker_dead::reconcile(&store, &conn, &topology, limits).await?;
     if !reconciled.recorded.is_empty() {
-        let ids: Vec<String> = reconciled.recorded.iter().map(|id| format!("#{id}")).collect();
+        let ids: Vec<String> = reconciled
+            .recorded
+            .iter()
+            .map(|id| format!("#{id}"))
+            .collect();
         eprintln!(
             "recorded {} message(s) RabbitMQ dead-lettered itself as failure(s) {}",
             ids.len(),

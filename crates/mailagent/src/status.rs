@@ -412,15 +412,30 @@ fn render(r: &Report) -> String {
         for n in &r.nodes {
             if !n.reachable {
                 let why = n.error.clone().unwrap_or_default();
-                rows.push(vec![n.url.clone(), format!("unreachable: {why}"), "-".into(), "-".into(), "-".into()]);
+                rows.push(vec![
+                    n.url.clone(),
+                    format!("unreachable: {why}"),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
                 continue;
             }
             for q in &n.queues {
                 let num = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
-                rows.push(vec![n.url.clone(), "up".into(), q.name.clone(), num(q.ready), num(q.consumers)]);
+                rows.push(vec![
+                    n.url.clone(),
+                    "up".into(),
+                    q.name.clone(),
+                    num(q.ready),
+                    num(q.consumers),
+                ]);
             }
         }
-        out.push_str(&table(&["NODE", "STATE", "QUEUE", "READY", "CONSUMERS"], rows));
+        out.push_str(&table(
+            &["NODE", "STATE", "QUEUE", "READY", "CONSUMERS"],
+            rows,
+        ));
         out.push_str("note: quorum queue leaders and members are not visible over AMQP; see `rabbitmq-queues quorum_status <queue>` on a node\n");
     }
     for e in &r.errors {

@@ -191,7 +191,11 @@ fn parse_urls(w: &mut Walker, t: &Dict, p: &str) -> Vec<SecretUrl> {
     }
     if single {
         let (one, many) = (
-            if t.contains_key("url") { "url" } else { "url-file" },
+            if t.contains_key("url") {
+                "url"
+            } else {
+                "url-file"
+            },
             if inline { "urls" } else { "urls-file" },
         );
         w.err(
