@@ -387,6 +387,19 @@ pub struct Outcome {
     pub dead_lettered_twice: usize,
 }
 
+/// A channel for a test's checks on the first of `urls` that accepts a
+/// connection (the connection lives as long as the channel).
+pub async fn check_channel(urls: &[String]) -> lapin::Channel {
+    for url in urls {
+        if let Ok(conn) =
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await
+        {
+            return conn.create_channel().await.expect("channel");
+        }
+    }
+    panic!("no RabbitMQ node of {} accepts a connection", urls.len())
+}
+
 /// One test's running agent and everything around it.
 pub struct Stack {
     /// The servers.
@@ -438,6 +451,19 @@ impl Stack {
     /// imap-fetcher replicas, one pop-fetcher, one form-processor. The IMAP
     /// configs wait with IDLE when `imap_idle`, else poll every second.
     pub async fn start(label: &str, imap_idle: bool) -> Self {
+        Self::start_with(label, imap_idle, None).await
+    }
+
+    /// [`Stack::start`] on several RabbitMQ nodes (the cluster of
+    /// `scripts/services up --cluster`): `[amqp] urls = nodes`, quorum
+    /// queues, no AMQP relay between the binaries and the nodes (a node is
+    /// killed for real), and the binaries' RabbitMQ user is guest. IMAP
+    /// configs poll every second.
+    pub async fn start_on_nodes(label: &str, nodes: &[String]) -> Self {
+        Self::start_with(label, false, Some(nodes)).await
+    }
+
+    async fn start_with(label: &str, imap_idle: bool, nodes: Option<&[String]>) -> Self {
         let env = Endpoints::load();
         let prefix = unique(label);
         let idp = TestIdp::start(&env).await;
@@ -465,6 +491,10 @@ impl Stack {
         let amqp_via = via(amqp_url, &amqp_relay);
         let mut cfg = TestConfig::with_prefix(&env, &prefix);
         cfg.servers(&redis_via, &amqp_via);
+        if let Some(nodes) = nodes {
+            cfg.amqp_urls(nodes)
+                .section_line("amqp", "queue-type = \"quorum\"");
+        }
         for line in [
             "refresh-lead-min = 0",
             "forced-refresh-min-interval = 1",
@@ -507,17 +537,24 @@ impl Stack {
         )
         .await
         .expect("redis");
-        let conn =
-            lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default())
-                .await
-                .expect("amqp");
-        let channel = conn.create_channel().await.expect("channel");
+        let check_urls: Vec<String> = match nodes {
+            Some(nodes) => nodes.to_vec(),
+            None => vec![env.amqp_url().to_string()],
+        };
+        let channel = check_channel(&check_urls).await;
         let amqp_config = common::config::AmqpConfig {
-            url: common::secret::SecretUrl::new(env.amqp_url().to_string()),
-            urls: vec![common::secret::SecretUrl::new(env.amqp_url().to_string())],
+            url: common::secret::SecretUrl::new(check_urls[0].clone()),
+            urls: check_urls
+                .iter()
+                .map(|u| common::secret::SecretUrl::new(u.clone()))
+                .collect(),
             prefix: prefix.clone(),
-            queue_type: common::config::QueueType::Classic,
-            delivery_limit: 0,
+            queue_type: if nodes.is_some() {
+                common::config::QueueType::Quorum
+            } else {
+                common::config::QueueType::Classic
+            },
+            delivery_limit: common::config::DEFAULT_DELIVERY_LIMIT,
             broker_max_message_bytes: common::config::DEFAULT_BROKER_MAX_MESSAGE_BYTES,
         };
         common::topology::declare(&channel, &amqp_config, false)

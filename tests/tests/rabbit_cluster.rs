@@ -435,3 +435,70 @@ async fn cluster_status_shows_every_node() {
     assert!(out.contains("RABBITMQ NODES"), "{out}");
     assert_eq!(out.matches("unreachable").count(), 1, "{out}");
 }
+
+/// Mails in the end-to-end cluster test's batch (the figure).
+const E2E_BATCH: usize = mailagent_tests::e2e::BATCH;
+
+/// (a, end to end) The whole agent as users run it — token broker, three
+/// imap-fetchers, a pop-fetcher and the form processor as processes —
+/// on `[amqp] urls` of the 3-node cluster with quorum queues: a batch of
+/// 1,000 form mails is fetched from IMAP and POP3 mailboxes and processed
+/// while the node leading `<prefix>.create` is killed with SIGKILL and
+/// started again. Every form becomes exactly one record or one rejection
+/// with its reason (0 lost, 0 twice: `Stack::verify`), every IMAP message
+/// ends `\Seen` and the POP3 maildrops empty, and no process died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_e2e_mail_survives_kill_9_of_the_create_queue_leader() {
+    use mailagent_tests::e2e::{batch, check_channel, Stack};
+    let cluster = cluster();
+    cluster.ensure_up().await;
+    let started = std::time::Instant::now();
+    let mut stack = Stack::start_on_nodes("cle2e", &cluster.urls()).await;
+    let leader = cluster.wait_leader(&stack.create_queue(), WAIT).await;
+
+    let b = batch("K", E2E_BATCH, &stack.mailboxes);
+    let total = b.expected.records() + b.expected.failures();
+    stack.seed(&b);
+    stack
+        .wait_settled(E2E_BATCH / 5, Duration::from_secs(180))
+        .await;
+    let at_kill = stack.settled().await;
+    cluster.kill_9(&leader).await;
+    assert!(
+        at_kill < total,
+        "the kill came after the batch was done ({at_kill} of {total})"
+    );
+    let new_leader = cluster.wait_leader(&stack.create_queue(), WAIT).await;
+    assert_ne!(new_leader.name, leader.name);
+    cluster.start(&leader).await;
+    // The test's own check channel may have been on the killed node.
+    stack.channel = check_channel(&cluster.urls()).await;
+
+    let outcome = stack.verify(&b.expected, Duration::from_secs(240)).await;
+    stack
+        .wait_mailboxes_done([E2E_BATCH / 4, E2E_BATCH / 4], Duration::from_secs(60))
+        .await;
+    let restarted: Vec<String> = [
+        "token-broker",
+        "imap-fetcher-0",
+        "imap-fetcher-1",
+        "imap-fetcher-2",
+        "pop-fetcher",
+        "form-processor",
+    ]
+    .iter()
+    .filter(|n| stack.starts(n) != 1)
+    .map(|n| format!("{n} started {} times", stack.starts(n)))
+    .collect();
+    assert!(
+        restarted.is_empty(),
+        "a node's death killed a process: {restarted:?}"
+    );
+    eprintln!(
+        "[cluster] {E2E_BATCH} mails, leader {} killed at {at_kill} of {total} settled, {} took over: {outcome:?} in {:?}",
+        leader.name,
+        new_leader.name,
+        started.elapsed()
+    );
+    stack.shutdown().await;
+}

@@ -55,8 +55,9 @@ const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Which configured node the next connection tries first: each connection
 /// of a process starts one node further, so a process's connections (and a
-/// reconnect after a node died) spread over the cluster.
-static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// reconnect after a node died) spread over the cluster. Each process
+/// starts at a random node, so that replicas spread too.
+static NEXT_NODE: std::sync::OnceLock<std::sync::atomic::AtomicUsize> = std::sync::OnceLock::new();
 
 /// Opens an AMQP connection to one of the configured nodes (`[amqp] urls`,
 /// or the one `url`): each is tried in turn, starting one node further on
@@ -69,7 +70,9 @@ static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsiz
 /// diagnosed configuration problem ([`Error::Connect`]).
 pub async fn amqp(config: &Config, connection_name: &str) -> Result<Connection> {
     let urls = &config.amqp.urls;
-    let first = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let first = NEXT_NODE
+        .get_or_init(|| std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize))
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut transient: Option<Error> = None;
     let mut permanent: Option<Error> = None;
     for i in 0..urls.len() {
