@@ -248,3 +248,95 @@ fn parse_urls(w: &mut Walker, t: &Dict, p: &str) -> Vec<SecretUrl> {
     }
     urls
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Component;
+
+    fn urls_of(toml: &str) -> (Vec<String>, Vec<String>) {
+        use figment::providers::{Format, Toml};
+        let t: Dict = figment::Figment::from(Toml::string(toml))
+            .extract()
+            .unwrap();
+        let mut w = Walker {
+            errors: Vec::new(),
+            component: Component::Cli,
+        };
+        let urls = parse_urls(&mut w, &t, "amqp");
+        (
+            urls.iter().map(|u| u.redacted()).collect(),
+            w.errors.iter().map(|e| e.path.clone()).collect(),
+        )
+    }
+
+    #[test]
+    fn url_or_urls_exactly_one_never_empty() {
+        let cases: &[(&str, &[&str], &[&str])] = &[
+            ("", &["amqp://guest:[redacted]@127.0.0.1:5672/%2f"], &[]),
+            (
+                "url = \"amqp://a:pw@n1/%2f\"",
+                &["amqp://a:[redacted]@n1/%2f"],
+                &[],
+            ),
+            (
+                "urls = [\"amqp://a:pw@n1/%2f\", \"amqps://n2:5671/%2f\"]",
+                &["amqp://a:[redacted]@n1/%2f", "amqps://n2:5671/%2f"],
+                &[],
+            ),
+            // From the environment: comma-separated.
+            (
+                "urls = \"amqp://n1/%2f, amqp://n2/%2f\"",
+                &["amqp://n1/%2f", "amqp://n2/%2f"],
+                &[],
+            ),
+            (
+                "urls = []",
+                &["amqp://guest:[redacted]@127.0.0.1:5672/%2f"],
+                &["amqp.urls"],
+            ),
+            (
+                "url = \"amqp://n0/%2f\"\nurls = [\"amqp://n1/%2f\"]",
+                &["amqp://n1/%2f"],
+                &["amqp.urls"],
+            ),
+            (
+                "urls = [\"amqp://n1/%2f\", \"redis://n2/0\"]",
+                &["amqp://n1/%2f", "redis://n2/0"],
+                &["amqp.urls[1]"],
+            ),
+            (
+                "urls = [\"amqp://n1/%2f\", \"amqp://n1/%2f\"]",
+                &["amqp://n1/%2f", "amqp://n1/%2f"],
+                &["amqp.urls[1]"],
+            ),
+        ];
+        for (toml, want, errors) in cases {
+            let (urls, errs) = urls_of(toml);
+            assert_eq!(urls, *want, "{toml}");
+            assert_eq!(errs, *errors, "{toml}");
+        }
+    }
+
+    #[test]
+    fn endpoints_are_redacted() {
+        let config = |urls: &[&str]| AmqpConfig {
+            url: SecretUrl::new(urls[0]),
+            urls: urls.iter().map(|u| SecretUrl::new(*u)).collect(),
+            prefix: "p".into(),
+            queue_type: QueueType::Quorum,
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            broker_max_message_bytes: DEFAULT_BROKER_MAX_MESSAGE_BYTES,
+        };
+        assert_eq!(
+            config(&["amqp://u:pw@n1/%2f"]).endpoints(),
+            "amqp://u:[redacted]@n1/%2f"
+        );
+        let two = config(&["amqp://u:pw@n1/%2f", "amqp://u:pw@n2/%2f"]).endpoints();
+        assert_eq!(
+            two,
+            "[amqp://u:[redacted]@n1/%2f, amqp://u:[redacted]@n2/%2f]"
+        );
+        assert!(!two.contains("pw"));
+    }
+}
