@@ -121,6 +121,21 @@ impl Cluster {
         .await
     }
 
+    /// Waits until quorum queue `queue` is led by a running node other than
+    /// `old` (after `old` was killed), and returns it.
+    pub async fn wait_new_leader(&self, queue: &str, old: &Node, within: Duration) -> Node {
+        wait_for(
+            &format!("a new leader of {queue} (not {})", old.name),
+            within,
+            || async {
+                let (leader, _) = self.leader(queue)?;
+                let n = self.by_name(&leader)?;
+                (n.name != old.name && self.running(n)).then(|| n.clone())
+            },
+        )
+        .await
+    }
+
     /// SIGKILLs node `n`'s VM and waits until it is gone.
     pub async fn kill_9(&self, n: &Node) {
         let p = pid(n).unwrap_or_else(|| panic!("node {} is not running", n.name));

@@ -201,11 +201,9 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
         "the kill comes while forms are being published"
     );
     cluster.kill_9(&leader).await;
-    let new_leader = cluster.wait_leader(&h.topology.create_queue, WAIT).await;
-    assert_ne!(
-        new_leader.name, leader.name,
-        "another node leads after the kill"
-    );
+    let new_leader = cluster
+        .wait_new_leader(&h.topology.create_queue, &leader, WAIT)
+        .await;
 
     let attempts = tokio::time::timeout(Duration::from_secs(200), publishing)
         .await
@@ -468,8 +466,9 @@ async fn cluster_e2e_mail_survives_kill_9_of_the_create_queue_leader() {
         at_kill < total,
         "the kill came after the batch was done ({at_kill} of {total})"
     );
-    let new_leader = cluster.wait_leader(&stack.create_queue(), WAIT).await;
-    assert_ne!(new_leader.name, leader.name);
+    let new_leader = cluster
+        .wait_new_leader(&stack.create_queue(), &leader, WAIT)
+        .await;
     cluster.start(&leader).await;
     // The test's own check channel may have been on the killed node.
     stack.channel = check_channel(&cluster.urls()).await;
