@@ -387,23 +387,6 @@ pub struct Outcome {
     pub dead_lettered_twice: usize,
 }
 
-/// Where the stack's Redis and RabbitMQ are.
-#[derive(Debug, Clone, Default)]
-pub enum Servers {
-    /// The single test servers of `scripts/services`, each behind a
-    /// cuttable [`Relay`].
-    #[default]
-    Relayed,
-    /// Other servers (the multi-node ones of `scripts/services up
-    /// --cluster`), reached directly; faults are real node kills.
-    Direct {
-        /// The `[redis]` lines replacing `url` (e.g. `sentinels = [...]`).
-        redis: Vec<String>,
-        /// The RabbitMQ nodes (`[amqp] urls`), administrator URLs.
-        amqp_urls: Vec<String>,
-    },
-}
-
 /// The shape of a stack.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -417,8 +400,13 @@ pub struct StackOptions {
     pub processors: usize,
     /// The record store.
     pub store: crate::forms::StoreKind,
-    /// Redis and RabbitMQ.
-    pub servers: Servers,
+    /// RabbitMQ nodes (`[amqp] urls`, quorum queues, administrator URLs),
+    /// reached directly so that a node can be killed for real; empty: the
+    /// single test server through a cuttable [`Relay`].
+    pub amqp_nodes: Vec<String>,
+    /// The `[redis]` lines replacing `url` (e.g. `sentinels = [...]`);
+    /// empty: the single test server through a cuttable [`Relay`].
+    pub redis: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -429,7 +417,8 @@ impl Default for StackOptions {
             pop_fetchers: 1,
             processors: 1,
             store: crate::forms::StoreKind::Sqlite,
-            servers: Servers::Relayed,
+            amqp_nodes: Vec::new(),
+            redis: Vec::new(),
         }
     }
 }
@@ -509,6 +498,20 @@ impl Stack {
         .await
     }
 
+    /// [`Stack::start`] on the RabbitMQ cluster of `scripts/services up
+    /// --cluster` (`nodes`): `[amqp] urls`, quorum queues, no relay
+    /// between the binaries and the nodes (a node is killed for real).
+    pub async fn start_on_nodes(label: &str, nodes: &[String]) -> Self {
+        Self::start_with(
+            label,
+            StackOptions {
+                amqp_nodes: nodes.to_vec(),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
     /// [`Stack::start`] in the shape `options` gives.
     pub async fn start_with(label: &str, options: StackOptions) -> Self {
         let imap_idle = options.imap_idle;
@@ -538,21 +541,19 @@ impl Stack {
         let redis_via = via(redis_url, &redis_relay);
         let amqp_via = via(amqp_url, &amqp_relay);
         let mut cfg = TestConfig::with_prefix(&env, &prefix);
-        let amqp_urls = match &options.servers {
-            Servers::Relayed => {
-                cfg.servers(&redis_via, &amqp_via);
-                vec![env.amqp_url().to_string()]
+        cfg.servers(&redis_via, &amqp_via);
+        if !options.redis.is_empty() {
+            cfg.remove_key("redis", "url");
+            for line in &options.redis {
+                cfg.section_line("redis", line);
             }
-            Servers::Direct { redis, amqp_urls } => {
-                cfg.remove_key("redis", "url").remove_key("amqp", "url");
-                for line in redis {
-                    cfg.section_line("redis", line);
-                }
-                let list: Vec<String> = amqp_urls.iter().map(|u| format!("\"{u}\"")).collect();
-                cfg.section_line("amqp", &format!("urls = [{}]", list.join(", ")))
-                    .section_line("amqp", "queue-type = \"quorum\"");
-                amqp_urls.clone()
-            }
+        }
+        let amqp_urls = if options.amqp_nodes.is_empty() {
+            vec![env.amqp_url().to_string()]
+        } else {
+            cfg.amqp_urls(&options.amqp_nodes)
+                .section_line("amqp", "queue-type = \"quorum\"");
+            options.amqp_nodes.clone()
         };
         for line in [
             "refresh-lead-min = 0",
@@ -602,8 +603,16 @@ impl Stack {
         // before `restrict`): the same servers, without the relays.
         let admin = {
             let mut direct = TestConfig::with_prefix(&env, &prefix);
-            if let Servers::Direct { .. } = options.servers {
-                direct.toml = cfg.toml.clone();
+            if !options.redis.is_empty() {
+                direct.remove_key("redis", "url");
+                for line in &options.redis {
+                    direct.section_line("redis", line);
+                }
+            }
+            if !options.amqp_nodes.is_empty() {
+                direct
+                    .amqp_urls(&options.amqp_nodes)
+                    .section_line("amqp", "queue-type = \"quorum\"");
             }
             direct.load(common::Component::Cli)
         };

@@ -329,6 +329,27 @@ impl Harness {
     /// A fresh world; `extra` lines go into `[form-processor]`, `amqp`
     /// lines into `[amqp]` (a quorum topology, say).
     pub async fn with_amqp(kind: StoreKind, extra: ExtraConfig<'_>, amqp: &[&str]) -> Self {
+        Self::build(kind, extra, amqp, None).await
+    }
+
+    /// A fresh world on several RabbitMQ nodes (`[amqp] urls`, as guest):
+    /// `extra` lines go into `[form-processor]`, `amqp` lines into `[amqp]`.
+    /// The harness's own connection goes to the first node that answers.
+    pub async fn on_nodes(
+        kind: StoreKind,
+        extra: ExtraConfig<'_>,
+        amqp: &[&str],
+        urls: &[String],
+    ) -> Self {
+        Self::build(kind, extra, amqp, Some(urls)).await
+    }
+
+    async fn build(
+        kind: StoreKind,
+        extra: ExtraConfig<'_>,
+        amqp: &[&str],
+        urls: Option<&[String]>,
+    ) -> Self {
         let env = Endpoints::load();
         let dir = tempfile::tempdir().unwrap();
         let prefix = unique("fp");
@@ -360,11 +381,19 @@ impl Harness {
         for line in amqp {
             cfg.section_line("amqp", line);
         }
+        if let Some(urls) = urls {
+            cfg.amqp_urls(urls);
+        }
         let path = cfg.path_for(Component::FormProcessor);
         let config = cfg.load(Component::FormProcessor);
-        let conn = Connection::connect(env.amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
+        let conn = match urls {
+            None => Connection::connect(env.amqp_url(), ConnectionProperties::default())
+                .await
+                .unwrap(),
+            Some(_) => common::connect::amqp(&config, "test-harness")
+                .await
+                .unwrap(),
+        };
         let channel = conn.create_channel().await.unwrap();
         let topology = common::topology::declare(&channel, &config.amqp, false)
             .await

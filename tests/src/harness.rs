@@ -146,6 +146,13 @@ encryption-key-file = "{key}"
             .section_line("amqp", &format!("url = \"{amqp_url}\""))
     }
 
+    /// Points `[amqp]` at several nodes: `urls = [...]` instead of `url`.
+    pub fn amqp_urls(&mut self, urls: &[String]) -> &mut Self {
+        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        self.remove_key("amqp", "url")
+            .section_line("amqp", &format!("urls = [{}]", list.join(", ")))
+    }
+
     /// Tokens in Redis in clear (`token-encryption = "none"`) instead of
     /// sealed with the generated key.
     pub fn no_token_encryption(&mut self) -> &mut Self {

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod certs;
+pub mod cluster;
 pub mod corpus;
 pub mod e2e;
 pub mod env;

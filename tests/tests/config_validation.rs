@@ -304,7 +304,96 @@ fn bad_cases() -> Vec<(&'static str, Edit, &'static str)> {
             "form-processor.store",
         ),
         ("TOML syntax", replace("[redis]", "[redis"), "config.toml"),
+        (
+            "amqp url and urls both set",
+            replace(
+                "[amqp]\n",
+                "[amqp]\nurls = [\"amqp://a:b@127.0.0.1:5673/%2f\"]\n",
+            ),
+            "amqp.urls",
+        ),
+        ("amqp urls empty", amqp_urls("[]"), "amqp.urls"),
+        (
+            "amqp urls with a bad scheme",
+            amqp_urls(r#"["amqp://n1:5672/%2f", "http://n2:5672/"]"#),
+            "amqp.urls[1]",
+        ),
+        (
+            "amqp urls listing a node twice",
+            amqp_urls(r#"["amqp://n1:5672/%2f", "amqp://n1:5672/%2f"]"#),
+            "amqp.urls[1]",
+        ),
+        (
+            "quorum delivery limit not above the processor's",
+            replace(
+                "[amqp]\n",
+                "[amqp]\nqueue-type = \"quorum\"\ndelivery-limit = 5\n",
+            ),
+            "amqp.delivery-limit",
+        ),
     ]
+}
+
+/// The good file with `[amqp] url` replaced by `urls = <list>`.
+fn amqp_urls(list: &'static str) -> Edit {
+    Box::new(move |s: String| {
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("url = \"amqp://"))
+            .expect("fixture has [amqp] url")
+            .to_string();
+        s.replacen(&line, &format!("urls = {list}"), 1)
+    })
+}
+
+/// `[amqp] urls` lists several nodes (with their passwords never printed);
+/// on quorum queues the default `[amqp] delivery-limit` (20) passes with the
+/// processor's default (5), and one that does not exceed the processor's
+/// names both keys.
+#[test]
+fn amqp_urls_and_the_quorum_delivery_limit_are_validated() {
+    let f = Fixture::new();
+    let good = amqp_urls(
+        r#"["amqp://user:amqp-pw-never-printed@127.0.0.1:5672/%2f", "amqps://user:amqp-pw-never-printed@n2.example:5671/%2f"]"#,
+    )(f.good_toml())
+    .replacen("[amqp]\n", "[amqp]\nqueue-type = \"quorum\"\n", 1);
+    let path = f.write("config.toml", &good);
+    for binary in BINARIES.iter().chain(&["mailagent"]) {
+        let out = check(binary, &path);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{binary}: {all}");
+        assert!(all.contains("n2.example"), "{binary}: {all}");
+        assert_no_secret(&all);
+    }
+    let config = load(
+        &LoadOptions {
+            path: Some(path.clone()),
+            env: vec![],
+        },
+        Component::FormProcessor,
+    )
+    .unwrap();
+    assert_eq!(config.amqp.urls.len(), 2);
+    assert_eq!(config.amqp.delivery_limit, 20);
+    assert_eq!(
+        config.amqp.delivery_limit,
+        common::config::DEFAULT_DELIVERY_LIMIT
+    );
+
+    let equal = good.replacen(
+        "[form-processor]\n",
+        "[form-processor]\ndelivery-limit = 20\n",
+        1,
+    );
+    let out = check("form-processor", &f.write("config.toml", &equal));
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains("amqp.delivery-limit"), "{all}");
+    assert!(all.contains("form-processor.delivery-limit"), "{all}");
+    // On classic queues RabbitMQ has no delivery limit: nothing to check.
+    let classic = equal.replacen("queue-type = \"quorum\"\n", "", 1);
+    let out = check("form-processor", &f.write("config.toml", &classic));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 #[test]

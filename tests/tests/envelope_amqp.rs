@@ -11,6 +11,7 @@ use mailagent_tests::env::{unique, Endpoints};
 fn amqp_config(env: &Endpoints, prefix: &str, queue_type: QueueType) -> AmqpConfig {
     AmqpConfig {
         url: SecretUrl::new(env.amqp_url()),
+        urls: vec![SecretUrl::new(env.amqp_url())],
         prefix: prefix.to_string(),
         queue_type,
         delivery_limit: 5,

@@ -861,16 +861,17 @@ async fn a_replay_takes_every_dead_letter_copy_of_the_mail() {
 }
 
 /// On quorum queues (`queue-type = "quorum"`, here with `[amqp]
-/// delivery-limit = 1` on the dead-letter queue too), a replay looks at
-/// the dead letters ahead of its own without counting a delivery for
-/// them: it puts them back instead of returning them unacked. Returned,
-/// each would be dropped by RabbitMQ after two replays that passed over it.
+/// delivery-limit = 2` on the dead-letter queue too, the least that exceeds
+/// `[form-processor] delivery-limit = 1`), a replay looks at the dead
+/// letters ahead of its own without counting a delivery for them: it puts
+/// them back instead of returning them unacked. Returned, the last one
+/// would be dropped by RabbitMQ after the three replays that passed over it.
 #[tokio::test]
 async fn replays_on_quorum_queues_never_use_up_the_other_dead_letters_deliveries() {
     let h = Harness::with_amqp(
         StoreKind::Sqlite,
-        &[],
-        &["queue-type = \"quorum\"", "delivery-limit = 1"],
+        &["delivery-limit = 1"],
+        &["queue-type = \"quorum\"", "delivery-limit = 2"],
     )
     .await;
     let store = h.store().await;

@@ -49,10 +49,65 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// would hang for ever.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens an AMQP connection (`amqps://` verified against the platform roots
-/// plus `[tls] extra-ca-file`), driven by the current tokio runtime.
+/// The most one node may take to accept an AMQP connection (TCP, TLS,
+/// AMQP handshake) before the next configured node is tried.
+const AMQP_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Which configured node the next connection tries first: each connection
+/// of a process starts one node further, so a process's connections (and a
+/// reconnect after a node died) spread over the cluster. Each process
+/// starts at a random node, so that replicas spread too.
+static NEXT_NODE: std::sync::OnceLock<std::sync::atomic::AtomicUsize> = std::sync::OnceLock::new();
+
+/// Opens an AMQP connection to one of the configured nodes (`[amqp] urls`,
+/// or the one `url`): each is tried in turn, starting one node further on
+/// each call, until one accepts. `amqps://` is verified against the
+/// platform roots plus `[tls] extra-ca-file`; the connection is driven by
+/// the current tokio runtime.
+///
+/// When every node fails, the error is transient ([`Error::Amqp`], retry
+/// later) if any node was merely unreachable, and otherwise the first
+/// diagnosed configuration problem ([`Error::Connect`]).
 pub async fn amqp(config: &Config, connection_name: &str) -> Result<Connection> {
-    let endpoint = config.amqp.url.redacted();
+    let urls = &config.amqp.urls;
+    let first = NEXT_NODE
+        .get_or_init(|| std::sync::atomic::AtomicUsize::new(rand::random::<u16>() as usize))
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut transient: Option<Error> = None;
+    let mut permanent: Option<Error> = None;
+    for i in 0..urls.len() {
+        let url = &urls[(first + i) % urls.len()];
+        match amqp_node(config, url, connection_name).await {
+            Ok(conn) => {
+                if urls.len() > 1 {
+                    tracing::debug!(node = %url, connection = connection_name, "connected to RabbitMQ");
+                }
+                return Ok(conn);
+            }
+            Err(e) => {
+                if urls.len() > 1 {
+                    tracing::warn!(node = %url, error = %e, "cannot connect to this RabbitMQ node; trying the next");
+                }
+                let slot = if e.is_transient() {
+                    &mut transient
+                } else {
+                    &mut permanent
+                };
+                slot.get_or_insert(e);
+            }
+        }
+    }
+    Err(transient.or(permanent).expect("[amqp] urls is never empty"))
+}
+
+/// Opens an AMQP connection to the node at `url` only (one of
+/// `[amqp] urls`; `mailagent status` looks at each node in turn).
+pub async fn amqp_node(
+    config: &Config,
+    url: &crate::secret::SecretUrl,
+    connection_name: &str,
+) -> Result<Connection> {
+    let endpoint = url.redacted();
     let mut props = ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio)
@@ -71,15 +126,28 @@ pub async fn amqp(config: &Config, connection_name: &str) -> Result<Connection> 
             None => None,
         },
     };
-    match Connection::connect_with_config(config.amqp.url.expose(), props, tls).await {
+    let attempt = tokio::time::timeout(
+        AMQP_CONNECT_TIMEOUT,
+        Connection::connect_with_config(url.expose(), props, tls),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(lapin::Error::IOError(std::sync::Arc::new(
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", AMQP_CONNECT_TIMEOUT.as_secs()),
+            ),
+        )))
+    });
+    match attempt {
         Ok(conn) => Ok(conn),
         Err(source) => {
-            let refused = matches!(&source, lapin::Error::IOError(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused);
-            let known = if refused {
+            let unreachable = matches!(&source, lapin::Error::IOError(e)
+                if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::TimedOut));
+            let known = if unreachable {
                 None
             } else {
-                diagnose(config, config.amqp.url.expose(), "amqps", 5671, 5672).await
+                diagnose(config, url.expose(), "amqps", 5671, 5672).await
             };
             Err(match known {
                 Some(problem) => Error::Connect {

@@ -104,7 +104,7 @@ pub async fn start(
         config.admin.heartbeat_interval,
         shutdown.clone(),
     );
-    tracing::info!(component = component.name(), %instance, redis = %config.redis.url, amqp = %config.amqp.url, "started");
+    tracing::info!(component = component.name(), %instance, redis = %config.redis.url, amqp = %config.amqp.endpoints(), "started");
     Ok(Service {
         instance,
         keys,
@@ -131,7 +131,7 @@ pub async fn declare_topology(
         } else {
             "declare the topology (a user without configure permission needs declare = \"passive\")"
         },
-        endpoint: config.amqp.url.redacted(),
+        endpoint: config.amqp.endpoints(),
         source,
     };
     let channel = conn.create_channel().await.map_err(err)?;

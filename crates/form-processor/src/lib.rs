@@ -11,9 +11,11 @@
 //!   [`workbook`] (guard rails, typed cells) and
 //!   [`objectmap`] (the `Tririga Object Map` interpreter);
 //! - [`store`]: the SQLite/PostgreSQL record store;
-//! - [`deadletter`]: confirmed publishes to the dead-letter exchange.
+//! - [`deadletter`]: confirmed publishes to the dead-letter exchange;
+//! - [`broker_dead`]: records the dead letters RabbitMQ made on its own.
 
 pub mod analyze;
+pub mod broker_dead;
 pub mod consumer;
 pub mod deadletter;
 pub mod metrics;

@@ -55,6 +55,18 @@ pub enum Reason {
     Unstorable,
     /// Delivered more than `delivery-limit` times without completing.
     Poison,
+    /// RabbitMQ dead-lettered it itself: past the quorum queue's
+    /// `x-delivery-limit` (`x-death` reason `delivery_limit`).
+    BrokerDeliveryLimit,
+    /// RabbitMQ dead-lettered it itself: a consumer rejected it without
+    /// requeueing (`x-death` reason `rejected`).
+    BrokerRejected,
+    /// RabbitMQ dead-lettered it itself: its TTL ran out (`expired`).
+    BrokerExpired,
+    /// RabbitMQ dead-lettered it itself: the queue's length limit (`maxlen`).
+    BrokerMaxLength,
+    /// RabbitMQ dead-lettered it itself for a reason not known here.
+    BrokerOther,
 }
 
 impl Reason {
@@ -85,6 +97,12 @@ impl Reason {
             Self::UnsupportedAction => "unsupported-action",
             Self::Unstorable => "unstorable",
             Self::Poison => "poison",
+            // RabbitMQ's own `x-death` reasons, spelled as RabbitMQ does.
+            Self::BrokerDeliveryLimit => "delivery_limit",
+            Self::BrokerRejected => "rejected",
+            Self::BrokerExpired => "expired",
+            Self::BrokerMaxLength => "maxlen",
+            Self::BrokerOther => "dead-lettered-by-rabbitmq",
         }
     }
 }

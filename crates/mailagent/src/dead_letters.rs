@@ -1,5 +1,8 @@
 //! `mailagent dead-letters` (§7): list rejections with their dead-letter
-//! state, and replay a dead-lettered message into the CREATE queue.
+//! state, and replay a dead-lettered message into the CREATE queue. Both
+//! first record the messages RabbitMQ dead-lettered on its own
+//! ([`form_processor::broker_dead`]), so that those are listed (reason
+//! `delivery_limit`, `rejected`, `expired`) and replayable too.
 
 use anyhow::{anyhow, bail};
 use common::config::Config;
@@ -47,6 +50,27 @@ pub async fn dead_letters(config: &Config, command: &DeadLettersCommand) -> anyh
     let conn = common::connect::amqp(config, "mailagent-cli").await?;
     let channel = conn.create_channel().await?;
     let topology = common::topology::declare(&channel, &config.amqp, true).await?;
+    // Messages RabbitMQ dead-lettered itself (a quorum queue's delivery
+    // limit, say) get their failure rows first, so they are listed and
+    // replayable like the processor's own.
+    let limits = form_processor::mime::MimeLimits {
+        max_depth: config.form_processor.max_mime_depth,
+        max_parts: config.form_processor.max_mime_parts,
+    };
+    let reconciled =
+        form_processor::broker_dead::reconcile(&store, &conn, &topology, limits).await?;
+    if !reconciled.recorded.is_empty() {
+        let ids: Vec<String> = reconciled
+            .recorded
+            .iter()
+            .map(|id| format!("#{id}"))
+            .collect();
+        eprintln!(
+            "recorded {} message(s) RabbitMQ dead-lettered itself as failure(s) {}",
+            ids.len(),
+            ids.join(", ")
+        );
+    }
     let depth = common::topology::queue_depth(&channel, &topology.dead_queue).await?;
     let result = match command {
         DeadLettersCommand::List => {

@@ -42,13 +42,13 @@ pub async fn setup(config: &Config, args: &SetupArgs) -> anyhow::Result<()> {
             .with_context(|| {
                 format!(
                     "cannot declare the topology on RabbitMQ at {} (the user needs the setup role's permissions below)",
-                    config.amqp.url.redacted()
+                    config.amqp.endpoints()
                 )
             })?;
         let _ = conn.close(200, "setup done").await;
         println!(
             "declared on RabbitMQ at {}: exchange {} (direct) -> queue {} ({}, routing key create, dead-letters to {}); exchange and queue {} (fanout)",
-            config.amqp.url,
+            config.amqp.endpoints(),
             topology.exchange,
             topology.create_queue,
             config.amqp.queue_type.as_str(),

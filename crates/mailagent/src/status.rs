@@ -60,7 +60,81 @@ struct Report {
     profiles: Vec<ProfileRow>,
     mail_configs: Vec<MailRow>,
     queues: HashMap<String, Option<u32>>,
+    nodes: Vec<NodeRow>,
     errors: Vec<String>,
+}
+
+/// One configured RabbitMQ node (`[amqp] urls`) as status sees it through
+/// its own AMQP connection. AMQP tells whether the node accepts clients and
+/// what its queues hold; which node leads a quorum queue and which nodes
+/// are its members is not visible over AMQP (that takes the management API
+/// or `rabbitmq-queues quorum_status` on a node).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct NodeRow {
+    /// The node's URL, password redacted.
+    url: String,
+    /// Whether it accepted an AMQP connection.
+    reachable: bool,
+    /// Why not, when it did not.
+    error: Option<String>,
+    /// The deployment's queues as seen through this node.
+    queues: Vec<QueueRow>,
+}
+
+/// A queue as seen through one node.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct QueueRow {
+    name: String,
+    /// Ready messages (`None`: the queue could not be read through this node).
+    ready: Option<u32>,
+    /// Consumers.
+    consumers: Option<u32>,
+}
+
+/// Looks at each configured node over its own connection.
+async fn nodes(config: &Config, topology: &common::topology::Topology) -> Vec<NodeRow> {
+    let mut out = Vec::new();
+    for url in &config.amqp.urls {
+        let mut row = NodeRow {
+            url: url.redacted(),
+            reachable: false,
+            error: None,
+            queues: Vec::new(),
+        };
+        match common::connect::amqp_node(config, url, "mailagent-status").await {
+            Ok(conn) => {
+                row.reachable = true;
+                for q in [&topology.create_queue, &topology.dead_queue] {
+                    let counts = match conn.create_channel().await {
+                        Ok(ch) => {
+                            let opts = lapin::options::QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            };
+                            let got = ch
+                                .queue_declare(q, opts, lapin::types::FieldTable::default())
+                                .await
+                                .ok();
+                            let _ = ch.close(200, "status").await;
+                            got.map(|d| (d.message_count(), d.consumer_count()))
+                        }
+                        Err(_) => None,
+                    };
+                    row.queues.push(QueueRow {
+                        name: q.clone(),
+                        ready: counts.map(|c| c.0),
+                        consumers: counts.map(|c| c.1),
+                    });
+                }
+                let _ = conn.close(200, "status done").await;
+            }
+            Err(e) => row.error = Some(e.to_string()),
+        }
+        out.push(row);
+    }
+    out
 }
 
 /// Prints the report; fails when Redis cannot be read at all.
@@ -157,11 +231,17 @@ pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         Err(e) => errors.push(e.to_string()),
     }
 
+    let nodes = if config.amqp.urls.len() > 1 {
+        nodes(config, &topology).await
+    } else {
+        Vec::new()
+    };
     let report = Report {
         agents,
         profiles,
         mail_configs,
         queues,
+        nodes,
         errors,
     };
     if args.json {
@@ -326,6 +406,38 @@ fn render(r: &Report) -> String {
             })
             .collect(),
     ));
+    if !r.nodes.is_empty() {
+        out.push_str("\nRABBITMQ NODES\n");
+        let mut rows = Vec::new();
+        for n in &r.nodes {
+            if !n.reachable {
+                let why = n.error.clone().unwrap_or_default();
+                rows.push(vec![
+                    n.url.clone(),
+                    format!("unreachable: {why}"),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ]);
+                continue;
+            }
+            for q in &n.queues {
+                let num = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "?".into());
+                rows.push(vec![
+                    n.url.clone(),
+                    "up".into(),
+                    q.name.clone(),
+                    num(q.ready),
+                    num(q.consumers),
+                ]);
+            }
+        }
+        out.push_str(&table(
+            &["NODE", "STATE", "QUEUE", "READY", "CONSUMERS"],
+            rows,
+        ));
+        out.push_str("note: quorum queue leaders and members are not visible over AMQP; see `rabbitmq-queues quorum_status <queue>` on a node\n");
+    }
     for e in &r.errors {
         out.push_str(&format!("note: {e}\n"));
     }

@@ -17,7 +17,9 @@ use serde::Serialize;
 pub use error::{ConfigError, ConfigErrors};
 pub use load::{load, load_text, LoadOptions, CONFIG_ENV};
 pub use schema::admin::AdminConfig;
-pub use schema::amqp::{AmqpConfig, Declare, QueueType, DEFAULT_BROKER_MAX_MESSAGE_BYTES};
+pub use schema::amqp::{
+    AmqpConfig, Declare, QueueType, DEFAULT_BROKER_MAX_MESSAGE_BYTES, DEFAULT_DELIVERY_LIMIT,
+};
 pub use schema::form_processor::{FormProcessorConfig, SqliteSynchronous};
 pub use schema::incoming_mail::{
     Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
@@ -133,7 +135,7 @@ impl Config {
         ));
         out.push_str(&format!(
             "amqp: {} (prefix {}, queue type {}, declare {})\n",
-            self.amqp.url,
+            self.amqp.endpoints(),
             self.amqp.prefix,
             self.amqp.queue_type.as_str(),
             self.amqp_declare.as_str()

@@ -389,28 +389,31 @@ impl Walker {
             default.to_string()
         };
         let url = SecretUrl::new(value);
+        self.check_url(&join(path, key), &url, schemes);
+        url
+    }
+
+    /// Checks a URL that may hold credentials, reporting problems at
+    /// `at` (a full key path) with the URL redacted.
+    pub(super) fn check_url(&mut self, at: &str, url: &SecretUrl, schemes: &[&str]) {
         match url::Url::parse(url.expose()) {
             // redis-rs reads `rediss://…/#insecure` as "skip certificate
             // verification"; TLS is always verified here (spec §8).
             Ok(u) if u.fragment() == Some("insecure") => self.err(
-                join(path, key),
+                at,
                 "#insecure would turn certificate verification off, which is not supported: remove it and trust the server's CA with [tls] extra-ca-file",
             ),
             Ok(u) if schemes.contains(&u.scheme()) => {}
             Ok(u) => self.err(
-                join(path, key),
+                at,
                 format!(
                     "scheme {:?} not supported: expected {}",
                     u.scheme(),
                     schemes.join(" or ")
                 ),
             ),
-            Err(e) => self.err(
-                join(path, key),
-                format!("not a valid URL ({e}): {}", url.redacted()),
-            ),
+            Err(e) => self.err(at, format!("not a valid URL ({e}): {}", url.redacted())),
         }
-        url
     }
 
     /// An `https` URL (`http` too when `allow_insecure`).

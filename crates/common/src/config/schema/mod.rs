@@ -103,6 +103,22 @@ pub fn parse(tree: &Dict, component: Component) -> Result<Config, ConfigErrors> 
         }
     }
 
+    if amqp.queue_type == super::QueueType::Quorum
+        && amqp.delivery_limit <= form_processor.delivery_limit
+    {
+        // RabbitMQ would dead-letter a poison message itself, without a
+        // reason, before the processor's guard records it (§7a).
+        w.err(
+            format!("{}.delivery-limit", Section::Amqp.key()),
+            format!(
+                "{} must exceed [form-processor] delivery-limit ({}) with queue-type = \"quorum\", \
+                 so that the processor's poison guard acts before RabbitMQ's delivery limit \
+                 (form-processor.delivery-limit)",
+                amqp.delivery_limit, form_processor.delivery_limit
+            ),
+        );
+    }
+
     if form_processor.trusted_authserv_ids.is_empty() {
         // Nothing would be trusted: every mail of such a topic is rejected.
         for (i, t) in topics.iter().enumerate() {
