@@ -38,6 +38,12 @@ impl Endpoints {
         Self { values }
     }
 
+    /// A value by its full name, or `None` when absent (the cluster
+    /// endpoints exist only after `scripts/services up --cluster`).
+    pub fn get_opt(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
     /// A value by its full name (`MAILAGENT_TEST_REDIS_URL`); panics when absent.
     pub fn get(&self, key: &str) -> &str {
         self.values.get(key).map(String::as_str).unwrap_or_else(|| {

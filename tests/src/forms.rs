@@ -332,7 +332,7 @@ impl Harness {
         Self::build(kind, extra, amqp, None).await
     }
 
-    /// A fresh world on several RabbitMQ nodes (`[amqp] urls`, as guest):
+    /// A fresh world on several RabbitMQ nodes (`[amqp] urls`):
     /// `extra` lines go into `[form-processor]`, `amqp` lines into `[amqp]`.
     /// The harness's own connection goes to the first node that answers.
     pub async fn on_nodes(
@@ -390,9 +390,17 @@ impl Harness {
             None => Connection::connect(env.amqp_url(), ConnectionProperties::default())
                 .await
                 .unwrap(),
-            Some(_) => common::connect::amqp(&config, "test-harness")
-                .await
-                .unwrap(),
+            Some(urls) => {
+                // The harness itself connects as the administrator; the
+                // processor's config has its least-privilege user.
+                let mut admin = config.clone();
+                admin.amqp.urls = urls
+                    .iter()
+                    .map(|u| common::secret::SecretUrl::new(u.clone()))
+                    .collect();
+                admin.amqp.url = admin.amqp.urls[0].clone();
+                common::connect::amqp(&admin, "test-harness").await.unwrap()
+            }
         };
         let channel = conn.create_channel().await.unwrap();
         let topology = common::topology::declare(&channel, &config.amqp, false)
@@ -496,6 +504,12 @@ impl Harness {
             out.push((reason, id));
         }
         out
+    }
+
+    /// This world's configuration as `component` loads it (its own
+    /// least-privilege users).
+    pub fn config_for(&self, component: Component) -> Config {
+        self._cfg.load(component)
     }
 
     /// This world's configuration file as `component` reads it (its own

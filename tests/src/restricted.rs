@@ -67,15 +67,23 @@ pub fn restrict_via(toml: &str, component: Component, redis_url: &str, amqp_url:
         ))
         .parse()
         .expect("restricted AMQP URL");
-    let amqp_restricted = out.contains(amqp_url);
+    let mut amqp_restricted = out.contains(amqp_url);
+    let amqp_password = amqp_user.password().expect("password");
     out = out.replace(
         amqp_url,
-        &with_user(
-            amqp_url,
-            amqp_user.username(),
-            amqp_user.password().expect("password"),
-        ),
+        &with_user(amqp_url, amqp_user.username(), amqp_password),
     );
+    // The nodes of the test cluster (`scripts/services up --cluster`), when
+    // the configuration lists them: the same users exist there.
+    if let Some(nodes) = env.get_opt("MAILAGENT_TEST_CLUSTER_AMQP_URLS") {
+        for node in nodes.split(',') {
+            if !out.contains(node) {
+                continue;
+            }
+            amqp_restricted = true;
+            out = out.replace(node, &with_user(node, amqp_user.username(), amqp_password));
+        }
+    }
     if amqp_restricted && role != Role::Setup && !amqp_section_sets_declare(&out) {
         out = out.replacen("[amqp]\n", "[amqp]\ndeclare = \"passive\"\n", 1);
     }

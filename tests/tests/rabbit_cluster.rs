@@ -160,7 +160,7 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
     let p = h.start(Default::default());
     // The publisher starts on the node that is about to die, so its
     // connection is lost mid-run; it reconnects through `[amqp] urls`.
-    let config = Arc::new(h.config.clone());
+    let config = Arc::new(h.config_for(common::Component::ImapFetcher));
     let leader_url = common::secret::SecretUrl::new(leader.url.clone());
     let conn = common::connect::amqp_node(&config, &leader_url, "test-fetcher")
         .await
