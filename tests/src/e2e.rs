@@ -410,7 +410,7 @@ pub struct Stack {
     /// The configuration file every process reads.
     pub config_path: PathBuf,
     /// Direct (not relayed) Redis connection for the test's checks.
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: common::RedisHandle,
     /// Direct AMQP channel for the test's checks.
     pub channel: lapin::Channel,
     dir: Option<tempfile::TempDir>,
@@ -502,11 +502,7 @@ impl Stack {
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
-        let redis = redis::aio::ConnectionManager::new(
-            redis::Client::open(env.redis_url()).expect("redis url"),
-        )
-        .await
-        .expect("redis");
+        let redis = crate::harness::redis_at(env.redis_url()).await;
         let conn =
             lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default())
                 .await

@@ -327,10 +327,17 @@ impl Broker {
 }
 
 /// A Redis connection to the test server.
-pub async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
-    redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
+pub async fn redis(env: &Endpoints) -> common::RedisHandle {
+    redis_at(env.redis_url()).await
+}
+
+/// A Redis handle (as the services hold it) to the one server at `url`.
+pub async fn redis_at(url: &str) -> common::RedisHandle {
+    let client = redis::Client::open(url).expect("redis url");
+    let manager = redis::aio::ConnectionManager::new(client.clone())
         .await
-        .unwrap()
+        .expect("redis");
+    common::RedisHandle::single(manager, client)
 }
 
 /// A token client as a fetcher on `cfg` reads tokens (its prefix and
