@@ -60,7 +60,7 @@ pub const BATCH: usize = 1000;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(20);
 
 /// The OAuth profile every mail config uses.
-const PROFILE: &str = "e2e";
+pub const PROFILE: &str = "e2e";
 
 /// Which binary a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,6 +387,20 @@ pub struct Outcome {
     pub dead_lettered_twice: usize,
 }
 
+/// Which Redis the agent's processes use.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// The plain test server, through the stack's relay, with each
+    /// component's least-privilege ACL user.
+    Relayed,
+    /// The primary named by the Sentinels of `scripts/services up --cluster`
+    /// (`[redis] sentinels`, `master-name`; the default user).
+    Sentinel,
+    /// The Redis Cluster of `scripts/services up --cluster`, its nodes
+    /// listed in this order (`[redis] cluster`; the default user).
+    Cluster(Vec<String>),
+}
+
 /// One test's running agent and everything around it.
 pub struct Stack {
     /// The servers.
@@ -409,8 +423,12 @@ pub struct Stack {
     pub store: Store,
     /// The configuration file every process reads.
     pub config_path: PathBuf,
-    /// Direct (not relayed) Redis connection for the test's checks.
+    /// Direct (not relayed) Redis connection for the test's checks: to the
+    /// plain server, or to the Sentinel-named primary or the Cluster as the
+    /// agent reaches them.
     pub redis: common::RedisHandle,
+    /// The whole configuration, as the CLI loads it (administrator URLs).
+    pub config: common::Config,
     /// Direct AMQP channel for the test's checks.
     pub channel: lapin::Channel,
     dir: Option<tempfile::TempDir>,
@@ -438,6 +456,11 @@ impl Stack {
     /// imap-fetcher replicas, one pop-fetcher, one form-processor. The IMAP
     /// configs wait with IDLE when `imap_idle`, else poll every second.
     pub async fn start(label: &str, imap_idle: bool) -> Self {
+        Self::start_with(label, imap_idle, RedisTarget::Relayed).await
+    }
+
+    /// [`Stack::start`] with the agent on the Redis of `target`.
+    pub async fn start_with(label: &str, imap_idle: bool, target: RedisTarget) -> Self {
         let env = Endpoints::load();
         let prefix = unique(label);
         let idp = TestIdp::start(&env).await;
@@ -465,6 +488,15 @@ impl Stack {
         let amqp_via = via(amqp_url, &amqp_relay);
         let mut cfg = TestConfig::with_prefix(&env, &prefix);
         cfg.servers(&redis_via, &amqp_via);
+        match &target {
+            RedisTarget::Relayed => {}
+            RedisTarget::Sentinel => {
+                cfg.redis_sentinel(&env);
+            }
+            RedisTarget::Cluster(nodes) => {
+                cfg.redis_cluster(nodes);
+            }
+        }
         for line in [
             "refresh-lead-min = 0",
             "forced-refresh-min-interval = 1",
@@ -502,7 +534,11 @@ impl Stack {
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
-        let redis = crate::harness::redis_at(env.redis_url()).await;
+        let config = cfg.load(common::Component::Cli);
+        let redis = match target {
+            RedisTarget::Relayed => crate::harness::redis_at(env.redis_url()).await,
+            _ => common::connect::redis(&config).await.expect("redis (HA)"),
+        };
         let conn =
             lapin::Connection::connect(env.amqp_url(), lapin::ConnectionProperties::default())
                 .await
@@ -563,6 +599,7 @@ impl Stack {
             store,
             config_path,
             redis,
+            config,
             channel,
             dir: Some(cfg.dir),
             procs,

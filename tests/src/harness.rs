@@ -126,6 +126,41 @@ encryption-key-file = "{key}"
             .section_line("amqp", &format!("url = \"{amqp_url}\""))
     }
 
+    /// Replaces `[redis] url` by the Sentinels of `scripts/services up
+    /// --cluster` and their master name.
+    pub fn redis_sentinel(&mut self, env: &Endpoints) -> &mut Self {
+        let list = toml_list(env.get("MAILAGENT_TEST_SENTINELS").split(','));
+        self.drop_redis_url();
+        self.section_line("redis", &format!("sentinels = {list}"))
+            .section_line(
+                "redis",
+                &format!(
+                    "master-name = \"{}\"",
+                    env.get("MAILAGENT_TEST_SENTINEL_MASTER")
+                ),
+            )
+    }
+
+    /// Replaces `[redis] url` by the Redis Cluster `nodes` (in this order).
+    pub fn redis_cluster(&mut self, nodes: &[String]) -> &mut Self {
+        let list = toml_list(nodes.iter().map(String::as_str));
+        self.drop_redis_url();
+        self.section_line("redis", &format!("cluster = {list}"))
+    }
+
+    fn drop_redis_url(&mut self) {
+        let start = find_header(&self.toml, "[redis]\n").expect("[redis]") + "[redis]\n".len();
+        let end = self.toml[start..]
+            .find("\n[")
+            .map_or(self.toml.len(), |i| start + i + 1);
+        let kept: String = self.toml[start..end]
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("url ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        self.toml.replace_range(start..end, &kept);
+    }
+
     /// Tokens in Redis in clear (`token-encryption = "none"`) instead of
     /// sealed with the generated key.
     pub fn no_token_encryption(&mut self) -> &mut Self {
@@ -324,6 +359,12 @@ impl Broker {
         .await
         .expect("broker exits cleanly");
     }
+}
+
+/// A TOML array of strings.
+fn toml_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = items.map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
 }
 
 /// A Redis connection to the test server.
