@@ -131,7 +131,12 @@ impl RedisHandle {
         if let Some(pw) = &password {
             builder = builder.password(pw.clone());
         }
-        if let Some(certs) = &certs {
+        // redis-rs turns TLS on for every node when given certificates:
+        // only for `rediss://` nodes.
+        let tls = nodes
+            .iter()
+            .any(|i| matches!(i.addr, redis::ConnectionAddr::TcpTls { .. }));
+        if let (Some(certs), true) = (&certs, tls) {
             builder = builder.certs(clone_certs(certs));
         }
         let connection =
