@@ -297,30 +297,39 @@ impl SentinelFollower {
     /// Asks the Sentinels for the primary (checked by its `ROLE`).
     async fn discover(&self) -> RedisResult<(redis::Client, ConnectionInfo)> {
         let mut sentinel = self.sentinel.lock().await;
+        self.discover_with(&mut sentinel).await
+    }
+
+    async fn discover_with(
+        &self,
+        sentinel: &mut Sentinel,
+    ) -> RedisResult<(redis::Client, ConnectionInfo)> {
         let client =
             bounded(sentinel.async_master_for(&self.master_name, Some(&self.node))).await?;
         let info = client.get_connection_info().clone();
         Ok((open_client(info.clone(), self.certs.as_ref())?, info))
     }
 
-    /// The current primary's connection, found and opened when there is none.
+    /// The current primary's connection, found and opened when there is
+    /// none. One caller at a time looks for it (the others wait for its
+    /// result), so an outage costs one discovery per attempt, not one per
+    /// waiting command.
     async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
         if let Some(c) = self.current.lock().expect("lock").clone() {
             return Ok(c);
         }
-        let (client, info) = self.discover().await?;
+        let mut sentinel = self.sentinel.lock().await;
+        if let Some(c) = self.current.lock().expect("lock").clone() {
+            return Ok(c);
+        }
+        let (client, info) = self.discover_with(&mut sentinel).await?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(DISCOVER_TIMEOUT)
             .set_response_timeout(RESPONSE_TIMEOUT);
         let conn = bounded(client.get_multiplexed_async_connection_with_config(&config)).await?;
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut current = self.current.lock().expect("lock");
-        if let Some(c) = current.clone() {
-            // Another command connected meanwhile: use that one.
-            return Ok(c);
-        }
         tracing::info!(master = %self.master_name, primary = %addr_of(&info), "connected to the Redis primary named by Sentinel");
-        *current = Some((generation, conn.clone()));
+        *self.current.lock().expect("lock") = Some((generation, conn.clone()));
         Ok((generation, conn))
     }
 
