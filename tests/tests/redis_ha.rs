@@ -140,6 +140,12 @@ async fn cluster_sentinel_failover_is_followed_without_restart() {
     stack.seed(&forms);
     stack.wait_settled(FORMS / 5, BATCH_DEADLINE).await;
     redis_ha::kill_9(&env, old).await;
+    let at_kill = stack.settled().await;
+    eprintln!("[redis-ha] primary killed with {at_kill} of {FORMS} forms settled");
+    assert!(
+        at_kill < FORMS,
+        "the kill landed while forms were in flight"
+    );
     let new = redis_ha::wait_sentinel_failover(&env, old).await;
     redis_ha::start(&env, old).await;
 
@@ -372,6 +378,12 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
     stack.seed(&forms);
     stack.wait_settled(FORMS / 5, BATCH_DEADLINE).await;
     redis_ha::kill_9(&env, old).await;
+    let at_kill = stack.settled().await;
+    eprintln!("[redis-ha] primary killed with {at_kill} of {FORMS} forms settled");
+    assert!(
+        at_kill < FORMS,
+        "the kill landed while forms were in flight"
+    );
     let new = redis_ha::wait_cluster_failover(&env, slot, old).await;
     redis_ha::start(&env, old).await;
 
