@@ -389,6 +389,20 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
 
     let outcome = stack.verify(&forms.expected, BATCH_DEADLINE).await;
     eprintln!("[redis-ha] cluster: {outcome:?} (token slot {slot} now on {new})");
+    // The poison guard's MULTI/INCR/EXPIRE/EXEC goes to the key's node (a
+    // failure there is only a warning in the processor): as it sends it.
+    let key = stack.keys().deliveries("probe");
+    let mut r = stack.redis.clone();
+    for expected in 1..=2u64 {
+        let (n, _): (u64, bool) = redis::pipe()
+            .atomic()
+            .incr(&key, 1u64)
+            .expire(&key, 60)
+            .query_async(&mut r)
+            .await
+            .expect("MULTI/EXEC on the Cluster");
+        assert_eq!(n, expected);
+    }
     assert_refresh_request_served(&stack).await;
     assert_no_restart(&stack);
 

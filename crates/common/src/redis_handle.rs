@@ -462,6 +462,21 @@ e7d1eecce10fd 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
     }
 
     #[test]
+    fn the_configured_password_fills_in_only_where_a_url_has_none() {
+        let infos = connection_infos(
+            ["redis://127.0.0.1:26379", "redis://:own@127.0.0.1:26380"],
+            Some("configured"),
+        )
+        .unwrap();
+        assert_eq!(infos[0].redis.password.as_deref(), Some("configured"));
+        assert_eq!(infos[1].redis.password.as_deref(), Some("own"));
+        assert!(connection_infos(["redis://127.0.0.1:1"], None).unwrap()[0]
+            .redis
+            .password
+            .is_none());
+    }
+
+    #[test]
     fn a_demoted_or_unreachable_primary_is_looked_up_again() {
         let readonly = RedisError::from((ErrorKind::ReadOnly, "READONLY"));
         let io = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
