@@ -126,6 +126,11 @@ sentinel parallel-syncs $REDIS_HA_MASTER 1"
     for port in $(redis_ha_data_ports) $(redis_ha_sentinel_ports); do
         redis_ha_start_node "$port" || return 1
     done
+    # A test may have refused the replica PSYNC (tests/tests/redis_ha.rs cuts
+    # replication that way) and failed before killing that node: undo it.
+    for port in $(redis_ha_data_ports); do
+        rcli "$port" ACL SETUSER default on nopass '~*' '&*' +@all >/dev/null || true
+    done
     wait_until "redis sentinel topology healthy" "$START_TIMEOUT" redis_ha_sentinel_healthy || {
         for port in $(redis_ha_sentinel_ports); do tail_log "$(redis_ha_dir "$port")/redis.log"; done
         return 1
