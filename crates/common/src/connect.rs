@@ -14,11 +14,9 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionManager;
 
-use crate::config::RedisMode;
-use crate::redis_handle::{connection_infos, RedisHandle};
-
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::error::{Error, Result};
+use crate::redis_handle::{connection_infos, RedisHandle};
 use crate::tls::Probe;
 
 /// TCP keepalive on mail connections: the first probe after this long idle,
@@ -223,7 +221,8 @@ async fn redis_single(config: &Config) -> Result<ConnectionManager> {
 }
 
 /// A client of `[redis] url` (one server; [`RedisHandle::pubsub`] opens
-/// pub/sub connections in every form). `rediss://` trusts the platform roots, plus `[tls] extra-ca-file` when set.
+/// pub/sub connections in every form). `rediss://` trusts the platform
+/// roots, plus `[tls] extra-ca-file` when set.
 pub fn redis_client(config: &Config) -> Result<redis::Client> {
     let url = config.redis.url.expose();
     let open_err = |source| Error::Redis {
