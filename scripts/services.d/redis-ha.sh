@@ -42,7 +42,8 @@ redis_ha_node_running() {   # PORT
     pid_alive "$(redis_ha_dir "$1")/redis.pid" '^redis-(server|sentinel)' && port_open "$1"
 }
 
-rcli() { timeout 5 redis-cli -h 127.0.0.1 -p "$@" 2>/dev/null; }
+# rcli PORT ARGS...: one command, its reply without the \r of INFO lines
+rcli() { timeout 5 redis-cli -h 127.0.0.1 -p "$@" 2>/dev/null | tr -d '\r'; }
 
 # redis_ha_write_node PORT KIND [EXTRA-CONFIG-LINES]: the node's config (only
 # when missing: Sentinel and Cluster rewrite it) and its start script.
@@ -109,7 +110,7 @@ redis_ha_sentinel_healthy() {
     for port in $(redis_ha_data_ports); do
         [[ $port == "$master" ]] && continue
         rcli "$port" INFO replication | grep -q '^master_link_status:up' || return 1
-        rcli "$port" INFO replication | grep -q "^master_port:$master" || return 1
+        rcli "$port" INFO replication | grep -qx "master_port:$master" || return 1
     done
 }
 
@@ -161,8 +162,13 @@ redis_cluster_healthy() {
     done
 }
 
-redis_cluster_created() {   # some node knows the others: the cluster was made
-    [[ $(rcli "$REDIS_CLUSTER0_PORT" CLUSTER INFO | grep '^cluster_known_nodes:' | tr -dc '0-9') -gt 1 ]]
+redis_cluster_created() {   # some node knows another: the cluster was made
+    local port n
+    for port in $(redis_cluster_ports); do
+        n=$(rcli "$port" CLUSTER INFO | grep '^cluster_known_nodes:' | tr -dc '0-9')
+        (( ${n:-0} > 1 )) && return 0
+    done
+    return 1
 }
 
 redis_cluster_up() {
@@ -220,7 +226,7 @@ redis_ha_status() {
     local rc=0 port
     for port in $(redis_ha_data_ports); do
         if redis_ha_node_running "$port"; then
-            echo "redis-sentinel-data-$port: up (127.0.0.1:$port, $(rcli "$port" INFO replication | grep '^role:' | tr -d '\r'))"
+            echo "redis-sentinel-data-$port: up (127.0.0.1:$port, $(rcli "$port" INFO replication | grep '^role:'))"
         else echo "redis-sentinel-data-$port: down"; rc=3; fi
     done
     for port in $(redis_ha_sentinel_ports); do
@@ -232,7 +238,7 @@ redis_ha_status() {
     else echo "redis-sentinel-topology: down (not healthy)"; rc=3; fi
     for port in $(redis_cluster_ports); do
         if redis_ha_node_running "$port"; then
-            echo "redis-cluster-$port: up (127.0.0.1:$port, $(rcli "$port" INFO replication | grep '^role:' | tr -d '\r'))"
+            echo "redis-cluster-$port: up (127.0.0.1:$port, $(rcli "$port" INFO replication | grep '^role:'))"
         else echo "redis-cluster-$port: down"; rc=3; fi
     done
     if redis_cluster_healthy; then echo "redis-cluster-topology: up (healthy)"
