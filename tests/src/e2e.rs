@@ -60,7 +60,7 @@ pub const BATCH: usize = 1000;
 pub const TOKEN_LIFETIME: Duration = Duration::from_secs(20);
 
 /// The OAuth profile every mail config uses.
-const PROFILE: &str = "e2e";
+pub const PROFILE: &str = "e2e";
 
 /// Which binary a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,9 +404,8 @@ pub struct StackOptions {
     /// reached directly so that a node can be killed for real; empty: the
     /// single test server through a cuttable [`Relay`].
     pub amqp_nodes: Vec<String>,
-    /// The `[redis]` lines replacing `url` (e.g. `sentinels = [...]`);
-    /// empty: the single test server through a cuttable [`Relay`].
-    pub redis: Vec<String>,
+    /// Redis.
+    pub redis: RedisTarget,
 }
 
 impl Default for StackOptions {
@@ -418,7 +417,7 @@ impl Default for StackOptions {
             processors: 1,
             store: crate::forms::StoreKind::Sqlite,
             amqp_nodes: Vec::new(),
-            redis: Vec::new(),
+            redis: RedisTarget::Relayed,
         }
     }
 }
@@ -431,6 +430,20 @@ pub fn replica_name(bin: Bin, i: usize, n: usize) -> String {
     } else {
         format!("{}-{i}", bin.name())
     }
+}
+
+/// Which Redis the agent's processes use.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// The plain test server, through the stack's relay, with each
+    /// component's least-privilege ACL user.
+    Relayed,
+    /// The primary named by the Sentinels of `scripts/services up --cluster`
+    /// (`[redis] sentinels`, `master-name`; the default user).
+    Sentinel,
+    /// The Redis Cluster of `scripts/services up --cluster`, its nodes
+    /// listed in this order (`[redis] cluster`; the default user).
+    Cluster(Vec<String>),
 }
 
 /// One test's running agent and everything around it.
@@ -455,8 +468,12 @@ pub struct Stack {
     pub store: Store,
     /// The configuration file every process reads.
     pub config_path: PathBuf,
-    /// Direct (not relayed) Redis connection for the test's checks.
-    pub redis: redis::aio::ConnectionManager,
+    /// Direct (not relayed) Redis connection for the test's checks: to the
+    /// plain server, or to the Sentinel-named primary or the Cluster as the
+    /// agent reaches them.
+    pub redis: common::RedisHandle,
+    /// The whole configuration, as the CLI loads it.
+    pub config: common::Config,
     /// AMQP channel for the test's checks (see [`Stack::channel`]).
     channel: tokio::sync::Mutex<lapin::Channel>,
     /// The RabbitMQ nodes the test's own channel may use.
@@ -542,10 +559,13 @@ impl Stack {
         let amqp_via = via(amqp_url, &amqp_relay);
         let mut cfg = TestConfig::with_prefix(&env, &prefix);
         cfg.servers(&redis_via, &amqp_via);
-        if !options.redis.is_empty() {
-            cfg.remove_key("redis", "url");
-            for line in &options.redis {
-                cfg.section_line("redis", line);
+        match &options.redis {
+            RedisTarget::Relayed => {}
+            RedisTarget::Sentinel => {
+                cfg.redis_sentinel(&env);
+            }
+            RedisTarget::Cluster(nodes) => {
+                cfg.redis_cluster(nodes);
             }
         }
         let amqp_urls = if options.amqp_nodes.is_empty() {
@@ -599,26 +619,20 @@ impl Stack {
 
         // The store exists (schema applied) before the processor starts.
         let store = Store::open(&store_url, None).await.expect("open store");
-        // The test's own view, as an administrator (the CLI's config
-        // before `restrict`): the same servers, without the relays.
-        let admin = {
-            let mut direct = TestConfig::with_prefix(&env, &prefix);
-            if !options.redis.is_empty() {
-                direct.remove_key("redis", "url");
-                for line in &options.redis {
-                    direct.section_line("redis", line);
-                }
-            }
-            if !options.amqp_nodes.is_empty() {
-                direct
-                    .amqp_urls(&options.amqp_nodes)
-                    .section_line("amqp", "queue-type = \"quorum\"");
-            }
-            direct.load(common::Component::Cli)
+        let config = cfg.load(common::Component::Cli);
+        let redis = match options.redis {
+            RedisTarget::Relayed => crate::harness::redis_at(env.redis_url()).await,
+            _ => common::connect::redis(&config).await.expect("redis (HA)"),
         };
-        let redis = common::connect::redis(&admin).await.expect("redis");
         let channel = open_channel(&amqp_urls).await;
-        common::topology::declare(&channel, &admin.amqp, false)
+        // Declared as the administrator, as `mailagent setup` does.
+        let mut amqp_config = config.amqp.clone();
+        amqp_config.urls = amqp_urls
+            .iter()
+            .map(|u| common::secret::SecretUrl::new(u.clone()))
+            .collect();
+        amqp_config.url = amqp_config.urls[0].clone();
+        common::topology::declare(&channel, &amqp_config, false)
             .await
             .expect("declare topology");
 
@@ -670,6 +684,7 @@ impl Stack {
             store,
             config_path,
             redis,
+            config,
             channel: tokio::sync::Mutex::new(channel),
             amqp_urls,
             options,

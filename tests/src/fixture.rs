@@ -87,11 +87,8 @@ impl<P: Protocol> Fixture<P> {
     }
 
     /// A Redis connection.
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        let client = redis::Client::open(self.env.redis_url()).expect("redis url");
-        redis::aio::ConnectionManager::new(client)
-            .await
-            .expect("redis")
+    pub async fn redis(&self) -> common::RedisHandle {
+        crate::harness::redis_at(self.env.redis_url()).await
     }
 
     /// Redis key names under this test's prefix.

@@ -148,9 +148,31 @@ encryption-key-file = "{key}"
 
     /// Points `[amqp]` at several nodes: `urls = [...]` instead of `url`.
     pub fn amqp_urls(&mut self, urls: &[String]) -> &mut Self {
-        let list: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let list = toml_list(urls.iter().map(String::as_str));
         self.remove_key("amqp", "url")
-            .section_line("amqp", &format!("urls = [{}]", list.join(", ")))
+            .section_line("amqp", &format!("urls = {list}"))
+    }
+
+    /// Replaces `[redis] url` by the Sentinels of `scripts/services up
+    /// --cluster` and their master name.
+    pub fn redis_sentinel(&mut self, env: &Endpoints) -> &mut Self {
+        let list = toml_list(env.get("MAILAGENT_TEST_SENTINELS").split(','));
+        self.remove_key("redis", "url");
+        self.section_line("redis", &format!("sentinels = {list}"))
+            .section_line(
+                "redis",
+                &format!(
+                    "master-name = \"{}\"",
+                    env.get("MAILAGENT_TEST_SENTINEL_MASTER")
+                ),
+            )
+    }
+
+    /// Replaces `[redis] url` by the Redis Cluster `nodes` (in this order).
+    pub fn redis_cluster(&mut self, nodes: &[String]) -> &mut Self {
+        let list = toml_list(nodes.iter().map(String::as_str));
+        self.remove_key("redis", "url");
+        self.section_line("redis", &format!("cluster = {list}"))
     }
 
     /// Tokens in Redis in clear (`token-encryption = "none"`) instead of
@@ -353,11 +375,24 @@ impl Broker {
     }
 }
 
+/// A TOML array of strings.
+fn toml_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = items.map(|i| format!("\"{i}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 /// A Redis connection to the test server.
-pub async fn redis(env: &Endpoints) -> redis::aio::ConnectionManager {
-    redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url()).unwrap())
+pub async fn redis(env: &Endpoints) -> common::RedisHandle {
+    redis_at(env.redis_url()).await
+}
+
+/// A Redis handle (as the services hold it) to the one server at `url`.
+pub async fn redis_at(url: &str) -> common::RedisHandle {
+    let client = redis::Client::open(url).expect("redis url");
+    let manager = redis::aio::ConnectionManager::new(client.clone())
         .await
-        .unwrap()
+        .expect("redis");
+    common::RedisHandle::single(manager, client)
 }
 
 /// A token client as a fetcher on `cfg` reads tokens (its prefix and

@@ -19,5 +19,6 @@ pub mod maildir;
 pub mod pop_support;
 pub mod private_rabbit;
 pub mod process;
+pub mod redis_ha;
 pub mod relay;
 pub mod restricted;

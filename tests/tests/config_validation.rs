@@ -331,6 +331,70 @@ fn bad_cases() -> Vec<(&'static str, Edit, &'static str)> {
             ),
             "amqp.delivery-limit",
         ),
+        (
+            "redis url and sentinels both",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "url = \"redis://127.0.0.1:6379/0\"\nsentinels = [\"redis://127.0.0.1:26379\"]\nmaster-name = \"m\"",
+            ),
+            "redis.sentinels",
+        ),
+        (
+            "redis sentinels without master-name",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "sentinels = [\"redis://127.0.0.1:26379\"]",
+            ),
+            "redis.master-name",
+        ),
+        (
+            "redis master-name without sentinels",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "url = \"redis://127.0.0.1:6379/0\"\nmaster-name = \"m\"",
+            ),
+            "redis.master-name",
+        ),
+        (
+            "redis sentinels and cluster both",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "sentinels = [\"redis://127.0.0.1:26379\"]\nmaster-name = \"m\"\ncluster = [\"redis://127.0.0.1:7000\"]",
+            ),
+            "redis.cluster",
+        ),
+        (
+            "redis empty sentinels",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "sentinels = []\nmaster-name = \"m\"",
+            ),
+            "redis.sentinels",
+        ),
+        (
+            "redis cluster node not a redis URL",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "cluster = [\"redis://127.0.0.1:7000\", \"http://127.0.0.1:7001\"]",
+            ),
+            "redis.cluster[1]",
+        ),
+        (
+            "redis cluster node with a database other than 0",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "cluster = [\"redis://127.0.0.1:7000/3\"]",
+            ),
+            "redis.cluster[0]",
+        ),
+        (
+            "redis sentinel-password without sentinels",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "url = \"redis://127.0.0.1:6379/0\"\nsentinel-password = \"x\"",
+            ),
+            "redis.sentinel-password",
+        ),
     ]
 }
 
@@ -394,6 +458,58 @@ fn amqp_urls_and_the_quorum_delivery_limit_are_validated() {
     let classic = equal.replacen("queue-type = \"quorum\"\n", "", 1);
     let out = check("form-processor", &f.write("config.toml", &classic));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn redis_sentinel_and_cluster_forms_load_and_print_no_password() {
+    const SENTINEL_PW: &str = "sentinel-pw-never-printed";
+    const NODE_PW: &str = "node-pw-never-printed";
+    let f = Fixture::new();
+    let url = "url = \"redis://127.0.0.1:6379/0\"";
+    let forms = [
+        (
+            format!(
+                "sentinels = [\"redis://127.0.0.1:26379\", \"redis://127.0.0.1:26380\"]\nmaster-name = \"mailagent\"\nsentinel-password = \"{SENTINEL_PW}\"\npassword = \"{NODE_PW}\""
+            ),
+            "redis: sentinel master mailagent via redis://127.0.0.1:26379,redis://127.0.0.1:26380",
+        ),
+        (
+            format!(
+                "cluster = [\"redis://:{NODE_PW}@127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]"
+            ),
+            "redis: cluster redis://:",
+        ),
+    ];
+    for (form, summary) in forms {
+        let path = f.write("config.toml", &f.good_toml().replacen(url, &form, 1));
+        for binary in ["mailagent", "imap-fetcher"] {
+            let out = check(binary, &path);
+            let all = text(&out);
+            assert_eq!(out.status.code(), Some(0), "{binary}: {all}");
+            assert!(all.contains(summary), "{binary}: {all}");
+            assert_no_secret(&all);
+            assert!(
+                !all.contains(SENTINEL_PW) && !all.contains(NODE_PW),
+                "{all}"
+            );
+        }
+    }
+    // From the environment: a comma-separated list.
+    let path = f.write("config.toml", &f.good_toml().replacen(url, "", 1));
+    let out = run(
+        "mailagent",
+        &["check-config", "--config", path.to_str().unwrap()],
+        &[(
+            "MAILAGENT_REDIS__CLUSTER",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        )],
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("redis: cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001"),
+        "{all}"
+    );
 }
 
 #[test]

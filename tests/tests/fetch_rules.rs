@@ -97,7 +97,7 @@ impl Fx {
         Keys::new(self.prefix().to_string())
     }
 
-    async fn redis(&self) -> redis::aio::ConnectionManager {
+    async fn redis(&self) -> common::RedisHandle {
         match self {
             Self::Imap(f) => f.redis().await,
             Self::Pop3(f) => f.redis().await,

@@ -94,7 +94,7 @@ async fn renewals_go_on_while_a_shed_lease_finishes_its_batch() {
     // A second replica joins (its beat in the set of fetchers): the first
     // sheds one config, whose batch takes 9 s to finish.
     let fetchers = keys.fetchers("imap");
-    let beat = |mut r: redis::aio::ConnectionManager, key: String| async move {
+    let beat = |mut r: common::RedisHandle, key: String| async move {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -165,8 +165,7 @@ async fn renewals_go_on_while_a_shed_lease_finishes_its_batch() {
 async fn a_lease_whose_renewals_go_unanswered_runs_out_before_it_expires() {
     let fx = Fixture::new("lease-stall");
     let (relay, via_relay) = fx.redis_relay().await;
-    let client = redis::Client::open(via_relay.expose()).unwrap();
-    let redis = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let redis = mailagent_tests::harness::redis_at(via_relay.expose()).await;
     let keys = fx.keys();
     let ttl = Duration::from_secs(3);
     let work = SlowWork::default();

@@ -1,5 +1,5 @@
 //! A Redis outage ends for the agents when Redis is back: the connection
-//! every component uses (`common::connect::redis`, a `ConnectionManager`)
+//! every component uses (`common::connect::redis`: with one server, a `ConnectionManager`)
 //! reconnects within seconds, however many commands were issued during the
 //! outage. With redis 0.27's default reconnect pacing (1 s, then 60 s, then
 //! 60 s, plus jitter) a command issued during a 10 s outage held every
@@ -25,7 +25,7 @@ async fn commands_succeed_within_seconds_after_a_10_s_redis_outage() {
     cfg.toml = cfg.toml.replace(env.redis_url(), via_proxy.as_str());
     let config = cfg.load(common::Component::FormProcessor);
     let redis = common::connect::redis(&config).await.expect("redis");
-    let ping = |mut r: redis::aio::ConnectionManager| async move {
+    let ping = |mut r: common::RedisHandle| async move {
         redis::cmd("PING").query_async::<String>(&mut r).await
     };
     assert_eq!(ping(redis.clone()).await.unwrap(), "PONG");

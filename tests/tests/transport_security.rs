@@ -77,7 +77,7 @@ fn assert_clear(err: &common::Error, url: &str, what: &str) {
 /// Asserts the TLS Redis and RabbitMQ both refuse `config` clearly for an
 /// untrusted certificate.
 async fn assert_both_untrusted(config: &Config, env: &Endpoints) {
-    let err = common::connect::redis(config).await.err().expect("refused");
+    let err = common::connect::redis(config).await.expect_err("refused");
     assert_clear(&err, redis_tls_url(env), "untrusted certificate");
     let err = common::connect::amqp(config, "t")
         .await
@@ -209,10 +209,7 @@ async fn plaintext_to_a_tls_port_and_tls_to_a_plaintext_port_fail_clearly_and_qu
     let config: Config = cfg.load(Component::Cli);
 
     let started = Instant::now();
-    let err = common::connect::redis(&config)
-        .await
-        .err()
-        .expect("refused");
+    let err = common::connect::redis(&config).await.expect_err("refused");
     assert_clear(&err, &plain_redis, "speaks TLS: use rediss://");
     assert!(
         started.elapsed() < Duration::from_secs(15),

@@ -14,8 +14,9 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Connection, ConnectionProperties};
 use redis::aio::ConnectionManager;
 
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::error::{Error, Result};
+use crate::redis_handle::{connection_infos, RedisHandle};
 use crate::tls::Probe;
 
 /// TCP keepalive on mail connections: the first probe after this long idle,
@@ -166,8 +167,63 @@ pub async fn amqp_node(
     }
 }
 
-/// Opens a Redis connection manager (reconnects by itself after errors).
-pub async fn redis(config: &Config) -> Result<ConnectionManager> {
+/// Opens the Redis handle every service uses: one server, the primary that
+/// `[redis] sentinels` name, or `[redis] cluster` ([`RedisHandle`]).
+pub async fn redis(config: &Config) -> Result<RedisHandle> {
+    let r = &config.redis;
+    let endpoint = r.endpoint();
+    let open_err = |source| Error::Redis {
+        action: "connect",
+        endpoint: endpoint.clone(),
+        source,
+    };
+    let certs = match &config.tls.extra_ca_file {
+        Some(ca) => Some(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(crate::tls::roots_pem(ca)?),
+        }),
+        None => None,
+    };
+    match r.mode() {
+        RedisMode::Single => {
+            let manager = redis_single(config).await?;
+            Ok(RedisHandle::single(manager, redis_client(config)?))
+        }
+        RedisMode::Sentinel => {
+            let sentinels = connection_infos(
+                r.sentinels.iter().map(|u| u.expose()),
+                r.sentinel_password.as_ref().map(|s| s.expose()),
+            )
+            .map_err(open_err)?;
+            let tls = sentinels
+                .iter()
+                .any(|i| matches!(i.addr, redis::ConnectionAddr::TcpTls { .. }));
+            let node = redis::sentinel::SentinelNodeConnectionInfo {
+                tls_mode: tls.then_some(redis::TlsMode::Secure),
+                redis_connection_info: Some(redis::RedisConnectionInfo {
+                    password: r.password.as_ref().map(|s| s.expose().to_string()),
+                    ..Default::default()
+                }),
+            };
+            let master = r.master_name.clone().unwrap_or_default();
+            RedisHandle::sentinel(sentinels, master, node, certs)
+                .await
+                .map_err(open_err)
+        }
+        RedisMode::Cluster => {
+            let nodes =
+                connection_infos(r.cluster.iter().map(|u| u.expose()), None).map_err(open_err)?;
+            let password = r.password.as_ref().map(|s| s.expose().to_string());
+            RedisHandle::cluster(nodes, password, certs)
+                .await
+                .map_err(open_err)
+        }
+    }
+}
+
+/// Opens a Redis connection manager to `[redis] url` (reconnects by itself
+/// after errors).
+async fn redis_single(config: &Config) -> Result<ConnectionManager> {
     let endpoint = config.redis.url.redacted();
     let client = redis_client(config)?;
     // Reconnect pacing. redis 0.27 hands `factor` to backon as the
@@ -232,8 +288,9 @@ pub async fn redis(config: &Config) -> Result<ConnectionManager> {
     }
 }
 
-/// A dedicated Redis client (for pub/sub, which needs its own connection).
-/// `rediss://` trusts the platform roots, plus `[tls] extra-ca-file` when set.
+/// A client of `[redis] url` (one server; [`RedisHandle::pubsub`] opens
+/// pub/sub connections in every form). `rediss://` trusts the platform
+/// roots, plus `[tls] extra-ca-file` when set.
 pub fn redis_client(config: &Config) -> Result<redis::Client> {
     let url = config.redis.url.expose();
     let open_err = |source| Error::Redis {

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
+use crate::redis_handle::RedisHandle;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -100,7 +100,7 @@ impl Heartbeat {
     /// until `shutdown`, then removes it.
     pub fn spawn(
         &self,
-        mut redis: ConnectionManager,
+        mut redis: RedisHandle,
         keys: Keys,
         interval: Duration,
         shutdown: CancellationToken,
@@ -135,7 +135,7 @@ impl Heartbeat {
 /// Every live agent, oldest beat first. Index entries whose key expired are
 /// dropped from the index on the way.
 pub async fn list_agents(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
 ) -> redis::RedisResult<Vec<AgentStatus>> {
     let members: Vec<String> = redis.zrange(keys.agents(), 0, -1).await?;

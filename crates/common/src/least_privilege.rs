@@ -148,11 +148,15 @@ pub fn redis_rules(role: Role, prefix: &str) -> Option<String> {
         Role::Cli => [
             format!("%R~{prefix}:*"),
             agents,
-            "+ping +get +mget +hget +hgetall +hlen +scard +smembers +zrange +zrangebyscore +zcard +exists +ttl +pttl +type +zrem".into(),
+            "+ping +get +mget +hget +hgetall +hlen +scard +smembers +zrange +zrangebyscore +zcard +exists +ttl +pttl +type +zrem +cluster|nodes".into(),
         ]
         .join(" "),
     };
-    Some(format!("resetkeys resetchannels -@all {rules}"))
+    // ROLE: a client that found the primary through Sentinel checks it;
+    // CLUSTER SLOTS: a Cluster client learns which node serves which slot.
+    Some(format!(
+        "resetkeys resetchannels -@all {rules} +role +cluster|slots"
+    ))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod heartbeat;
 pub mod keys;
 pub mod least_privilege;
+pub mod redis_handle;
 pub mod secret;
 pub mod service;
 pub mod shutdown;
@@ -25,4 +26,5 @@ pub mod topology;
 
 pub use config::{Component, Config};
 pub use error::{Error, Result};
+pub use redis_handle::RedisHandle;
 pub use secret::Secret;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::redis_handle::RedisHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState};
@@ -21,7 +21,7 @@ pub struct Service {
     /// Redis key names.
     pub keys: Keys,
     /// A Redis connection (reconnects by itself).
-    pub redis: ConnectionManager,
+    pub redis: RedisHandle,
     /// The AMQP connection.
     pub amqp: lapin::Connection,
     /// Exchange and queue names, declared.
@@ -104,7 +104,7 @@ pub async fn start(
         config.admin.heartbeat_interval,
         shutdown.clone(),
     );
-    tracing::info!(component = component.name(), %instance, redis = %config.redis.url, amqp = %config.amqp.endpoints(), "started");
+    tracing::info!(component = component.name(), %instance, redis = %config.redis.endpoint(), amqp = %config.amqp.endpoints(), "started");
     Ok(Service {
         instance,
         keys,

@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
+use crate::redis_handle::RedisHandle;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -256,14 +256,14 @@ pub struct RefreshRequest {
 /// Reads and writes profile tokens in Redis.
 #[derive(Clone)]
 pub struct TokenClient {
-    redis: ConnectionManager,
+    redis: RedisHandle,
     keys: Keys,
     cipher: TokenCipher,
 }
 
 impl TokenClient {
     /// A client over a Redis connection with the configured keys.
-    pub fn new(redis: ConnectionManager, keys: Keys, encryption: &TokenEncryption) -> Self {
+    pub fn new(redis: RedisHandle, keys: Keys, encryption: &TokenEncryption) -> Self {
         Self {
             redis,
             keys,
@@ -420,7 +420,7 @@ pub struct ProfileState {
 
 /// Reads a profile's state.
 pub async fn read_state(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     profile: &str,
 ) -> redis::RedisResult<Option<ProfileState>> {

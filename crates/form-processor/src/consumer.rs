@@ -11,9 +11,9 @@ use common::backoff::Backoff;
 use common::config::{FormProcessorConfig, Topic};
 use common::envelope::Envelope;
 use common::keys::Keys;
+use common::RedisHandle;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,7 @@ pub struct Context {
     /// Dead-letter publisher.
     pub dead: DeadLetters,
     /// Redis, for the poison guard's delivery counts.
-    pub redis: ConnectionManager,
+    pub redis: RedisHandle,
     /// Redis key names.
     pub keys: Keys,
     /// Metrics.

@@ -176,7 +176,7 @@ struct Session<'a> {
     config: &'a Config,
     topology: &'a common::topology::Topology,
     store: &'a store::Store,
-    redis: &'a redis::aio::ConnectionManager,
+    redis: &'a common::RedisHandle,
     keys: &'a common::keys::Keys,
     metrics: &'a metrics::Metrics,
     heartbeat: &'a common::heartbeat::Heartbeat,

@@ -25,7 +25,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use common::keys::Keys;
-use redis::aio::ConnectionManager;
+use common::RedisHandle;
 use redis::AsyncCommands;
 
 use common::fetch::FetchError;
@@ -129,7 +129,7 @@ impl Checkpoint {
 /// Reads the checkpoint of `config`; `None` when there is none (or it is
 /// unreadable, which is treated as none).
 pub async fn load(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
 ) -> Result<Option<Checkpoint>, FetchError> {
@@ -147,7 +147,7 @@ pub async fn load(
 /// Writes the checkpoint if `owner` still holds the lease of `config`.
 /// Returns [`FetchError::LeaseLost`] otherwise.
 pub async fn save(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
     owner: &str,

@@ -105,14 +105,14 @@ pub async fn setup(config: &Config, args: &SetupArgs) -> anyhow::Result<()> {
             cmd.query_async::<()>(&mut redis).await.with_context(|| {
                 format!(
                     "cannot create Redis user {user} at {} (the [redis] url user needs ACL SETUSER)",
-                    config.redis.url.redacted()
+                    config.redis.endpoint()
                 )
             })?;
         }
         println!(
             "applied {} Redis users at {} (not persisted by this command: ACL SAVE, or the server's aclfile, keeps them)",
             commands.len(),
-            config.redis.url
+            config.redis.endpoint()
         );
     }
     Ok(())

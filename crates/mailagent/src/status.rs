@@ -56,6 +56,9 @@ struct MailRow {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 struct Report {
+    /// Where the shared state is: the server, the primary the Sentinels
+    /// name now, or each Cluster node with its role.
+    redis: Vec<String>,
     agents: Vec<AgentStatus>,
     profiles: Vec<ProfileRow>,
     mail_configs: Vec<MailRow>,
@@ -142,6 +145,13 @@ pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     let keys = Keys::new(config.redis.prefix.clone());
     let mut redis = common::connect::redis(config).await?;
     let mut errors = Vec::new();
+    let redis_nodes = match redis.describe().await {
+        Ok(lines) => lines,
+        Err(e) => {
+            errors.push(format!("cannot describe Redis: {e}"));
+            Vec::new()
+        }
+    };
     let agents = list_agents(&mut redis, &keys).await?;
     let tokens = TokenClient::new(redis.clone(), keys.clone(), &config.token_broker.encryption);
 
@@ -237,6 +247,7 @@ pub async fn status(config: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         Vec::new()
     };
     let report = Report {
+        redis: redis_nodes,
         agents,
         profiles,
         mail_configs,
@@ -285,7 +296,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 }
 
 fn render(r: &Report) -> String {
-    let mut out = String::from("AGENTS\n");
+    let mut out = String::from("REDIS\n");
+    for line in &r.redis {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out.push_str("\nAGENTS\n");
     if r.agents.is_empty() {
         out.push_str("  (no live agent: none has beaten its heartbeat in the last intervals)\n");
     } else {

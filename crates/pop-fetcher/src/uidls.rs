@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 
 use common::config::StartFrom;
-use redis::aio::ConnectionManager;
+use common::RedisHandle;
 use redis::AsyncCommands;
 
 use crate::error::{Error, Result};
@@ -126,7 +126,7 @@ pub fn plan(
 
 /// The UIDL set of one mail config in Redis.
 pub struct UidlSet {
-    redis: ConnectionManager,
+    redis: RedisHandle,
     key: String,
 }
 
@@ -136,7 +136,7 @@ fn redis_err(action: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
 
 impl UidlSet {
     /// The set at `key` (`Keys::uidls(config)`).
-    pub fn new(redis: ConnectionManager, key: String) -> Self {
+    pub fn new(redis: RedisHandle, key: String) -> Self {
         Self { redis, key }
     }
 

@@ -69,7 +69,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         };
         tasks.push(tokio::spawn(worker.run(rx, shutdown.clone())));
     }
-    let client = common::connect::redis_client(&config)?;
+    let client = service.redis.clone();
     let channel = service.keys.token_refresh_channel();
     tasks.push(tokio::spawn(listen_for_refresh_requests(
         client,
@@ -90,9 +90,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Subscribes to forced-refresh requests and hands each to its profile's
-/// worker; resubscribes after a Redis failure.
+/// worker; resubscribes after a Redis failure — on the primary the Sentinels
+/// name then, or on another Cluster node (a `PUBLISH` reaches every node of a
+/// Cluster).
 async fn listen_for_refresh_requests(
-    client: redis::Client,
+    client: common::RedisHandle,
     channel: String,
     senders: HashMap<String, mpsc::Sender<String>>,
     shutdown: CancellationToken,
@@ -101,7 +103,7 @@ async fn listen_for_refresh_requests(
         common::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let session = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = client.pubsub().await?;
             pubsub.subscribe(&channel).await?;
             tracing::debug!(%channel, "listening for forced-refresh requests");
             let mut messages = pubsub.on_message();

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use common::RedisHandle;
 
 const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 /// Tries to take the lock; true when this owner now holds it.
 pub async fn acquire(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     key: &str,
     owner: &str,
     ttl: Duration,
@@ -27,11 +27,7 @@ pub async fn acquire(
 }
 
 /// Releases the lock if this owner still holds it.
-pub async fn release(
-    redis: &mut ConnectionManager,
-    key: &str,
-    owner: &str,
-) -> redis::RedisResult<bool> {
+pub async fn release(redis: &mut RedisHandle, key: &str, owner: &str) -> redis::RedisResult<bool> {
     let deleted: i64 = redis::Script::new(RELEASE)
         .key(key)
         .arg(owner)

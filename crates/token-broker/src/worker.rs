@@ -9,7 +9,7 @@ use common::heartbeat::{now_secs, Heartbeat};
 use common::keys::Keys;
 use common::shutdown::CancellationToken;
 use common::token::{ProfileState, StoredToken, TokenClient};
-use redis::aio::ConnectionManager;
+use common::RedisHandle;
 use redis::AsyncCommands;
 use tokio::sync::mpsc;
 
@@ -66,7 +66,7 @@ pub struct Worker {
     /// Token storage.
     pub tokens: TokenClient,
     /// Redis, for state and lock.
-    pub redis: ConnectionManager,
+    pub redis: RedisHandle,
     /// Key names.
     pub keys: Keys,
     /// HTTP client for the token endpoint.

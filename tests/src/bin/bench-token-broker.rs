@@ -66,7 +66,7 @@ async fn run_case(
     let config = cfg.load(Component::TokenBroker);
     let shutdown = CancellationToken::new();
     let broker = tokio::spawn(token_broker::run(config.clone(), shutdown.clone()));
-    let redis = redis::aio::ConnectionManager::new(redis::Client::open(env.redis_url())?).await?;
+    let redis = mailagent_tests::harness::redis_at(env.redis_url()).await;
     let client = TokenClient::new(
         redis,
         Keys::new(cfg.redis_prefix.clone()),

@@ -28,7 +28,7 @@ pub use schema::oauth_profiles::{
     AccessType, AssertionAlgorithm, ClientAuth, Credential, OAuthProfile, Provider,
 };
 pub use schema::parse;
-pub use schema::redis::RedisConfig;
+pub use schema::redis::{RedisConfig, RedisMode};
 pub use schema::tls::TlsConfig;
 pub use schema::token_broker::{EncryptionKey, TokenBrokerConfig, TokenEncryption};
 pub use schema::topics::{SubjectMatcher, Topic};
@@ -131,7 +131,8 @@ impl Config {
         out.push_str("configuration is valid\n");
         out.push_str(&format!(
             "redis: {} (prefix {})\n",
-            self.redis.url, self.redis.prefix
+            self.redis.endpoint(),
+            self.redis.prefix
         ));
         out.push_str(&format!(
             "amqp: {} (prefix {}, queue type {}, declare {})\n",

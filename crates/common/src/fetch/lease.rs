@@ -34,7 +34,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::redis_handle::RedisHandle;
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
@@ -159,7 +159,7 @@ fn margin(ttl: Duration) -> Duration {
 /// than the margin to live. The Redis check is bounded by the local
 /// deadline: no answer by then is a no.
 pub async fn fence(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
     owner: &str,
@@ -247,7 +247,7 @@ type Held = Arc<Mutex<HashMap<String, watch::Sender<Instant>>>>;
 
 /// The leases of one replica over a set of mail configs.
 pub struct Leases {
-    redis: ConnectionManager,
+    redis: RedisHandle,
     keys: Keys,
     protocol: String,
     owner: String,
@@ -261,7 +261,7 @@ impl Leases {
     /// Leases on `configs` for replica `owner` of `protocol` (`imap`/`pop3`),
     /// with time-to-live `ttl` (clamped to 3 s..=30 s).
     pub fn new(
-        redis: ConnectionManager,
+        redis: RedisHandle,
         keys: Keys,
         protocol: &str,
         owner: &str,
@@ -499,7 +499,7 @@ async fn bounded<T>(
 
 /// Renews `config`'s lease if `owner` still holds it.
 async fn renew(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
     owner: &str,
@@ -520,7 +520,7 @@ async fn renew(
 /// late pulls the clock to now (the work sees it at once) and is reported
 /// lost.
 struct Renewer {
-    redis: ConnectionManager,
+    redis: RedisHandle,
     keys: Keys,
     owner: String,
     ttl: Duration,
@@ -574,7 +574,7 @@ impl Renewer {
 
 /// Who owns `config` now, if anyone.
 pub async fn owner_of(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
 ) -> redis::RedisResult<Option<String>> {
@@ -583,7 +583,7 @@ pub async fn owner_of(
 
 /// True when `owner` holds the lease on `config` right now.
 pub async fn is_owner(
-    redis: &mut ConnectionManager,
+    redis: &mut RedisHandle,
     keys: &Keys,
     config: &str,
     owner: &str,

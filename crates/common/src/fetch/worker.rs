@@ -25,7 +25,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::redis_handle::RedisHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{Failure, FetchError};
@@ -48,7 +48,7 @@ pub struct Kit {
     /// Redis key names.
     pub keys: Keys,
     /// Redis.
-    pub redis: ConnectionManager,
+    pub redis: RedisHandle,
     /// RabbitMQ, reconnected on demand.
     pub amqp: AmqpLink,
     /// The exchange to publish to.
