@@ -234,3 +234,74 @@ pub async fn wait_cluster_failover(env: &Endpoints, slot: u16, old: u16) -> u16 
     eprintln!("[redis-ha] Cluster promoted {new} for slot {slot} (was {old})");
     new
 }
+
+/// Makes both topologies whole again before a test kills anything: every
+/// node that does not answer (one a failed test killed and did not start
+/// again) is started, then this waits until the Sentinels name a live
+/// primary with a replica in sync and the Cluster has three primaries with
+/// a replica each and says `cluster_state:ok`.
+pub async fn ensure_up(env: &Endpoints) {
+    let data = split(env.get("MAILAGENT_TEST_SENTINEL_DATA_NODES"));
+    let nodes: Vec<String> = sentinels(env)
+        .into_iter()
+        .chain(data.iter().cloned())
+        .chain(cluster_nodes(env))
+        .collect();
+    for node in &nodes {
+        let port = port_of(node);
+        if query::<String>(port, &redis::cmd("PING")).await.is_none() {
+            eprintln!("[redis-ha] node {port} is down: starting it");
+            start(env, port).await;
+        }
+    }
+    poll_until(
+        "the Sentinel primary with a replica in sync",
+        FAILOVER_DEADLINE * 2,
+        Duration::from_millis(250),
+        || async {
+            let Some(primary) = sentinel_primary(env).await else {
+                return false;
+            };
+            let synced = |r: Option<std::collections::HashMap<String, String>>| {
+                r.is_some_and(|r| {
+                    r.get("role").map(String::as_str) == Some("slave")
+                        && r.get("master_link_status").map(String::as_str) == Some("up")
+                        && r.get("master_port").and_then(|p| p.parse().ok()) == Some(primary)
+                })
+            };
+            for node in data.iter().filter(|n| port_of(n) != primary) {
+                if !synced(replication(port_of(node)).await) {
+                    return false;
+                }
+            }
+            replication(primary)
+                .await
+                .is_some_and(|r| r.get("role").map(String::as_str) == Some("master"))
+        },
+    )
+    .await;
+    poll_until(
+        "the Redis Cluster with three primaries, a replica each, state ok",
+        FAILOVER_DEADLINE * 2,
+        Duration::from_millis(250),
+        || async {
+            let mut replicas = 0;
+            for node in cluster_nodes(env) {
+                let port = port_of(&node);
+                let ok: Option<String> = query(port, redis::cmd("CLUSTER").arg("INFO")).await;
+                if !ok.is_some_and(|i| i.contains("cluster_state:ok")) {
+                    return false;
+                }
+                let r = replication(port).await.unwrap_or_default();
+                if r.get("role").map(String::as_str) == Some("slave") {
+                    if r.get("master_link_status").map(String::as_str) != Some("up") {
+                        return false;
+                    }
+                    replicas += 1;
+                }
+            }
+            replicas == 3
+        },
+    )
+    .await;
+}

@@ -129,6 +129,7 @@ async fn status(stack: &Stack) -> String {
 async fn cluster_sentinel_failover_is_followed_without_restart() {
     let started = Instant::now();
     let env = Endpoints::load();
+    redis_ha::ensure_up(&env).await;
     let stack = Stack::start_with(
         "rha-sentinel",
         StackOptions {
@@ -186,6 +187,7 @@ async fn cluster_sentinel_failover_is_followed_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_sentinel_lost_checkpoint_redelivers_never_skips() {
     let env = Endpoints::load();
+    redis_ha::ensure_up(&env).await;
     let stack = Stack::start_with(
         "rha-lost",
         StackOptions {
@@ -350,6 +352,7 @@ async fn cluster_sentinel_lost_checkpoint_redelivers_never_skips() {
 async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
     let started = Instant::now();
     let env = Endpoints::load();
+    redis_ha::ensure_up(&env).await;
     let nodes = redis_ha::cluster_nodes(&env);
     // The primary serving the tokens (hash tag `{tok.e2e}`, whatever the
     // prefix) is listed first: the broker's refresh subscription starts on
