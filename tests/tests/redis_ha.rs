@@ -391,6 +391,20 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
 
     let outcome = stack.verify(&forms.expected, BATCH_DEADLINE).await;
     eprintln!("[redis-ha] cluster: {outcome:?} (token slot {slot} now on {new})");
+    // A script the slot's node does not know (flushed everywhere, as on a
+    // promoted replica that never saw it): NOSCRIPT, then SCRIPT LOAD, then
+    // EVALSHA on the key's node — as the lease and checkpoint scripts run.
+    for node in &nodes {
+        let _: Option<String> =
+            redis_ha::query(port_of(node), redis::cmd("SCRIPT").arg("FLUSH")).await;
+    }
+    let key = format!("{}:{{mail.probe}}:k", stack.prefix);
+    let echoed: String = redis::Script::new("return KEYS[1]")
+        .key(&key)
+        .invoke_async(&mut stack.redis.clone())
+        .await
+        .expect("script after NOSCRIPT on the Cluster");
+    assert_eq!(echoed, key);
     // The poison guard's MULTI/INCR/EXPIRE/EXEC goes to the key's node (a
     // failure there is only a warning in the processor): as it sends it.
     let key = stack.keys().deliveries("probe");
