@@ -10,7 +10,9 @@
 //! Sentinels, and a 3-primary Redis Cluster with a replica each. Every test
 //! here is named `cluster_*`, so nextest runs them one at a time
 //! (`.config/nextest.toml`): they kill shared nodes. Each one starts the
-//! nodes it killed again and waits until they caught up.
+//! nodes it killed again and waits until they caught up. (The password test
+//! runs a private primary and Sentinel of its own: the shared ones have no
+//! passwords.)
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -413,6 +415,20 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
 
     let outcome = stack.verify(&forms.expected, BATCH_DEADLINE).await;
     eprintln!("[redis-ha] cluster: {outcome:?} (token slot {slot} now on {new})");
+    // A script the slot's node does not know (flushed everywhere, as on a
+    // promoted replica that never saw it): NOSCRIPT, then SCRIPT LOAD, then
+    // EVALSHA on the key's node — as the lease and checkpoint scripts run.
+    for node in &nodes {
+        let _: Option<String> =
+            redis_ha::query(port_of(node), redis::cmd("SCRIPT").arg("FLUSH")).await;
+    }
+    let key = format!("{}:{{mail.probe}}:k", stack.prefix);
+    let echoed: String = redis::Script::new("return KEYS[1]")
+        .key(&key)
+        .invoke_async(&mut stack.redis.clone())
+        .await
+        .expect("script after NOSCRIPT on the Cluster");
+    assert_eq!(echoed, key);
     // The poison guard's MULTI/INCR/EXPIRE/EXEC goes to the key's node (a
     // failure there is only a warning in the processor): as it sends it.
     let key = stack.keys().deliveries("probe");
@@ -433,4 +449,125 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
     redis_ha::wait_replica_synced(old, Duration::from_secs(30)).await;
     stack.shutdown().await;
     eprintln!("[redis-ha] cluster failover run: {:?}", started.elapsed());
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `[redis] sentinel-password` and `password` reach the Sentinel and the
+/// data node, and neither shows in the summary or in an error. Runs a
+/// private password-protected primary and Sentinel (the shared topology
+/// has no passwords).
+#[tokio::test]
+async fn cluster_sentinel_with_passwords_uses_both_and_prints_neither() {
+    const NODE_PW: &str = "node-pw-never-printed";
+    const SENTINEL_PW: &str = "sentinel-pw-never-printed";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (node, sentinel) = (free_port(), free_port());
+    let spawn = |args: Vec<String>| {
+        tokio::process::Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server")
+    };
+    let _node = spawn(
+        [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &node.to_string(),
+            "--save",
+            "",
+            "--requirepass",
+            NODE_PW,
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "bind 127.0.0.1\nport {sentinel}\ndir {}\nrequirepass {SENTINEL_PW}\n\
+             sentinel monitor pw 127.0.0.1 {node} 1\nsentinel auth-pass pw {NODE_PW}\n",
+            dir.path().display()
+        ),
+    )
+    .expect("sentinel.conf");
+    let _sentinel = spawn(vec![conf.display().to_string(), "--sentinel".into()]);
+
+    let env = Endpoints::load();
+    let mut cfg = mailagent_tests::harness::TestConfig::new(&env);
+    cfg.toml = cfg.toml.replacen(
+        &format!("url = \"{}\"\n", env.redis_url()),
+        &format!(
+            "sentinels = [\"redis://127.0.0.1:{sentinel}\"]\nmaster-name = \"pw\"\n\
+             sentinel-password = \"{SENTINEL_PW}\"\npassword = \"{NODE_PW}\"\n"
+        ),
+        1,
+    );
+    let config = cfg.load(common::Component::Cli);
+    assert!(
+        !config.summary().contains(NODE_PW) && !config.summary().contains(SENTINEL_PW),
+        "{}",
+        config.summary()
+    );
+    assert!(!format!("{config:?}").contains(NODE_PW));
+
+    // The primary is found (the Sentinel may need a moment to reach it).
+    let handle = std::sync::Mutex::new(None);
+    poll_until(
+        "the primary found through the password-protected Sentinel",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let opened = common::connect::redis(&config).await.ok();
+            let ok = opened.is_some();
+            *handle.lock().unwrap() = opened;
+            ok
+        },
+    )
+    .await;
+    let mut r = handle.into_inner().unwrap().expect("handle");
+    let () = redis::cmd("SET")
+        .arg("pw-probe")
+        .arg("v")
+        .query_async(&mut r)
+        .await
+        .expect("SET through the handle");
+    let direct: Option<String> =
+        redis::Client::open(format!("redis://:{NODE_PW}@127.0.0.1:{node}"))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("direct")
+            .send_packed_command(redis::cmd("GET").arg("pw-probe"))
+            .await
+            .ok()
+            .and_then(|v| redis::from_redis_value(&v).ok());
+    assert_eq!(direct.as_deref(), Some("v"), "the write reached the node");
+    assert_eq!(
+        r.describe().await.expect("describe"),
+        vec![format!(
+            "sentinel master pw: primary 127.0.0.1:{node} (discovered)"
+        )]
+    );
+
+    // A wrong Sentinel password: refused, and no password in the error.
+    let mut wrong = config.clone();
+    wrong.redis.sentinel_password = Some(common::Secret::new("wrong-pw-never-printed"));
+    let err = common::connect::redis(&wrong)
+        .await
+        .expect_err("a wrong Sentinel password is refused");
+    let text = format!("{err} {err:?}");
+    for pw in [NODE_PW, SENTINEL_PW, "wrong-pw-never-printed"] {
+        assert!(!text.contains(pw), "{text}");
+    }
 }
