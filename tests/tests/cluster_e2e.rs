@@ -106,7 +106,10 @@ where
     rabbit.kill_9(&leader).await;
     let at = stack.settled().await;
     let promoted = kill_redis().await;
-    assert!(at < BATCH, "the kills landed during the batch ({at} settled)");
+    assert!(
+        at < BATCH,
+        "the kills landed during the batch ({at} settled)"
+    );
     let next = rabbit.wait_new_leader(&queue, &leader, NODE_WAIT).await;
     eprintln!(
         "[cluster-e2e] at {at} settled: killed {} (leader of {queue}; {} leads now) and Redis primary {primary} ({promoted} took over)",
@@ -132,12 +135,13 @@ async fn second_batch_with_process_kills(stack: &Stack, first: &Expected) -> Exp
         .wait_settled(before + BATCH / 10, BATCH_DEADLINE)
         .await;
     stack.kill_9("form-processor-0", Some(Duration::from_secs(1)));
-    stack
-        .wait_settled(before + BATCH / 4, BATCH_DEADLINE)
-        .await;
+    stack.wait_settled(before + BATCH / 4, BATCH_DEADLINE).await;
     stack.kill_9("imap-fetcher-1", Some(Duration::from_secs(1)));
     let at = stack.settled().await - before;
-    assert!(at < BATCH, "the kills landed during the batch ({at} settled)");
+    assert!(
+        at < BATCH,
+        "the kills landed during the batch ({at} settled)"
+    );
     let outcome = stack.verify(&all, BATCH_DEADLINE).await;
     eprintln!("[cluster-e2e] batch 2 with a processor and a fetcher killed: {outcome:?}");
     all

@@ -340,6 +340,14 @@ fn bad_cases() -> Vec<(&'static str, Edit, &'static str)> {
             "redis.sentinels",
         ),
         (
+            "redis username with a single url",
+            replace(
+                "url = \"redis://127.0.0.1:6379/0\"",
+                "url = \"redis://127.0.0.1:6379/0\"\nusername = \"mailagent-cli\"",
+            ),
+            "redis.username",
+        ),
+        (
             "redis sentinels without master-name",
             replace(
                 "url = \"redis://127.0.0.1:6379/0\"",

@@ -201,6 +201,7 @@ pub async fn redis(config: &Config) -> Result<RedisHandle> {
             let node = redis::sentinel::SentinelNodeConnectionInfo {
                 tls_mode: tls.then_some(redis::TlsMode::Secure),
                 redis_connection_info: Some(redis::RedisConnectionInfo {
+                    username: r.username.clone(),
                     password: r.password.as_ref().map(|s| s.expose().to_string()),
                     ..Default::default()
                 }),
@@ -214,7 +215,7 @@ pub async fn redis(config: &Config) -> Result<RedisHandle> {
             let nodes =
                 connection_infos(r.cluster.iter().map(|u| u.expose()), None).map_err(open_err)?;
             let password = r.password.as_ref().map(|s| s.expose().to_string());
-            RedisHandle::cluster(nodes, password, certs)
+            RedisHandle::cluster(nodes, r.username.clone(), password, certs)
                 .await
                 .map_err(open_err)
         }

@@ -119,6 +119,7 @@ impl RedisHandle {
     /// A Redis Cluster from some of its `nodes`.
     pub async fn cluster(
         nodes: Vec<ConnectionInfo>,
+        username: Option<String>,
         password: Option<String>,
         certs: Option<TlsCertificates>,
     ) -> RedisResult<Self> {
@@ -128,6 +129,9 @@ impl RedisHandle {
             .retries(6)
             .min_retry_wait(100)
             .max_retry_wait(2_000);
+        if let Some(user) = &username {
+            builder = builder.username(user.clone());
+        }
         if let Some(pw) = &password {
             builder = builder.password(pw.clone());
         }
@@ -146,6 +150,7 @@ impl RedisHandle {
         let mut clients = Vec::new();
         for mut info in nodes {
             if info.redis.password.is_none() {
+                info.redis.username = username.clone();
                 info.redis.password = password.clone();
             }
             clients.push(open_client(info, certs.as_ref())?);

@@ -118,7 +118,10 @@ pub fn load_text(
 
 /// Turns `MAILAGENT_SECTION__KEY_NAME=value` into `{section: {key-name: value}}`.
 /// Variables for other sections are ignored (the arrays come from the file);
-/// a variable that looks like a misspelt override is an error.
+/// a variable that looks like a misspelt override is an error. An empty
+/// value sets nothing, so that a layer of environment (a compose overlay)
+/// can take back a key an earlier layer set, e.g. `MAILAGENT_REDIS__URL_FILE=`
+/// where `[redis] sentinels` replaces the URL.
 fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
     let mut tree = Dict::new();
     let mut errors = Vec::new();
@@ -126,7 +129,7 @@ fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if name == CONFIG_ENV {
+        if name == CONFIG_ENV || value.is_empty() {
             continue;
         }
         let lowered = rest.to_ascii_lowercase();
@@ -205,6 +208,18 @@ mod tests {
             Some("redis://h/1")
         );
         assert_eq!(tree.len(), 2);
+    }
+
+    #[test]
+    fn empty_env_override_sets_nothing() {
+        let (tree, errors) = env_overrides(&env(&[
+            ("MAILAGENT_REDIS__URL_FILE", ""),
+            ("MAILAGENT_REDIS__SENTINELS", "redis://s1:26379"),
+        ]));
+        assert!(errors.is_empty());
+        let redis = tree["redis"].as_dict().unwrap();
+        assert!(!redis.contains_key("url-file"));
+        assert!(redis.contains_key("sentinels"));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct RedisConfig {
     /// when their URLs carry none.
     #[serde(skip)]
     pub sentinel_password: Option<Secret>,
+    /// ACL user of the data nodes (primary and replicas, or Cluster nodes)
+    /// when their URLs name none: each component's own user, as with `url`.
+    pub username: Option<String>,
     /// Password of the data nodes (primary and replicas, or Cluster nodes)
     /// when it is not in their URLs.
     #[serde(skip)]
@@ -98,6 +101,7 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> RedisConfig {
             "master-name",
             "sentinel-password",
             "sentinel-password-file",
+            "username",
             "password",
             "password-file",
             "cluster",
@@ -170,6 +174,13 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> RedisConfig {
             "is only used with redis.sentinels",
         );
     }
+    let username = w.string(t, p, "username").filter(|u| !u.is_empty());
+    if username.is_some() && !t.contains_key("sentinels") && !t.contains_key("cluster") {
+        w.err(
+            join(p, "username"),
+            "is only used with redis.sentinels or redis.cluster (put a single server's user in redis.url)",
+        );
+    }
     let password = w.secret(t, p, "password", true, false);
     if has_secret("password") && !t.contains_key("sentinels") && !t.contains_key("cluster") {
         w.err(
@@ -186,6 +197,7 @@ pub(super) fn parse(w: &mut Walker, tree: &Dict) -> RedisConfig {
         sentinels,
         master_name,
         sentinel_password,
+        username,
         password,
         cluster,
         prefix,
