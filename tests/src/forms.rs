@@ -398,7 +398,7 @@ impl Harness {
                     .iter()
                     .map(|u| common::secret::SecretUrl::new(u.clone()))
                     .collect();
-                admin.amqp.url = admin.amqp.urls[0].clone();
+                admin.amqp.url = admin.amqp.urls[0].clone(); // the first node, for logs
                 common::connect::amqp(&admin, "test-harness").await.unwrap()
             }
         };

@@ -156,7 +156,7 @@ impl PrivateRabbit {
         &self,
         amqp: &mut common::config::AmqpConfig,
     ) -> lapin::Channel {
-        amqp.url = common::secret::SecretUrl::new(self.url.clone());
+        amqp.set_url(common::secret::SecretUrl::new(self.url.clone()));
         crate::fixture::channel_with_topology(&self.url, amqp).await
     }
 

@@ -173,7 +173,9 @@ fn create_redis_users(env: &Endpoints, prefix: &str) {
 /// setup user, on a thread of its own (callers may be inside a runtime).
 fn declare_as_setup(env: &Endpoints, config: &Config) {
     let mut amqp = config.amqp.clone();
-    amqp.url = common::secret::SecretUrl::new(env.get("MAILAGENT_TEST_AMQP_URL_SETUP").to_string());
+    amqp.set_url(common::secret::SecretUrl::new(
+        env.get("MAILAGENT_TEST_AMQP_URL_SETUP").to_string(),
+    ));
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -58,7 +58,7 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     let (relay, amqp_via_relay) = fx.amqp_relay().await;
     let (mut config, _) =
         fx.config(&[fx.mail_table("dn", &fx.mailbox, "after-fetch = \"delete\"\nidle = false")]);
-    config.amqp.url = amqp_via_relay;
+    config.amqp.set_url(amqp_via_relay);
     let (shutdown, task) = start(config);
     wait_started(&fx, "dn").await;
 

@@ -259,7 +259,7 @@ async fn while_rabbitmq_is_down_nothing_is_deleted_and_afterwards_all_arrive() {
     let channel = fx.channel().await;
     let (relay, amqp_via_relay) = fx.amqp_relay().await;
     let (mut config, _) = fx.config(&[fx.mail_table("pdn", "POP3S", "")]);
-    config.amqp.url = amqp_via_relay;
+    config.amqp.set_url(amqp_via_relay);
     let fetcher = InProcess::start(config);
     // The fetcher is up (it polled the empty maildrop once), then RabbitMQ goes.
     let mut redis = fx.redis().await;

@@ -1,9 +1,11 @@
 //! One pass over the folder: find what is new by the checkpoint rules
-//! ([`crate::checkpoint`]), then hand it over batch by batch — sizes first
-//! (oversized messages are never fetched in full), `BODY.PEEK[]`, publish
-//! through the kit, wait for the confirms, apply the after-fetch action to
-//! the confirmed messages only ([`crate::after_fetch`]), and advance the
-//! checkpoint over the fully handed-over prefix.
+//! ([`crate::checkpoint`]), then hand it over batch by batch — the sizes of
+//! all of it first (oversized messages are never fetched in full), then per
+//! batch `BODY.PEEK[]` and publish through the kit; while the next batch is
+//! fetched and published, the confirms of the one before come in, and only
+//! then is it settled: the after-fetch action applied to its confirmed
+//! messages only ([`crate::after_fetch`]), and the checkpoint advanced over
+//! the fully handed-over prefix.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -22,15 +24,41 @@ use crate::worker::{Caps, Worker};
 /// A published message's tag: its UID and size.
 type Tag = (u32, usize);
 
-/// How a batch ended.
-enum Batch {
-    /// Every message handed over (or left as oversized).
-    Done,
+/// A batch fetched and published, not yet settled.
+struct Fetched {
+    /// Its UIDs (ascending).
+    chunk: Vec<u32>,
+    /// Those fetched in full (on the server, within the size limit).
+    wanted: Vec<u32>,
+    /// Those recorded as oversized by their RFC822.SIZE.
+    oversized: Vec<u32>,
+    /// Those whose body turned out longer than the limit: their lengths.
+    longer: HashMap<u32, u32>,
     /// A graceful stop cut it short.
-    Stopped,
-    /// The broker refused a message for its size and closed the channel:
-    /// these UIDs still need a publisher.
-    Reopen(Vec<u32>),
+    stopped: bool,
+    /// The broker refused a message for its size and closed the channel.
+    too_large: Option<PublishError>,
+}
+
+/// How settling a batch ended.
+struct Settled {
+    /// A refusal for size closed the channel: `rest` needs a new publisher.
+    reopen: bool,
+    /// The fetched messages not handed over (unconfirmed).
+    rest: Vec<u32>,
+}
+
+impl Fetched {
+    /// This batch and the `next` one as one group to settle together.
+    fn then(mut self, next: Fetched) -> Fetched {
+        self.chunk.extend(next.chunk);
+        self.wanted.extend(next.wanted);
+        self.oversized.extend(next.oversized);
+        self.longer.extend(next.longer);
+        self.stopped |= next.stopped;
+        self.too_large = self.too_large.or(next.too_large);
+        self
+    }
 }
 
 impl Worker<'_> {
@@ -148,6 +176,13 @@ impl Worker<'_> {
 
     /// Hands over `uids` (ascending) in batches. Returns false when stopped
     /// before the end (graceful stop).
+    ///
+    /// The sizes of all of them come in one `UID FETCH` first. Then the
+    /// batches form a pipeline one deep: batch n+1 is fetched and published
+    /// while batch n's confirms arrive, and only then is batch n settled —
+    /// its confirmed messages flagged (or moved, deleted) and the checkpoint
+    /// advanced. Memory stays bounded by the publisher's window and
+    /// `max-in-flight-bytes`; nothing is flagged before its confirm.
     async fn process(
         &self,
         session: &mut ImapSession,
@@ -159,45 +194,138 @@ impl Worker<'_> {
             return Ok(true);
         }
         let mut publisher: Publisher<Tag> = self.mb.publisher().await?;
-        let batch = self.mb.cfg.batch_size.max(1) as usize;
+        let sizes = self.sizes(session, uids).await?;
+        // Two half batches are in flight at once (one settling while the
+        // next is fetched), so at most `batch-size` messages are handed
+        // over and not yet flagged at any time: what a lost session makes
+        // the next one fetch again.
+        let batch = (self.mb.cfg.batch_size as usize).div_ceil(2).max(1);
+        let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
+        // The batch published and not yet settled.
+        let mut previous: Option<Fetched> = None;
         let mut complete = true;
-        'chunks: for chunk in uids.chunks(batch) {
+        let chunks: Vec<&[u32]> = uids.chunks(batch).collect();
+        'chunks: for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
             let mut todo = chunk.to_vec();
             while !todo.is_empty() {
                 if self.mb.stopping() {
                     complete = false;
                     break 'chunks;
                 }
-                match self.batch(session, &mut publisher, &todo, cp, caps).await {
-                    Ok(Batch::Done) => break,
-                    Ok(Batch::Stopped) => {
-                        complete = false;
-                        break 'chunks;
-                    }
-                    Ok(Batch::Reopen(rest)) => {
-                        // The broker closed the channel on a message too
-                        // large: a new one for the rest of the chunk.
-                        publisher = self.mb.publisher().await?;
-                        todo = rest;
-                    }
+                let fetched = match self
+                    .fetch_publish(session, &mut publisher, &todo, cp, &sizes, &mut confirmed)
+                    .await
+                {
+                    Ok(f) => f,
                     Err(e) => {
                         publisher.abandon();
                         return Err(e);
                     }
+                };
+                if last || fetched.stopped || fetched.too_large.is_some() {
+                    // Settle everything now: the pass ends, the channel is
+                    // closed, or the worker stops.
+                    let group = match previous.take() {
+                        Some(p) => p.then(fetched),
+                        None => fetched,
+                    };
+                    let stopped = group.stopped;
+                    let settled = self
+                        .settle(
+                            session,
+                            &mut publisher,
+                            group,
+                            cp,
+                            caps,
+                            &mut confirmed,
+                            true,
+                        )
+                        .await;
+                    let settled = match settled {
+                        Ok(s) => s,
+                        Err(e) => {
+                            publisher.abandon();
+                            return Err(e);
+                        }
+                    };
+                    if stopped {
+                        complete = false;
+                        break 'chunks;
+                    }
+                    if settled.reopen {
+                        // The broker closed the channel on a message too
+                        // large: a new one for what it did not confirm.
+                        publisher = self.mb.publisher().await?;
+                        todo = settled.rest;
+                        continue;
+                    }
+                    break;
                 }
+                if let Some(p) = previous.replace(fetched) {
+                    let settled = self
+                        .settle(session, &mut publisher, p, cp, caps, &mut confirmed, false)
+                        .await;
+                    let settled = match settled {
+                        Ok(s) => s,
+                        Err(e) => {
+                            publisher.abandon();
+                            return Err(e);
+                        }
+                    };
+                    if settled.reopen {
+                        // A refusal for size closed the channel under the
+                        // batch just published too: settle what of it was
+                        // confirmed, and publish the rest of both again
+                        // (a refused message of the current batch was
+                        // recorded as oversized, and is `ahead` now).
+                        let current = previous.take().expect("the batch just published");
+                        let current = self
+                            .settle(
+                                session,
+                                &mut publisher,
+                                current,
+                                cp,
+                                caps,
+                                &mut confirmed,
+                                true,
+                            )
+                            .await?;
+                        publisher = self.mb.publisher().await?;
+                        todo = settled
+                            .rest
+                            .into_iter()
+                            .chain(current.rest)
+                            .filter(|u| !cp.ahead.contains(u))
+                            .collect();
+                        continue;
+                    }
+                }
+                break;
+            }
+        }
+        // A graceful stop between half batches: the one published is
+        // settled before the session ends.
+        if let Some(p) = previous.take() {
+            if let Err(e) = self
+                .settle(session, &mut publisher, p, cp, caps, &mut confirmed, true)
+                .await
+            {
+                publisher.abandon();
+                return Err(e);
             }
         }
         publisher.close().await;
         Ok(complete)
     }
 
-    /// The sizes of `chunk`'s messages still on the server.
-    async fn sizes(&self, session: &mut ImapSession, chunk: &[u32]) -> Result<HashMap<u32, u32>> {
+    /// The sizes of `uids`' messages still on the server.
+    async fn sizes(&self, session: &mut ImapSession, uids: &[u32]) -> Result<HashMap<u32, u32>> {
         let mut sizes = HashMap::new();
         let mut stream = self
             .cmd(
                 "UID FETCH",
-                session.uid_fetch(uid_set(chunk), "(UID RFC822.SIZE)"),
+                session.uid_fetch(uid_set(uids), "(UID RFC822.SIZE)"),
             )
             .await?;
         while let Some(f) = self.next("UID FETCH", &mut stream).await? {
@@ -208,21 +336,22 @@ impl Worker<'_> {
         Ok(sizes)
     }
 
-    /// One batch: what was published is confirmed, flagged and checkpointed
-    /// before it returns, also when a graceful stop cut it short.
-    async fn batch(
+    /// The first half of a batch: oversized messages (by `sizes`) recorded,
+    /// the rest fetched with `BODY.PEEK[]` and published. Confirms that come
+    /// in meanwhile (of this batch or the one before) go to `confirmed`.
+    async fn fetch_publish(
         &self,
         session: &mut ImapSession,
         publisher: &mut Publisher<Tag>,
         chunk: &[u32],
-        cp: &mut Checkpoint,
-        caps: Caps,
-    ) -> Result<Batch> {
+        cp: &Checkpoint,
+        sizes: &HashMap<u32, u32>,
+        confirmed: &mut Vec<Confirmed<Tag>>,
+    ) -> Result<Fetched> {
         let (mb, cfg) = (self.mb, &self.mb.cfg);
         let name = &cfg.name;
         let started = Instant::now();
-        // Sizes first: oversized messages are never fetched in full.
-        let sizes = self.sizes(session, chunk).await?;
+        // Oversized messages are never fetched in full.
         let max = mb.max_message_bytes();
         let oversized: Vec<u32> = chunk
             .iter()
@@ -235,22 +364,22 @@ impl Worker<'_> {
             .filter(|u| sizes.contains_key(u) && !oversized.contains(u))
             .collect();
         if !oversized.is_empty() {
-            self.oversized(session, &oversized, &sizes, cp.uidvalidity)
+            self.oversized(session, &oversized, sizes, cp.uidvalidity)
                 .await?;
         }
-        let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
-        // Longer than RFC822.SIZE said, and over the limit: the real length
-        // decides.
-        let mut longer: HashMap<u32, u32> = HashMap::new();
-        let mut stopped = false;
-        // A message the broker refused for its size closes the channel: the
-        // batch stops publishing there and goes on with a new publisher.
-        let mut too_large: Option<PublishError> = None;
-        if !wanted.is_empty() {
+        let mut fetched = Fetched {
+            chunk: chunk.to_vec(),
+            wanted,
+            oversized,
+            longer: HashMap::new(),
+            stopped: false,
+            too_large: None,
+        };
+        if !fetched.wanted.is_empty() {
             let mut stream = self
                 .cmd(
                     "UID FETCH",
-                    session.uid_fetch(uid_set(&wanted), "(UID BODY.PEEK[])"),
+                    session.uid_fetch(uid_set(&fetched.wanted), "(UID BODY.PEEK[])"),
                 )
                 .await?;
             let mut failure = None;
@@ -263,11 +392,11 @@ impl Worker<'_> {
                         break;
                     }
                 };
-                if stopped || failure.is_some() || too_large.is_some() {
+                if fetched.stopped || failure.is_some() || fetched.too_large.is_some() {
                     continue; // drain the response so the session stays usable
                 }
                 if mb.stopping() {
-                    stopped = true;
+                    fetched.stopped = true;
                     continue;
                 }
                 let Some(uid) = f.uid else {
@@ -280,7 +409,9 @@ impl Worker<'_> {
                     continue;
                 };
                 if body.len() as u64 > max {
-                    longer.insert(uid, u32::try_from(body.len()).unwrap_or(u32::MAX));
+                    fetched
+                        .longer
+                        .insert(uid, u32::try_from(body.len()).unwrap_or(u32::MAX));
                     continue;
                 }
                 let message_ref = MessageRef::Imap {
@@ -289,11 +420,11 @@ impl Worker<'_> {
                 };
                 let envelope = mb.envelope(message_ref, body.to_vec());
                 match publisher
-                    .publish(&envelope, (uid, body.len()), &mut confirmed)
+                    .publish(&envelope, (uid, body.len()), confirmed)
                     .await
                 {
                     Ok(()) => {}
-                    Err(e @ PublishError::TooLarge { .. }) => too_large = Some(e),
+                    Err(e @ PublishError::TooLarge { .. }) => fetched.too_large = Some(e),
                     Err(e) => {
                         failure = Some(FetchError::from(e).into());
                         break;
@@ -313,12 +444,52 @@ impl Worker<'_> {
             .fetch_seconds
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
-        let flushed = match too_large.take() {
+        Ok(fetched)
+    }
+
+    /// The second half of a batch (or of two, after a refusal or a stop):
+    /// waits for `group`'s confirms — all outstanding ones when `all`, else
+    /// only those of `group`'s messages — applies the after-fetch action to
+    /// the confirmed ones and advances the checkpoint over what is fully
+    /// handed over. Returns what of `group` is not handed over, and whether
+    /// a refusal for size closed the channel (then that needs a new
+    /// publisher).
+    #[allow(clippy::too_many_arguments)]
+    async fn settle(
+        &self,
+        session: &mut ImapSession,
+        publisher: &mut Publisher<Tag>,
+        group: Fetched,
+        cp: &mut Checkpoint,
+        caps: Caps,
+        confirmed: &mut Vec<Confirmed<Tag>>,
+        all: bool,
+    ) -> Result<Settled> {
+        let (mb, cfg) = (self.mb, &self.mb.cfg);
+        let name = &cfg.name;
+        let Fetched {
+            chunk,
+            wanted,
+            mut oversized,
+            longer,
+            too_large,
+            ..
+        } = group;
+        let mine: HashSet<u32> = wanted.iter().copied().collect();
+        let flushed = match too_large {
             Some(e) => Err(e),
-            None => publisher.flush(&mut confirmed).await,
+            None if all => publisher.flush(confirmed).await,
+            None => {
+                publisher
+                    .confirm_while(|t| mine.contains(&t.0), confirmed)
+                    .await
+            }
         };
-        mb.count_confirmed(&confirmed, |t| t.1);
-        let mut oversized = oversized;
+        // This group's confirms; a later batch's stay for its own turn.
+        let (ours, later): (Vec<_>, Vec<_>) =
+            confirmed.drain(..).partition(|c| mine.contains(&c.tag.0));
+        *confirmed = later;
+        mb.count_confirmed(&ours, |t| t.1);
         if !longer.is_empty() {
             let uids: Vec<u32> = longer.keys().copied().collect();
             self.oversized(session, &uids, &longer, cp.uidvalidity)
@@ -340,26 +511,24 @@ impl Worker<'_> {
             }
             other => other,
         };
-        let uids: Vec<u32> = confirmed.iter().map(|c| c.tag.0).collect();
+        let uids: Vec<u32> = ours.iter().map(|c| c.tag.0).collect();
         self.after_fetch(session, &uids, &cfg.after_fetch, caps)
             .await?;
         flushed.map_err(FetchError::from)?;
         // Advance the checkpoint over what is fully handed over (confirmed,
         // oversized, or gone from the server); see `Checkpoint::advance`.
         let handled: HashSet<u32> = uids.iter().chain(oversized.iter()).copied().collect();
-        if cp.advance(chunk, &handled, |uid| sizes.contains_key(&uid)) {
+        let present: HashSet<u32> = wanted.iter().chain(oversized.iter()).copied().collect();
+        if cp.advance(&chunk, &handled, |uid| present.contains(&uid)) {
             let mut redis = mb.kit.redis.clone();
             checkpoint::save(&mut redis, &mb.kit.keys, name, &mb.kit.instance, cp).await?;
         }
-        if reopen {
-            // What the closed channel did not confirm goes again.
-            let rest = wanted
-                .into_iter()
-                .filter(|u| !handled.contains(u))
-                .collect();
-            return Ok(Batch::Reopen(rest));
-        }
-        Ok(if stopped { Batch::Stopped } else { Batch::Done })
+        // What the channel did not confirm goes again after a reopen.
+        let rest = wanted
+            .into_iter()
+            .filter(|u| !handled.contains(u))
+            .collect();
+        Ok(Settled { reopen, rest })
     }
 
     /// Records the oversized messages; they are left in place, or moved when

@@ -246,7 +246,9 @@ async fn throughput(
     // P declares the topology, which the fetcher's least-privilege user (if
     // the fixture gives it one) may not do: P connects as the servers' admin.
     let mut p_config = config.clone();
-    p_config.amqp.url = common::secret::SecretUrl::new(fx.env.amqp_url().to_string());
+    p_config.amqp.set_url(common::secret::SecretUrl::new(
+        fx.env.amqp_url().to_string(),
+    ));
     let p = bench::raw_publish(&p_config, &fx.mailbox, bodies, args.mail.window).await?;
     p.print();
     let r = measure_fetcher(

@@ -271,6 +271,21 @@ impl<T> Publisher<T> {
         Ok(())
     }
 
+    /// Waits for the outstanding confirmations, oldest first, while the
+    /// oldest one's tag satisfies `older` (an earlier batch's messages, when
+    /// the caller publishes the next batch before settling one), appending
+    /// them to `confirmed` in publish order. Later publishes stay in flight.
+    pub async fn confirm_while(
+        &mut self,
+        older: impl Fn(&T) -> bool,
+        confirmed: &mut Vec<Confirmed<T>>,
+    ) -> Result<(), PublishError> {
+        while self.pending.front().is_some_and(|p| older(&p.tag)) {
+            self.confirm_oldest(confirmed).await?;
+        }
+        Ok(())
+    }
+
     /// Forgets every outstanding publish without waiting (after an error,
     /// or when giving up at shutdown). Their messages count as unconfirmed.
     pub fn abandon(&mut self) -> usize {

@@ -35,6 +35,12 @@ pub struct AmqpConfig {
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
 impl AmqpConfig {
+    /// Points at one node: `url` and `urls` both (what `[amqp] url` gives).
+    pub fn set_url(&mut self, url: SecretUrl) {
+        self.urls = vec![url.clone()];
+        self.url = url;
+    }
+
     /// The configured node(s), redacted, for logs and errors: the one URL,
     /// or the list in brackets.
     pub fn endpoints(&self) -> String {
