@@ -5,11 +5,10 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
-use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::sql::SOURCE_COLUMNS;
-use super::{Error, Result, Source, Store};
+use super::{on_pool, Error, Result, Source, Store};
 
 /// What the store knows about a dedupe key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,18 +98,34 @@ pub struct RecordFilter {
 }
 
 /// A text column that may be NULL, NULL read as empty.
-fn text(row: &AnyRow, i: usize) -> Result<String, sqlx::Error> {
+fn text<R>(row: &R, i: usize) -> Result<String, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+{
     Ok(row.try_get::<Option<String>, _>(i)?.unwrap_or_default())
 }
 
 /// A JSON object column (`records.fields`); unreadable JSON reads as empty.
-fn fields(row: &AnyRow, i: usize) -> Result<Map<String, Json>, sqlx::Error> {
+fn fields<R>(row: &R, i: usize) -> Result<Map<String, Json>, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
     let fields: String = row.try_get(i)?;
     Ok(serde_json::from_str(&fields).unwrap_or_default())
 }
 
 /// The [`SOURCE_COLUMNS`] of a row, read from column `first` on.
-fn source_from_row(row: &AnyRow, first: usize) -> Result<Source, sqlx::Error> {
+fn source_from_row<R>(row: &R, first: usize) -> Result<Source, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+{
     Ok(Source {
         dedupe_key: text(row, first)?,
         mail_config: text(row, first + 1)?,
@@ -125,12 +140,13 @@ fn source_from_row(row: &AnyRow, first: usize) -> Result<Source, sqlx::Error> {
 impl Store {
     /// What the store knows about a dedupe key.
     pub async fn lookup(&self, dedupe_key: &str) -> Result<Option<Known>> {
+        on_pool!(&self.pool, p => {
         let row = sqlx::query(
             "SELECT p.record_id, p.failure_id, f.reason, f.detail, f.dead_lettered \
              FROM processed p LEFT JOIN failures f ON f.id = p.failure_id WHERE p.dedupe_key = $1",
         )
         .bind(dedupe_key)
-        .fetch_optional(&self.pool)
+        .fetch_optional(p)
         .await
         .map_err(|e| Error::from_sqlx("look up a dedupe key", e))?;
         let Some(row) = row else { return Ok(None) };
@@ -148,20 +164,24 @@ impl Store {
         known()
             .map(Some)
             .map_err(|e| Error::from_sqlx("read a dedupe key", e))
+    })
     }
 
     /// How many root records exist.
     pub async fn count_records(&self) -> Result<i64> {
+        on_pool!(&self.pool, p => {
         let err = |e| Error::from_sqlx("count records", e);
         let row = sqlx::query("SELECT COUNT(*) FROM records WHERE parent_id IS NULL")
-            .fetch_one(&self.pool)
+            .fetch_one(p)
             .await
             .map_err(err)?;
         row.try_get::<i64, _>(0).map_err(err)
+    })
     }
 
     /// Root records with their children, oldest first.
     pub async fn records(&self, filter: &RecordFilter) -> Result<Vec<StoredRecord>> {
+        on_pool!(&self.pool, p => {
         let err = |e| Error::from_sqlx("list records", e);
         let roots = sqlx::query(&format!(
             "SELECT id, module, business_object, topic, fields, {SOURCE_COLUMNS}, created_at FROM records \
@@ -171,7 +191,7 @@ impl Store {
         .bind(filter.topic.clone())
         .bind(filter.since)
         .bind(filter.limit.unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(p)
         .await
         .map_err(err)?;
         let mut out = roots
@@ -200,7 +220,7 @@ impl Store {
         )
         .bind(first)
         .bind(last)
-        .fetch_all(&self.pool)
+        .fetch_all(p)
         .await
         .map_err(err)?;
         let index: HashMap<i64, usize> = out.iter().enumerate().map(|(i, r)| (r.id, i)).collect();
@@ -218,16 +238,18 @@ impl Store {
             });
         }
         Ok(out)
+    })
     }
 
     /// Stored rejections, oldest first.
     pub async fn failures(&self) -> Result<Vec<StoredFailure>> {
+        on_pool!(&self.pool, p => {
         let err = |e| Error::from_sqlx("list failures", e);
         let rows = sqlx::query(&format!(
             "SELECT id, reason, detail, topic, dead_lettered, {SOURCE_COLUMNS}, created_at \
              FROM failures ORDER BY id"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(p)
         .await
         .map_err(err)?;
         rows.iter()
@@ -244,5 +266,6 @@ impl Store {
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()
             .map_err(err)
+    })
     }
 }
