@@ -4,7 +4,7 @@
 //! streaming cell reader reads with sheet, row and cell limits, keeping
 //! each cell's type.
 
-use std::io::{Cursor, Read};
+use std::io::{Cursor, Read, Write};
 
 use calamine::{DataRef, Reader, Xlsx};
 use common::config::FormProcessorConfig;
@@ -133,21 +133,127 @@ pub fn inflate_parts(bytes: &[u8], limits: &Limits) -> Checked<Vec<u8>> {
     let mut out = zip::ZipWriter::new(Cursor::new(Vec::with_capacity(capacity)));
     let mut total: u64 = 0;
     for (i, _) in wanted {
-        let entry = zip.by_index(i).map_err(malformed)?;
+        let (name, size) = {
+            let raw = zip.by_index_raw(i).map_err(malformed)?;
+            (raw.name().to_string(), raw.size())
+        };
         let options = zip::write::SimpleFileOptions::default()
             .compression_method(zip::CompressionMethod::Stored)
-            .large_file(entry.size() >= u64::from(u32::MAX));
-        out.start_file(entry.name(), options).map_err(malformed)?;
+            .large_file(size >= u64::from(u32::MAX));
+        out.start_file(name, options).map_err(malformed)?;
         // One byte past what is left: reading it means the limit is passed.
         let left = limits.max_decompressed_bytes - total;
-        let copied = std::io::copy(&mut entry.take(left.saturating_add(1)), &mut out)
-            .map_err(malformed)?;
+        let key = template_part_key(&mut zip, i).map_err(malformed)?;
+        let copied = match (key.as_ref().and_then(PartCache::get), key) {
+            (Some(inflated), _) => {
+                out.write_all(&inflated).map_err(malformed)?;
+                inflated.len() as u64
+            }
+            (None, Some(key)) => {
+                let mut inflated = Vec::new();
+                zip.by_index(i)
+                    .map_err(malformed)?
+                    .take(left.saturating_add(1))
+                    .read_to_end(&mut inflated)
+                    .map_err(malformed)?;
+                out.write_all(&inflated).map_err(malformed)?;
+                let n = inflated.len() as u64;
+                if n <= left {
+                    PartCache::put(key, inflated);
+                }
+                n
+            }
+            (None, None) => {
+                let entry = zip.by_index(i).map_err(malformed)?;
+                std::io::copy(&mut entry.take(left.saturating_add(1)), &mut out)
+                    .map_err(malformed)?
+            }
+        };
         total += copied;
         if total > limits.max_decompressed_bytes {
             return Err(too_large(total));
         }
     }
     Ok(out.finish().map_err(malformed)?.into_inner())
+}
+
+/// The workbook-wide parts that forms made from one template share byte
+/// for byte: `xl/workbook.xml`, its `_rels`, `xl/styles.xml`.
+fn template_part(name: &str) -> bool {
+    ["xl/workbook.xml", "xl/_rels/workbook.xml.rels", "xl/styles.xml"]
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(name))
+}
+
+/// Largest template part kept inflated, bytes (compressed and inflated).
+const PART_CACHE_MAX: u64 = 64 * 1024;
+/// How many template parts are kept.
+const PART_CACHE_SLOTS: usize = 16;
+
+/// What identifies a part's content exactly: its compression method, its
+/// CRC-32 and its compressed bytes. The same deflate stream always inflates
+/// to the same bytes, so a hit is the part itself, not a checksum match.
+#[derive(PartialEq, Eq)]
+struct PartKey {
+    method: zip::CompressionMethod,
+    crc32: u32,
+    raw: Vec<u8>,
+}
+
+/// The key of entry `i` when it is a template part small enough to cache.
+fn template_part_key<R: Read + std::io::Seek>(
+    zip: &mut zip::ZipArchive<R>,
+    i: usize,
+) -> zip::result::ZipResult<Option<PartKey>> {
+    let mut entry = zip.by_index_raw(i)?;
+    if !template_part(entry.name())
+        || entry.size() > PART_CACHE_MAX
+        || entry.compressed_size() > PART_CACHE_MAX
+    {
+        return Ok(None);
+    }
+    let (method, crc32) = (entry.compression(), entry.crc32());
+    let mut raw = Vec::with_capacity(entry.compressed_size() as usize);
+    entry.read_to_end(&mut raw)?;
+    Ok(Some(PartKey { method, crc32, raw }))
+}
+
+/// Inflated template parts of recent workbooks (issue 15): a form mail's
+/// workbook has seven deflate streams to inflate, three of them the same in
+/// every form made from one template, and setting up each stream's Huffman
+/// tables is a good part of the cost. A few slots, replaced round-robin,
+/// shared by the parsing threads.
+struct PartCache {
+    slots: Vec<(PartKey, std::sync::Arc<Vec<u8>>)>,
+    next: usize,
+}
+
+static PART_CACHE: std::sync::Mutex<PartCache> = std::sync::Mutex::new(PartCache {
+    slots: Vec::new(),
+    next: 0,
+});
+
+impl PartCache {
+    fn get(key: &PartKey) -> Option<std::sync::Arc<Vec<u8>>> {
+        let cache = PART_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .slots
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn put(key: PartKey, inflated: Vec<u8>) {
+        let mut cache = PART_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = (key, std::sync::Arc::new(inflated));
+        if cache.slots.len() < PART_CACHE_SLOTS {
+            cache.slots.push(slot);
+        } else {
+            let at = cache.next;
+            cache.slots[at] = slot;
+            cache.next = (at + 1) % PART_CACHE_SLOTS;
+        }
+    }
 }
 
 fn cell_value(v: &DataRef<'_>) -> Option<Value> {
@@ -293,7 +399,6 @@ fn read_cells(bytes: &[u8], limits: &Limits) -> Checked<Form> {
 mod tests {
     use super::*;
     use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
-    use std::io::Write;
 
     fn limits() -> Limits {
         Limits {
@@ -426,6 +531,26 @@ mod tests {
         patch(&mut bomb, b"PK\x01\x02", 24);
         let got = inflate_parts(&bomb, &limits()).unwrap_err();
         assert_eq!(got.reason, Reason::DecompressedTooLarge, "{got}");
+    }
+
+    /// The second workbook of a template reads its workbook-wide parts from
+    /// the cache and gives the same form; a part whose bytes differ is not
+    /// mistaken for a cached one.
+    #[test]
+    fn template_parts_come_from_the_cache_only_when_identical() {
+        let book = form_workbook();
+        let first = read_form(&book, &limits()).unwrap();
+        let mut zip = zip::ZipArchive::new(Cursor::new(&book)).unwrap();
+        let styles = (0..zip.len())
+            .find(|&i| zip.by_index_raw(i).unwrap().name() == "xl/styles.xml")
+            .unwrap();
+        let key = template_part_key(&mut zip, styles).unwrap().unwrap();
+        assert!(PartCache::get(&key).is_some(), "styles.xml was cached");
+        assert_eq!(read_form(&book, &limits()).unwrap(), first);
+        let mut other = key.raw.clone();
+        other[0] ^= 1;
+        let other = PartKey { raw: other, ..key };
+        assert!(PartCache::get(&other).is_none());
     }
 
     /// The parts calamine never reads are neither inflated nor kept.

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot};
 
@@ -226,9 +227,24 @@ pub(super) async fn writer(pool: Pool, mut rx: mpsc::Receiver<Op>, observe: Opti
         let started = Instant::now();
         let n = batch.len();
         let ops = std::mem::take(&mut batch);
-        match &pool {
-            Pool::Sqlite(p) => write_batch_sqlite(p, ops).await,
-            Pool::Postgres(p) => write_batch_pg(p, ops).await,
+        let write = async {
+            match &pool {
+                Pool::Sqlite(p) => write_batch_sqlite(p, ops).await,
+                Pool::Postgres(p) => write_batch_pg(p, ops).await,
+            }
+        };
+        // A panic must not end the writer (every later write would wait
+        // for a closed store forever): the batch's callers see their
+        // answer channel dropped, a transient error, and retry.
+        if std::panic::AssertUnwindSafe(write)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                messages = n,
+                "the record store writer panicked on a batch; its messages will be retried"
+            );
         }
         if let Some(observe) = &observe {
             observe(n, started.elapsed());
