@@ -83,11 +83,17 @@ async fn bench_with(kind: StoreKind, extra: &[&str], processors: usize) {
         peaks.join(", "),
         publish.as_secs_f64()
     );
-    let available = took.as_secs_f64() * std::thread::available_parallelism().map_or(2, |c| c.get()) as f64;
+    let available =
+        took.as_secs_f64() * std::thread::available_parallelism().map_or(2, |c| c.get()) as f64;
     let used: f64 = cpu.iter().map(|(_, s)| s).sum();
-    println!("  CPU during the run: {used:.1} of {available:.1} CPU-seconds (by command, approximate):");
+    println!(
+        "  CPU during the run: {used:.1} of {available:.1} CPU-seconds (by command, approximate):"
+    );
     for (comm, secs) in cpu.iter().take(12) {
-        println!("    {comm:<20} {secs:>6.2} s  {:>5.1} %", 100.0 * secs / available);
+        println!(
+            "    {comm:<20} {secs:>6.2} s  {:>5.1} %",
+            100.0 * secs / available
+        );
     }
 }
 

@@ -357,7 +357,11 @@ async fn settled_before(
     body: &[u8],
     dedupe_key: &str,
 ) -> Result<Option<Settled>, SettleError> {
-    let known = match retry(ctx, "look up the dedupe key", || ctx.store.lookup(dedupe_key)).await {
+    let known = match retry(ctx, "look up the dedupe key", || {
+        ctx.store.lookup(dedupe_key)
+    })
+    .await
+    {
         Some(known) => known?,
         None => return Ok(Some(Settled::Left)),
     };
@@ -372,7 +376,11 @@ async fn settled_before(
         Some(Known::Failure { id, .. }) if replay_of(delivery) == Some(id) => {
             // `mailagent dead-letters replay`: forget the failure, then
             // process the mail afresh.
-            match retry(ctx, "forget a replayed failure", || ctx.store.forget(dedupe_key)).await {
+            match retry(ctx, "forget a replayed failure", || {
+                ctx.store.forget(dedupe_key)
+            })
+            .await
+            {
                 Some(forgot) => forgot?,
                 None => return Ok(Some(Settled::Left)),
             };
@@ -410,7 +418,11 @@ async fn already_settled(
     body: &[u8],
     dedupe_key: &str,
 ) -> Result<Option<Settled>, SettleError> {
-    let known = match retry(ctx, "look up the dedupe key", || ctx.store.lookup(dedupe_key)).await {
+    let known = match retry(ctx, "look up the dedupe key", || {
+        ctx.store.lookup(dedupe_key)
+    })
+    .await
+    {
         Some(known) => known?,
         None => return Ok(None),
     };

@@ -180,9 +180,13 @@ pub fn inflate_parts(bytes: &[u8], limits: &Limits) -> Checked<Vec<u8>> {
 /// The workbook-wide parts that forms made from one template share byte
 /// for byte: `xl/workbook.xml`, its `_rels`, `xl/styles.xml`.
 fn template_part(name: &str) -> bool {
-    ["xl/workbook.xml", "xl/_rels/workbook.xml.rels", "xl/styles.xml"]
-        .iter()
-        .any(|p| p.eq_ignore_ascii_case(name))
+    [
+        "xl/workbook.xml",
+        "xl/_rels/workbook.xml.rels",
+        "xl/styles.xml",
+    ]
+    .iter()
+    .any(|p| p.eq_ignore_ascii_case(name))
 }
 
 /// Largest template part kept inflated, bytes (compressed and inflated).

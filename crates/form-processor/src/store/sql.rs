@@ -195,10 +195,14 @@ async fn sqlite_claim(
     id: i64,
 ) -> Result<bool, sqlx::Error> {
     let sql = match column {
-        "record_id" => "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($1, $2, $3) \
-                        ON CONFLICT (dedupe_key) DO NOTHING",
-        _ => "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($1, $2, $3) \
-              ON CONFLICT (dedupe_key) DO NOTHING",
+        "record_id" => {
+            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($1, $2, $3) \
+                        ON CONFLICT (dedupe_key) DO NOTHING"
+        }
+        _ => {
+            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($1, $2, $3) \
+              ON CONFLICT (dedupe_key) DO NOTHING"
+        }
     };
     let done = sqlx::query(sql)
         .bind(key)
@@ -306,11 +310,8 @@ pub(super) async fn pg_insert_record(
         bo.push(clean(&c.business_object));
         fields.push(fields_json(&c.fields));
     }
-    let (unique_fields, unique_values): (Vec<String>, Vec<String>) = r
-        .unique
-        .iter()
-        .map(|(f, v)| (clean(f), clean(v)))
-        .unzip();
+    let (unique_fields, unique_values): (Vec<String>, Vec<String>) =
+        r.unique.iter().map(|(f, v)| (clean(f), clean(v))).unzip();
     let row = sqlx::query(PG_INSERT_RECORD)
         .bind(clean(&form.module))
         .bind(clean(&form.business_object))
