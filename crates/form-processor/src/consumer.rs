@@ -245,64 +245,33 @@ async fn process(
         ..Default::default()
     };
 
-    // Dedupe first: a settled key is acked at once.
-    match or_leave!(
-        retry(ctx, "look up the dedupe key", || ctx
-            .store
-            .lookup(&envelope.dedupe_key))
-        .await
-    )? {
-        Some(Known::Record(id)) => {
-            tracing::debug!(
-                record = id,
-                "already created; acking the duplicate delivery"
+    // A first delivery — not redelivered by the broker, not a replay — is
+    // parsed straight away: its dedupe key is checked by the insert that
+    // would settle it (`ON CONFLICT`, in the writer's transaction), and a
+    // known key found there is acked without a record. Only a redelivery
+    // (the processor died, or requeued it) pays the dedupe read before any
+    // other check and the poison guard's count: those are what stop a
+    // known or poison message from being parsed again.
+    let first_delivery = !delivery.redelivered && replay_of(delivery).is_none();
+    if !first_delivery {
+        if let Some(settled) = settled_before(ctx, delivery, body, &envelope.dedupe_key).await? {
+            return Ok(settled);
+        }
+        // Poison guard: count redeliveries of this key across processes;
+        // the first delivery, not counted, is the one more (a replay's
+        // deliveries are all counted).
+        let uncounted = u64::from(replay_of(delivery).is_none());
+        let deliveries = count_delivery(ctx, &envelope.dedupe_key).await + uncounted;
+        if deliveries > u64::from(ctx.config.delivery_limit) {
+            let r = Rejection::new(
+                Reason::Poison,
+                format!(
+                    "delivered {deliveries} times without completing (limit {})",
+                    ctx.config.delivery_limit
+                ),
             );
-            return Ok(Settled::Acked("already-known", ""));
+            return reject(ctx, delivery, body, r, None, source).await;
         }
-        Some(Known::Failure { id, .. }) if replay_of(delivery) == Some(id) => {
-            // `mailagent dead-letters replay`: forget the failure, then
-            // process the mail afresh.
-            or_leave!(
-                retry(ctx, "forget a replayed failure", || ctx
-                    .store
-                    .forget(&envelope.dedupe_key))
-                .await
-            )?;
-            // Its earlier deliveries do not count against the poison guard.
-            let mut redis = ctx.redis.clone();
-            let _: redis::RedisResult<()> =
-                redis::AsyncCommands::del(&mut redis, ctx.keys.deliveries(&envelope.dedupe_key))
-                    .await;
-            tracing::info!(
-                failure = id,
-                "replayed failure forgotten; processing afresh"
-            );
-        }
-        Some(Known::Failure {
-            id,
-            reason,
-            detail,
-            dead_lettered,
-        }) => {
-            if !dead_lettered {
-                dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
-            }
-            return Ok(Settled::Acked("already-known", ""));
-        }
-        None => {}
-    }
-
-    // Poison guard: count deliveries of this key across processes.
-    let deliveries = count_delivery(ctx, &envelope.dedupe_key).await;
-    if deliveries > u64::from(ctx.config.delivery_limit) {
-        let r = Rejection::new(
-            Reason::Poison,
-            format!(
-                "delivered {deliveries} times without completing (limit {})",
-                ctx.config.delivery_limit
-            ),
-        );
-        return reject(ctx, delivery, body, r, None, source).await;
     }
 
     let permit = ctx
@@ -354,7 +323,11 @@ async fn process(
                     tracing::debug!(record = id, topic = %topic, "created record");
                     Settled::Acked("created", "")
                 }
-                Ok(Created::AlreadyKnown) => Settled::Acked("already-known", ""),
+                Ok(Created::AlreadyKnown) => {
+                    // Settled before (a duplicate first delivery): as a
+                    // rejection not yet dead-lettered, it is dead-lettered now.
+                    or_leave!(already_settled(ctx, delivery, body, &envelope.dedupe_key).await?)
+                }
                 Ok(Created::Duplicate(failure, rejection)) => {
                     let (reason, detail) = (rejection.reason.code(), &rejection.detail);
                     dead_letter(ctx, delivery, body, Some(failure), reason, detail).await?;
@@ -369,8 +342,100 @@ async fn process(
         }
         Err(rejection) => reject(ctx, delivery, body, rejection, topic, source.clone()).await?,
     };
-    forget_deliveries(ctx, &envelope.dedupe_key).await;
+    if !first_delivery {
+        forget_deliveries(ctx, &envelope.dedupe_key).await;
+    }
     Ok(settled)
+}
+
+/// The dedupe read before any other check (a redelivery or a replay):
+/// `Some` when the key is settled and the delivery was settled with it; a
+/// replayed failure is forgotten so that the mail is processed afresh.
+async fn settled_before(
+    ctx: &Context,
+    delivery: &Delivery,
+    body: &[u8],
+    dedupe_key: &str,
+) -> Result<Option<Settled>, SettleError> {
+    let known = match retry(ctx, "look up the dedupe key", || {
+        ctx.store.lookup(dedupe_key)
+    })
+    .await
+    {
+        Some(known) => known?,
+        None => return Ok(Some(Settled::Left)),
+    };
+    match known {
+        Some(Known::Record(id)) => {
+            tracing::debug!(
+                record = id,
+                "already created; acking the duplicate delivery"
+            );
+            Ok(Some(Settled::Acked("already-known", "")))
+        }
+        Some(Known::Failure { id, .. }) if replay_of(delivery) == Some(id) => {
+            // `mailagent dead-letters replay`: forget the failure, then
+            // process the mail afresh.
+            match retry(ctx, "forget a replayed failure", || {
+                ctx.store.forget(dedupe_key)
+            })
+            .await
+            {
+                Some(forgot) => forgot?,
+                None => return Ok(Some(Settled::Left)),
+            };
+            // Its earlier deliveries do not count against the poison guard.
+            let mut redis = ctx.redis.clone();
+            let _: redis::RedisResult<()> =
+                redis::AsyncCommands::del(&mut redis, ctx.keys.deliveries(dedupe_key)).await;
+            tracing::info!(
+                failure = id,
+                "replayed failure forgotten; processing afresh"
+            );
+            Ok(None)
+        }
+        Some(Known::Failure {
+            id,
+            reason,
+            detail,
+            dead_lettered,
+        }) => {
+            if !dead_lettered {
+                dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
+            }
+            Ok(Some(Settled::Acked("already-known", "")))
+        }
+        None => Ok(None),
+    }
+}
+
+/// A key the store found settled when asked to settle it: acked, after a
+/// rejection that is not dead-lettered yet is dead-lettered. `None` when
+/// shutdown came first.
+async fn already_settled(
+    ctx: &Context,
+    delivery: &Delivery,
+    body: &[u8],
+    dedupe_key: &str,
+) -> Result<Option<Settled>, SettleError> {
+    let known = match retry(ctx, "look up the dedupe key", || {
+        ctx.store.lookup(dedupe_key)
+    })
+    .await
+    {
+        Some(known) => known?,
+        None => return Ok(None),
+    };
+    if let Some(Known::Failure {
+        id,
+        reason,
+        detail,
+        dead_lettered: false,
+    }) = known
+    {
+        dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
+    }
+    Ok(Some(Settled::Acked("already-known", "")))
 }
 
 fn fill_source(source: &mut Source, info: &MailInfo) {
@@ -408,22 +473,9 @@ async fn reject(
         // Stored before (a commit whose answer was lost, or another copy of
         // the mail): dead-letter it unless that is done already.
         Ok(Stored::AlreadyKnown) => {
-            let known = or_leave!(
-                retry(ctx, "look up the dedupe key", || ctx
-                    .store
-                    .lookup(&failure.source.dedupe_key))
-                .await
-            )?;
-            if let Some(Known::Failure {
-                id,
-                reason,
-                detail,
-                dead_lettered: false,
-            }) = known
-            {
-                dead_letter(ctx, delivery, body, Some(id), &reason, &detail).await?;
-            }
-            return Ok(Settled::Acked("already-known", ""));
+            return Ok(or_leave!(
+                already_settled(ctx, delivery, body, &failure.source.dedupe_key).await?
+            ));
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot store the rejection; dead-lettering it anyway");

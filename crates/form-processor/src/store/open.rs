@@ -3,16 +3,17 @@
 //! task.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 use std::time::Duration;
 
 use common::config::SqliteSynchronous;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::Executor;
+use sqlx::pool::PoolOptions;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+use sqlx::ConnectOptions;
 use tokio::sync::mpsc;
 
 use super::writer::{writer, BatchObserver, MAX_BATCH};
-use super::{Error, Result, Store};
+use super::{on_pool, Error, Pool, Result, Store};
 
 /// Which backend a store URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +57,10 @@ fn sqlite_url(url: &str) -> (String, Option<PathBuf>) {
     (url, parent.filter(|p| !p.as_os_str().is_empty()))
 }
 
-static DRIVERS: Once = Once::new();
+/// Prepared statements kept per connection (sqlx's cache, LRU): the
+/// writer's statements, the multi-row child inserts of every row count up
+/// to a chunk, and the reads.
+const STATEMENT_CACHE: usize = 512;
 
 impl Store {
     /// Opens (and for SQLite creates) the store, applies the schema and
@@ -74,14 +78,15 @@ impl Store {
         observe: Option<BatchObserver>,
         synchronous: SqliteSynchronous,
     ) -> Result<Self> {
-        DRIVERS.call_once(sqlx::any::install_default_drivers);
         let backend = Backend::of(url).ok_or_else(|| Error::Permanent {
             action: "open",
             source: sqlx::Error::Configuration(
                 "the store URL must start with sqlite: or postgres:".into(),
             ),
         })?;
-        let (url, max) = match backend {
+        let connect = |e| Error::from_sqlx("connect", e);
+        let parse = |e| Error::from_sqlx("parse the store URL", e);
+        let pool = match backend {
             Backend::Sqlite => {
                 let (url, parent) = sqlite_url(url);
                 if let Some(dir) = parent {
@@ -90,32 +95,46 @@ impl Store {
                         source: sqlx::Error::Io(e),
                     })?;
                 }
-                (url, 4)
+                let options = url
+                    .parse::<SqliteConnectOptions>()
+                    .map_err(parse)?
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(
+                        synchronous
+                            .as_str()
+                            .parse()
+                            .unwrap_or(sqlx::sqlite::SqliteSynchronous::Full),
+                    )
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true)
+                    .statement_cache_capacity(STATEMENT_CACHE)
+                    .disable_statement_logging();
+                Pool::Sqlite(
+                    PoolOptions::new()
+                        .max_connections(4)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect_with(options)
+                        .await
+                        .map_err(connect)?,
+                )
             }
-            Backend::Postgres => (url.to_string(), 8),
+            Backend::Postgres => {
+                let options = url
+                    .parse::<PgConnectOptions>()
+                    .map_err(parse)?
+                    .statement_cache_capacity(STATEMENT_CACHE)
+                    .disable_statement_logging();
+                Pool::Postgres(
+                    PoolOptions::new()
+                        .max_connections(8)
+                        .acquire_timeout(Duration::from_secs(5))
+                        .connect_with(options)
+                        .await
+                        .map_err(connect)?,
+                )
+            }
         };
-        let options: AnyConnectOptions = url
-            .parse()
-            .map_err(|e| Error::from_sqlx("parse the store URL", e))?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .acquire_timeout(Duration::from_secs(5))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        let pragma = format!("PRAGMA synchronous = {}", synchronous.as_str());
-                        conn.execute(pragma.as_str()).await?;
-                        conn.execute("PRAGMA busy_timeout = 5000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(|e| Error::from_sqlx("connect", e))?;
-        migrate(&pool, backend).await?;
+        migrate(&pool).await?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
         tokio::spawn(writer(pool.clone(), rx, observe));
         Ok(Self {
@@ -129,15 +148,15 @@ impl Store {
 /// Applies the backend's schema. Several processes may start on one new
 /// store at once: the loser of that race fails ("table already exists", a
 /// lock) and, retried, finds the schema applied.
-async fn migrate(pool: &sqlx::AnyPool, backend: Backend) -> Result<()> {
-    let migrator = match backend {
-        Backend::Sqlite => sqlx::migrate!("./migrations/sqlite"),
-        Backend::Postgres => sqlx::migrate!("./migrations/postgres"),
+async fn migrate(pool: &Pool) -> Result<()> {
+    let migrator = match pool {
+        Pool::Sqlite(_) => sqlx::migrate!("./migrations/sqlite"),
+        Pool::Postgres(_) => sqlx::migrate!("./migrations/postgres"),
     };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match migrator.run(pool).await {
+        match on_pool!(pool, p => migrator.run(p).await) {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 5 => {
                 tracing::debug!(error = %e, attempt, "applying the schema failed; retrying");

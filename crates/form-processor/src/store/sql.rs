@@ -1,25 +1,45 @@
-//! The write statements: claiming a dedupe key, inserting a record with its
-//! children and unique values, inserting a failure, and the two updates the
-//! consumer and the CLI make outside the writer.
+//! The write statements, one set per backend: a record with its children,
+//! unique values and dedupe key; a failure with its dedupe key; and the two
+//! updates the consumer and the CLI make outside the writer.
+//!
+//! The dedupe key is claimed by the insert that settles it
+//! (`INSERT INTO processed … ON CONFLICT DO NOTHING`, with the record or
+//! failure id): no separate read, claim and update. When the key turns out
+//! to be settled already, or a unique value is taken, the caller rolls the
+//! message's savepoint back.
+//!
+//! - SQLite: four statements per record (root, key, children in one
+//!   multi-row insert, unique values in one multi-row insert), each a hop
+//!   to sqlx's SQLite worker thread, no network;
+//! - PostgreSQL: one statement per record, a data-modifying `WITH` whose
+//!   parts insert the root, the key, the children (`UNNEST` of arrays, so
+//!   the text and its prepared statement are the same for any number of
+//!   children) and the unique values: one round trip instead of four.
 
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value as Json};
-use sqlx::any::AnyArguments;
-use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, Row};
+use sqlx::{PgConnection, Row, SqliteConnection};
 
-use super::{Error, NewFailure, NewRecord, Result, Source, Store};
+use super::{on_pool, Error, NewFailure, NewRecord, Result, Store};
 use crate::objectmap::Fields;
 use crate::reject::{Reason, Rejection};
 
-/// The source columns of `records` and `failures`, in the order
-/// [`bind_source`] binds and `read::source_from_row` reads them.
+/// The source columns of `records` and `failures`, in the order they are
+/// bound and `read::source_from_row` reads them.
 pub(super) const SOURCE_COLUMNS: &str =
     "dedupe_key, mail_config, mailbox, message_id, sender, subject, received_at";
 
-/// A query of the `Any` driver.
-type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
+/// What inserting a record found.
+pub(super) enum Inserted {
+    /// Created, with this id.
+    Record(i64),
+    /// The dedupe key was settled before: roll back.
+    AlreadyKnown,
+    /// A unique value is taken: roll back, store this rejection instead.
+    Duplicate(Rejection),
+}
 
 /// Now, epoch seconds.
 fn now() -> i64 {
@@ -47,9 +67,256 @@ fn clean(s: &str) -> String {
     }
 }
 
-/// Binds the [`SOURCE_COLUMNS`] values, in order.
-fn bind_source<'q>(query: AnyQuery<'q>, s: &'q Source) -> AnyQuery<'q> {
-    query
+/// The rejection for the unique fields of `r` that `inserted` lacks.
+fn duplicate(r: &NewRecord, inserted: &[String]) -> Option<Rejection> {
+    let (field, value) = r
+        .unique
+        .iter()
+        .find(|(field, _)| !inserted.iter().any(|f| f == &clean(field)))?;
+    Some(Rejection::new(
+        Reason::Duplicate,
+        format!(
+            "{field} {value:?} already belongs to another {}",
+            r.form.business_object
+        ),
+    ))
+}
+
+// --- SQLite ---------------------------------------------------------------
+
+/// Children per multi-row insert on SQLite (6 + 4 × 100 parameters, far
+/// below SQLite's limit), so that statements of every length up to this
+/// stay in the prepared-statement cache.
+const SQLITE_CHILD_CHUNK: usize = 100;
+
+/// `INSERT INTO records … VALUES (…), (…)` for `n` children: `$1` is the
+/// parent id and `$2` the creation time, shared by every row.
+fn sqlite_children_sql(n: usize) -> &'static str {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=SQLITE_CHILD_CHUNK)
+            .map(|n| {
+                let rows: Vec<String> = (0..n)
+                    .map(|i| {
+                        let p = 3 + 4 * i;
+                        format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3)
+                    })
+                    .collect();
+                format!(
+                    "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
+                     VALUES {}",
+                    rows.join(", ")
+                )
+            })
+            .collect()
+    });
+    &all[n]
+}
+
+/// `INSERT INTO unique_values … RETURNING field` for `n` values: `$1` is
+/// the business object, `$2` the record id.
+fn sqlite_unique_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("($1, ${}, ${}, $2)", 3 + 2 * i, 4 + 2 * i))
+        .collect();
+    format!(
+        "INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
+         ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field",
+        rows.join(", ")
+    )
+}
+
+/// Inserts the record, settles its dedupe key, inserts its children and
+/// unique values (SQLite).
+pub(super) async fn sqlite_insert_record(
+    conn: &mut SqliteConnection,
+    r: &NewRecord,
+) -> Result<Inserted, sqlx::Error> {
+    let created = now();
+    let form = &r.form;
+    let s = &r.source;
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
+         created_at) VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
+    ))
+    .bind(clean(&form.module))
+    .bind(clean(&form.business_object))
+    .bind(fields_json(&form.fields))
+    .bind(clean(&r.topic))
+    .bind(&s.dedupe_key)
+    .bind(clean(&s.mail_config))
+    .bind(clean(&s.mailbox))
+    .bind(s.message_id.as_deref().map(clean))
+    .bind(clean(&s.sender))
+    .bind(clean(&s.subject))
+    .bind(s.received_at)
+    .bind(created)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !sqlite_claim(conn, &s.dedupe_key, "record_id", id).await? {
+        return Ok(Inserted::AlreadyKnown);
+    }
+    for chunk in form.children.chunks(SQLITE_CHILD_CHUNK) {
+        let mut query = sqlx::query(sqlite_children_sql(chunk.len()))
+            .bind(id)
+            .bind(created);
+        for child in chunk {
+            query = query
+                .bind(clean(&child.association))
+                .bind(clean(&child.module))
+                .bind(clean(&child.business_object))
+                .bind(fields_json(&child.fields));
+        }
+        query.execute(&mut *conn).await?;
+    }
+    if r.unique.is_empty() {
+        return Ok(Inserted::Record(id));
+    }
+    let sql = sqlite_unique_sql(r.unique.len());
+    let mut query = sqlx::query_scalar(&sql)
+        .bind(clean(&form.business_object))
+        .bind(id);
+    for (field, value) in &r.unique {
+        query = query.bind(clean(field)).bind(clean(value));
+    }
+    let inserted: Vec<String> = query.fetch_all(&mut *conn).await?;
+    Ok(match duplicate(r, &inserted) {
+        Some(rejection) => Inserted::Duplicate(rejection),
+        None => Inserted::Record(id),
+    })
+}
+
+/// Settles the dedupe key with a record or failure id (`column`); false
+/// when it was settled already.
+async fn sqlite_claim(
+    conn: &mut SqliteConnection,
+    key: &str,
+    column: &'static str,
+    id: i64,
+) -> Result<bool, sqlx::Error> {
+    let sql = match column {
+        "record_id" => {
+            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($1, $2, $3) \
+                        ON CONFLICT (dedupe_key) DO NOTHING"
+        }
+        _ => {
+            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($1, $2, $3) \
+              ON CONFLICT (dedupe_key) DO NOTHING"
+        }
+    };
+    let done = sqlx::query(sql)
+        .bind(key)
+        .bind(id)
+        .bind(now())
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts the failure and settles its dedupe key with it; `None` when the
+/// key was settled already (SQLite).
+pub(super) async fn sqlite_insert_failure(
+    conn: &mut SqliteConnection,
+    f: &NewFailure,
+) -> Result<Option<i64>, sqlx::Error> {
+    let s = &f.source;
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id"
+    ))
+    .bind(f.rejection.reason.code())
+    .bind(clean(&f.rejection.detail))
+    .bind(f.topic.as_deref().map(clean))
+    .bind(&s.dedupe_key)
+    .bind(clean(&s.mail_config))
+    .bind(clean(&s.mailbox))
+    .bind(s.message_id.as_deref().map(clean))
+    .bind(clean(&s.sender))
+    .bind(clean(&s.subject))
+    .bind(s.received_at)
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(sqlite_claim(conn, &s.dedupe_key, "failure_id", id)
+        .await?
+        .then_some(id))
+}
+
+// --- PostgreSQL -------------------------------------------------------------
+
+/// The record, its dedupe key, children and unique values in one statement
+/// (PostgreSQL). Returns the root id, whether the key was claimed, and the
+/// unique fields inserted.
+const PG_INSERT_RECORD: &str = "\
+WITH root AS (
+    INSERT INTO records (parent_id, association, module, business_object, fields, topic,
+        dedupe_key, mail_config, mailbox, message_id, sender, subject, received_at, created_at)
+    VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+    RETURNING id
+), claim AS (
+    INSERT INTO processed (dedupe_key, record_id, created_at)
+    SELECT $5, id, $12 FROM root
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING record_id
+), children AS (
+    INSERT INTO records (parent_id, association, module, business_object, fields, created_at)
+    SELECT root.id, c.association, c.module, c.business_object, c.fields, $12
+    FROM root, UNNEST($13::text[], $14::text[], $15::text[], $16::text[])
+        WITH ORDINALITY AS c (association, module, business_object, fields, n)
+    ORDER BY c.n
+    RETURNING id
+), uniq AS (
+    INSERT INTO unique_values (business_object, field, value, record_id)
+    SELECT $2, u.field, u.value, root.id
+    FROM root, UNNEST($17::text[], $18::text[]) AS u (field, value)
+    ON CONFLICT (business_object, field, value) DO NOTHING
+    RETURNING field
+)
+SELECT (SELECT id FROM root), (SELECT count(*) FROM claim), ARRAY(SELECT field FROM uniq)";
+
+/// The failure and its dedupe key in one statement (PostgreSQL).
+const PG_INSERT_FAILURE: &str = "\
+WITH failure AS (
+    INSERT INTO failures (reason, detail, topic,
+        dedupe_key, mail_config, mailbox, message_id, sender, subject, received_at, dead_lettered, created_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11)
+    RETURNING id
+), claim AS (
+    INSERT INTO processed (dedupe_key, failure_id, created_at)
+    SELECT $4, id, $11 FROM failure
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING failure_id
+)
+SELECT (SELECT id FROM failure), (SELECT count(*) FROM claim)";
+
+/// Inserts the record, settles its dedupe key, inserts its children and
+/// unique values (PostgreSQL, one round trip).
+pub(super) async fn pg_insert_record(
+    conn: &mut PgConnection,
+    r: &NewRecord,
+) -> Result<Inserted, sqlx::Error> {
+    let form = &r.form;
+    let s = &r.source;
+    let n = form.children.len();
+    let (mut assoc, mut module, mut bo, mut fields) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for c in &form.children {
+        assoc.push(clean(&c.association));
+        module.push(clean(&c.module));
+        bo.push(clean(&c.business_object));
+        fields.push(fields_json(&c.fields));
+    }
+    let (unique_fields, unique_values): (Vec<String>, Vec<String>) =
+        r.unique.iter().map(|(f, v)| (clean(f), clean(v))).unzip();
+    let row = sqlx::query(PG_INSERT_RECORD)
+        .bind(clean(&form.module))
+        .bind(clean(&form.business_object))
+        .bind(fields_json(&form.fields))
+        .bind(clean(&r.topic))
         .bind(&s.dedupe_key)
         .bind(clean(&s.mail_config))
         .bind(clean(&s.mailbox))
@@ -57,137 +324,92 @@ fn bind_source<'q>(query: AnyQuery<'q>, s: &'q Source) -> AnyQuery<'q> {
         .bind(clean(&s.sender))
         .bind(clean(&s.subject))
         .bind(s.received_at)
-}
-
-/// Claims the dedupe key; false when it was already settled.
-pub(super) async fn claim(conn: &mut AnyConnection, key: &str) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("INSERT INTO processed (dedupe_key, created_at) VALUES ($1, $2) ON CONFLICT (dedupe_key) DO NOTHING")
-        .bind(key)
         .bind(now())
-        .execute(&mut *conn)
+        .bind(assoc)
+        .bind(module)
+        .bind(bo)
+        .bind(fields)
+        .bind(unique_fields)
+        .bind(unique_values)
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(done.rows_affected() == 1)
+    let id: i64 = row.try_get(0)?;
+    let claimed: i64 = row.try_get(1)?;
+    let inserted: Vec<String> = row.try_get(2)?;
+    if claimed == 0 {
+        return Ok(Inserted::AlreadyKnown);
+    }
+    Ok(match duplicate(r, &inserted) {
+        Some(rejection) => Inserted::Duplicate(rejection),
+        None => Inserted::Record(id),
+    })
 }
 
-/// Inserts the failure and settles its (claimed) dedupe key with it.
-pub(super) async fn insert_failure(
-    conn: &mut AnyConnection,
+/// Inserts the failure and settles its dedupe key with it; `None` when the
+/// key was settled already (PostgreSQL, one round trip).
+pub(super) async fn pg_insert_failure(
+    conn: &mut PgConnection,
     f: &NewFailure,
-) -> Result<i64, sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id"
-    );
-    let query = sqlx::query(&sql)
+) -> Result<Option<i64>, sqlx::Error> {
+    let s = &f.source;
+    let row = sqlx::query(PG_INSERT_FAILURE)
         .bind(f.rejection.reason.code())
         .bind(clean(&f.rejection.detail))
-        .bind(f.topic.as_deref().map(clean));
-    let row = bind_source(query, &f.source)
+        .bind(f.topic.as_deref().map(clean))
+        .bind(&s.dedupe_key)
+        .bind(clean(&s.mail_config))
+        .bind(clean(&s.mailbox))
+        .bind(s.message_id.as_deref().map(clean))
+        .bind(clean(&s.sender))
+        .bind(clean(&s.subject))
+        .bind(s.received_at)
         .bind(now())
         .fetch_one(&mut *conn)
         .await?;
     let id: i64 = row.try_get(0)?;
-    settle(conn, "failure_id", id, &f.source.dedupe_key).await?;
-    Ok(id)
-}
-
-/// Inserts the record, its children and its unique values, and settles its
-/// (claimed) dedupe key with it. `Ok(Err(_))`: a unique value is taken; the
-/// caller rolls back what was inserted and stores the rejection instead.
-pub(super) async fn insert_record(
-    conn: &mut AnyConnection,
-    r: &NewRecord,
-) -> Result<Result<i64, Rejection>, sqlx::Error> {
-    let created = now();
-    let form = &r.form;
-    let sql = format!(
-        "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
-         created_at) VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
-    );
-    let query = sqlx::query(&sql)
-        .bind(clean(&form.module))
-        .bind(clean(&form.business_object))
-        .bind(fields_json(&form.fields))
-        .bind(clean(&r.topic));
-    let row = bind_source(query, &r.source)
-        .bind(created)
-        .fetch_one(&mut *conn)
-        .await?;
-    let id: i64 = row.try_get(0)?;
-    for child in &form.children {
-        sqlx::query(
-            "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id)
-        .bind(clean(&child.association))
-        .bind(clean(&child.module))
-        .bind(clean(&child.business_object))
-        .bind(fields_json(&child.fields))
-        .bind(created)
-        .execute(&mut *conn)
-        .await?;
-    }
-    for (field, value) in &r.unique {
-        let done = sqlx::query(
-            "INSERT INTO unique_values (business_object, field, value, record_id) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (business_object, field, value) DO NOTHING",
-        )
-        .bind(clean(&form.business_object))
-        .bind(clean(field))
-        .bind(clean(value))
-        .bind(id)
-        .execute(&mut *conn)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Ok(Err(Rejection::new(
-                Reason::Duplicate,
-                format!(
-                    "{field} {value:?} already belongs to another {}",
-                    form.business_object
-                ),
-            )));
-        }
-    }
-    settle(conn, "record_id", id, &r.source.dedupe_key).await?;
-    Ok(Ok(id))
-}
-
-/// Notes which record or failure (`column`) settled the dedupe key.
-async fn settle(
-    conn: &mut AnyConnection,
-    column: &'static str,
-    id: i64,
-    dedupe_key: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE processed SET {column} = $1 WHERE dedupe_key = $2"
-    ))
-    .bind(id)
-    .bind(dedupe_key)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    let claimed: i64 = row.try_get(1)?;
+    Ok((claimed == 1).then_some(id))
 }
 
 impl Store {
     /// Notes that the failure's dead-letter copy was confirmed.
     pub async fn mark_dead_lettered(&self, failure_id: i64) -> Result<()> {
-        sqlx::query("UPDATE failures SET dead_lettered = 1 WHERE id = $1")
+        on_pool!(&self.pool, p => sqlx::query("UPDATE failures SET dead_lettered = 1 WHERE id = $1")
             .bind(failure_id)
-            .execute(&self.pool)
+            .execute(p)
             .await
-            .map_err(|e| Error::from_sqlx("mark a failure dead-lettered", e))?;
-        Ok(())
+            .map(|_| ()))
+        .map_err(|e| Error::from_sqlx("mark a failure dead-lettered", e))
     }
 
     /// Forgets a dedupe key (for replaying a dead-lettered message).
     pub async fn forget(&self, dedupe_key: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM processed WHERE dedupe_key = $1 AND record_id IS NULL")
+        on_pool!(&self.pool, p => sqlx::query("DELETE FROM processed WHERE dedupe_key = $1 AND record_id IS NULL")
             .bind(dedupe_key)
-            .execute(&self.pool)
+            .execute(p)
             .await
-            .map_err(|e| Error::from_sqlx("forget a dedupe key", e))?;
-        Ok(done.rows_affected() > 0)
+            .map(|done| done.rows_affected() > 0))
+        .map_err(|e| Error::from_sqlx("forget a dedupe key", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_row_statements_number_their_parameters() {
+        assert_eq!(
+            sqlite_children_sql(2),
+            "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
+             VALUES ($1, $3, $4, $5, $6, $2), ($1, $7, $8, $9, $10, $2)"
+        );
+        assert!(sqlite_children_sql(SQLITE_CHILD_CHUNK).ends_with("$402, $2)"));
+        assert_eq!(
+            sqlite_unique_sql(2),
+            "INSERT INTO unique_values (business_object, field, value, record_id) \
+             VALUES ($1, $3, $4, $2), ($1, $5, $6, $2) \
+             ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field"
+        );
     }
 }

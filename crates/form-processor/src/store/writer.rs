@@ -1,15 +1,17 @@
 //! The one writer task per process: it gathers the ops waiting at that
-//! moment into one transaction, each in its own savepoint. A transient
-//! failure fails the whole batch and every caller retries; any other
-//! failure rolls back that op's savepoint only.
+//! moment into one transaction (group commit), each in its own savepoint.
+//! A transient failure fails the whole batch and every caller retries; any
+//! other failure rolls back that op's savepoint only. Callers hear the
+//! outcome only after the commit, so they ack only what is committed.
 
 use std::time::{Duration, Instant};
 
-use sqlx::{AnyConnection, AnyPool, Executor};
+use futures::FutureExt;
+use sqlx::Executor;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sql::{claim, insert_failure, insert_record};
-use super::{is_transient, Error, NewFailure, NewRecord, Result, Store};
+use super::sql::{self, Inserted};
+use super::{is_transient, Error, NewFailure, NewRecord, Pool, Result, Store};
 use crate::reject::Rejection;
 
 /// Most messages written in one transaction.
@@ -74,43 +76,6 @@ enum Done {
 }
 
 impl Op {
-    /// Runs the op's statements (inside the caller's savepoint).
-    async fn exec(&self, conn: &mut AnyConnection) -> Result<Done, sqlx::Error> {
-        match self {
-            Op::Reject(failure, _) => {
-                if !claim(conn, &failure.source.dedupe_key).await? {
-                    return Ok(Done::Reject(Stored::AlreadyKnown));
-                }
-                Ok(Done::Reject(Stored::Failure(
-                    insert_failure(conn, failure).await?,
-                )))
-            }
-            Op::Create(record, _) => {
-                let key = &record.source.dedupe_key;
-                if !claim(conn, key).await? {
-                    return Ok(Done::Create(Created::AlreadyKnown));
-                }
-                match insert_record(conn, record).await? {
-                    Ok(id) => Ok(Done::Create(Created::Record(id))),
-                    Err(rejection) => {
-                        // Undo the partial record, keep the claim as a failure.
-                        conn.execute("ROLLBACK TO SAVEPOINT op").await?;
-                        let failure = NewFailure {
-                            rejection: rejection.clone(),
-                            topic: Some(record.topic.clone()),
-                            source: record.source.clone(),
-                        };
-                        claim(conn, key).await?;
-                        Ok(Done::Create(Created::Duplicate(
-                            insert_failure(conn, &failure).await?,
-                            rejection,
-                        )))
-                    }
-                }
-            }
-        }
-    }
-
     /// Sends the answer to the caller, who may have gone away.
     fn answer(self, result: Result<Done>) {
         match self {
@@ -130,86 +95,159 @@ impl Op {
     }
 }
 
-/// Runs one op inside a savepoint. The outer error is transient and fails
-/// the whole batch; the inner one is this op's own permanent failure, rolled
-/// back alone.
-async fn run_one(
-    conn: &mut AnyConnection,
-    op: &Op,
-) -> Result<Result<Done, sqlx::Error>, sqlx::Error> {
-    conn.execute("SAVEPOINT op").await?;
-    match op.exec(conn).await {
-        Ok(done) => {
-            conn.execute("RELEASE SAVEPOINT op").await?;
-            Ok(Ok(done))
+/// Runs one op's statements inside the savepoint `op`, on one backend:
+/// `$insert_record` and `$insert_failure` are its statements (`sql`).
+macro_rules! exec_op {
+    ($conn:expr, $op:expr, $insert_record:path, $insert_failure:path) => {{
+        let conn = $conn;
+        match $op {
+            Op::Reject(failure, _) => match $insert_failure(&mut *conn, failure).await? {
+                Some(id) => Ok(Done::Reject(Stored::Failure(id))),
+                None => {
+                    conn.execute("ROLLBACK TO SAVEPOINT op").await?;
+                    Ok(Done::Reject(Stored::AlreadyKnown))
+                }
+            },
+            Op::Create(record, _) => match $insert_record(&mut *conn, record).await? {
+                Inserted::Record(id) => Ok(Done::Create(Created::Record(id))),
+                Inserted::AlreadyKnown => {
+                    conn.execute("ROLLBACK TO SAVEPOINT op").await?;
+                    Ok(Done::Create(Created::AlreadyKnown))
+                }
+                Inserted::Duplicate(rejection) => {
+                    // Undo the record, keep the message as a failure.
+                    conn.execute("ROLLBACK TO SAVEPOINT op").await?;
+                    let failure = NewFailure {
+                        rejection: rejection.clone(),
+                        topic: Some(record.topic.clone()),
+                        source: record.source.clone(),
+                    };
+                    match $insert_failure(&mut *conn, &failure).await? {
+                        Some(id) => Ok(Done::Create(Created::Duplicate(id, rejection))),
+                        None => {
+                            conn.execute("ROLLBACK TO SAVEPOINT op").await?;
+                            Ok(Done::Create(Created::AlreadyKnown))
+                        }
+                    }
+                }
+            },
         }
-        Err(e) if is_transient(&e) => Err(e),
-        Err(e) => {
-            conn.execute("ROLLBACK TO SAVEPOINT op").await?;
-            conn.execute("RELEASE SAVEPOINT op").await?;
-            Ok(Err(e))
-        }
-    }
+    }};
 }
 
+/// One backend's batch: one transaction, each op in the savepoint `op`
+/// (released when the next op sets it again, in the same round trip). A
+/// transient error fails the whole batch (every caller retries); any
+/// other error rolls back that op's savepoint only. Answers go out after
+/// the commit.
+macro_rules! write_batch {
+    ($name:ident, $pool:ty, $insert_record:path, $insert_failure:path) => {
+        async fn $name(pool: &$pool, ops: Vec<Op>) {
+            let mut tx = match pool.begin().await {
+                Ok(tx) => tx,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot begin a record store transaction; its messages will be retried");
+                    ops.into_iter()
+                        .for_each(|op| op.answer(Err(Error::batch("begin a transaction", &e))));
+                    return;
+                }
+            };
+            let mut results: Vec<Option<Result<Done, sqlx::Error>>> = Vec::with_capacity(ops.len());
+            let mut failed: Option<sqlx::Error> = None;
+            for (i, op) in ops.iter().enumerate() {
+                if failed.is_some() {
+                    results.push(None);
+                    continue;
+                }
+                let savepoint = if i == 0 {
+                    "SAVEPOINT op"
+                } else {
+                    "RELEASE SAVEPOINT op; SAVEPOINT op"
+                };
+                if let Err(e) = (&mut *tx).execute(savepoint).await {
+                    failed = Some(e);
+                    results.push(None);
+                    continue;
+                }
+                let done: Result<Done, sqlx::Error> =
+                    async { exec_op!(&mut *tx, op, $insert_record, $insert_failure) }.await;
+                match done {
+                    Ok(done) => results.push(Some(Ok(done))),
+                    Err(e) if is_transient(&e) => {
+                        failed = Some(e);
+                        results.push(None);
+                    }
+                    Err(e) => match (&mut *tx).execute("ROLLBACK TO SAVEPOINT op").await {
+                        Ok(_) => results.push(Some(Err(e))),
+                        Err(rollback) => {
+                            failed = Some(rollback);
+                            results.push(None);
+                        }
+                    },
+                }
+            }
+            let failed = match failed {
+                Some(e) => Some(e),
+                None => tx.commit().await.err(),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
+                ops.into_iter()
+                    .for_each(|op| op.answer(Err(Error::batch("write", &e))));
+                return;
+            }
+            for (op, result) in ops.into_iter().zip(results) {
+                match result {
+                    Some(Ok(done)) => op.answer(Ok(done)),
+                    Some(Err(e)) => op.answer(Err(Error::from_sqlx("write", e))),
+                    None => op.answer(Err(Error::Closed)),
+                }
+            }
+        }
+    };
+}
+
+write_batch!(
+    write_batch_sqlite,
+    sqlx::SqlitePool,
+    sql::sqlite_insert_record,
+    sql::sqlite_insert_failure
+);
+write_batch!(
+    write_batch_pg,
+    sqlx::PgPool,
+    sql::pg_insert_record,
+    sql::pg_insert_failure
+);
+
 /// The writer task: one transaction per batch of waiting ops.
-pub(super) async fn writer(
-    pool: AnyPool,
-    mut rx: mpsc::Receiver<Op>,
-    observe: Option<BatchObserver>,
-) {
+pub(super) async fn writer(pool: Pool, mut rx: mpsc::Receiver<Op>, observe: Option<BatchObserver>) {
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let started = Instant::now();
         let n = batch.len();
-        write_batch(&pool, std::mem::take(&mut batch)).await;
+        let ops = std::mem::take(&mut batch);
+        let write = async {
+            match &pool {
+                Pool::Sqlite(p) => write_batch_sqlite(p, ops).await,
+                Pool::Postgres(p) => write_batch_pg(p, ops).await,
+            }
+        };
+        // A panic must not end the writer (every later write would wait
+        // for a closed store forever): the batch's callers see their
+        // answer channel dropped, a transient error, and retry.
+        if std::panic::AssertUnwindSafe(write)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                messages = n,
+                "the record store writer panicked on a batch; its messages will be retried"
+            );
+        }
         if let Some(observe) = &observe {
             observe(n, started.elapsed());
-        }
-    }
-}
-
-async fn write_batch(pool: &AnyPool, ops: Vec<Op>) {
-    let mut tx = match pool.begin().await {
-        Ok(tx) => tx,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot begin a record store transaction; its messages will be retried");
-            ops.into_iter()
-                .for_each(|op| op.answer(Err(Error::batch("begin a transaction", &e))));
-            return;
-        }
-    };
-    let mut results = Vec::with_capacity(ops.len());
-    let mut failed: Option<sqlx::Error> = None;
-    for op in ops {
-        if failed.is_some() {
-            results.push((op, None));
-            continue;
-        }
-        match run_one(&mut tx, &op).await {
-            Ok(result) => results.push((op, Some(result))),
-            Err(e) => {
-                failed = Some(e);
-                results.push((op, None));
-            }
-        }
-    }
-    let failed = match failed {
-        Some(e) => Some(e),
-        None => tx.commit().await.err(),
-    };
-    if let Some(e) = failed {
-        tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
-        results
-            .into_iter()
-            .for_each(|(op, _)| op.answer(Err(Error::batch("write", &e))));
-        return;
-    }
-    for (op, result) in results {
-        match result {
-            Some(Ok(done)) => op.answer(Ok(done)),
-            Some(Err(e)) => op.answer(Err(Error::from_sqlx("write", e))),
-            None => op.answer(Err(Error::Closed)),
         }
     }
 }
