@@ -119,9 +119,10 @@ pub fn load_text(
 /// Turns `MAILAGENT_SECTION__KEY_NAME=value` into `{section: {key-name: value}}`.
 /// Variables for other sections are ignored (the arrays come from the file);
 /// a variable that looks like a misspelt override is an error. An empty
-/// value sets nothing, so that a layer of environment (a compose overlay)
-/// can take back a key an earlier layer set, e.g. `MAILAGENT_REDIS__URL_FILE=`
-/// where `[redis] sentinels` replaces the URL.
+/// `…_FILE` variable sets nothing, so that a layer of environment (a
+/// compose overlay) can take back the file an earlier layer named, e.g.
+/// `MAILAGENT_REDIS__URL_FILE=` where `[redis] sentinels` replaces the URL;
+/// any other empty value is kept (and an empty secret is refused).
 fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
     let mut tree = Dict::new();
     let mut errors = Vec::new();
@@ -129,7 +130,7 @@ fn env_overrides(env: &[(String, String)]) -> (Dict, Vec<ConfigError>) {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
         };
-        if name == CONFIG_ENV || value.is_empty() {
+        if name == CONFIG_ENV || (value.is_empty() && name.ends_with("_FILE")) {
             continue;
         }
         let lowered = rest.to_ascii_lowercase();
@@ -211,7 +212,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_env_override_sets_nothing() {
+    fn empty_file_env_override_sets_nothing() {
         let (tree, errors) = env_overrides(&env(&[
             ("MAILAGENT_REDIS__URL_FILE", ""),
             ("MAILAGENT_REDIS__SENTINELS", "redis://s1:26379"),
