@@ -205,10 +205,17 @@ impl Worker<'_> {
         let mut handle = session.idle();
         self.cmd("IDLE", handle.init()).await?;
         let outcome = {
+            // async-imap's own timeout starts again with every untagged
+            // response, so a server that keeps talking would hold IDLE past
+            // `wait` (and a session past its token): the deadline is ours.
             let (fut, stop) = handle.wait_with_timeout(wait);
             tokio::pin!(fut);
             tokio::select! {
                 r = &mut fut => r,
+                _ = tokio::time::sleep(wait) => {
+                    drop(stop);
+                    fut.await
+                }
                 _ = self.mb.graceful.cancelled() => {
                     drop(stop);
                     fut.await
