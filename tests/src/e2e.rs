@@ -711,6 +711,24 @@ impl Stack {
         format!("{}.dead", self.prefix)
     }
 
+    /// `mailagent status` (text) against the stack, as its operator runs it.
+    pub async fn status(&self) -> String {
+        let out = tokio::process::Command::new(crate::env::bin_path("mailagent"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("status")
+            .output()
+            .await
+            .expect("run mailagent status");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "mailagent status failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
     /// The test's AMQP channel, opened again (on the first node that
     /// answers) when a node kill or a relay cut closed it.
     pub async fn channel(&self) -> lapin::Channel {

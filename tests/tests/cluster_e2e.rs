@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use mailagent_tests::cluster::Cluster;
 use mailagent_tests::e2e::{batch, Expected, RedisTarget, Stack, StackOptions, BATCH};
-use mailagent_tests::env::{bin_path, Endpoints};
+use mailagent_tests::env::Endpoints;
 use mailagent_tests::forms::StoreKind;
 use mailagent_tests::redis_ha::{self, port_of};
 
@@ -62,24 +62,6 @@ async fn start(label: &str, rabbit: &Cluster, redis: RedisTarget) -> Stack {
         },
     )
     .await
-}
-
-/// `mailagent status` (text) against the stack.
-async fn status(stack: &Stack) -> String {
-    let out = tokio::process::Command::new(bin_path("mailagent"))
-        .arg("--config")
-        .arg(&stack.config_path)
-        .arg("status")
-        .output()
-        .await
-        .expect("run mailagent status");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "mailagent status failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 /// Batch 1 with the node kills: once a tenth of it is settled, the
@@ -147,6 +129,26 @@ async fn second_batch_with_process_kills(stack: &Stack, first: &Expected) -> Exp
     all
 }
 
+/// Batch 2 (a processor and a fetcher die), then the mailboxes are
+/// checked empty or `\Seen`, only the killed processes restarted, the
+/// Redis node `killed` caught up again, and the stack shut down.
+async fn second_batch_and_end(
+    stack: Stack,
+    first: &Expected,
+    killed: u16,
+    label: &str,
+    started: Instant,
+) {
+    second_batch_with_process_kills(&stack, first).await;
+    stack
+        .wait_mailboxes_done([BATCH / 2, BATCH / 2], Duration::from_secs(60))
+        .await;
+    assert_only_killed_restarted(&stack);
+    redis_ha::wait_replica_synced(killed, Duration::from_secs(30)).await;
+    stack.shutdown().await;
+    eprintln!("[cluster-e2e] {label} run: {:?}", started.elapsed());
+}
+
 /// Asserts that only the processes this file kills were started again:
 /// node failovers are followed in process.
 fn assert_only_killed_restarted(stack: &Stack) {
@@ -174,7 +176,7 @@ async fn cluster_e2e_on_rabbitmq_cluster_sentinel_and_postgres_survives_every_ki
 
     // Status against the cluster: every node's queues, the discovered primary.
     let primary = redis_ha::sentinel_primary(&env).await.expect("a primary");
-    let report = status(&stack).await;
+    let report = stack.status().await;
     assert!(report.contains("RABBITMQ NODES"), "{report}");
     for node in &rabbit.nodes {
         let port = port_of(&node.url);
@@ -197,21 +199,14 @@ async fn cluster_e2e_on_rabbitmq_cluster_sentinel_and_postgres_survives_every_ki
     .await;
     let promoted = redis_ha::sentinel_primary(&env).await.expect("a primary");
     assert!(
-        status(&stack)
+        stack
+            .status()
             .await
             .contains(&format!("primary 127.0.0.1:{promoted} (discovered)")),
         "status names the promoted primary"
     );
 
-    // Batch 2: a processor and a fetcher die.
-    second_batch_with_process_kills(&stack, &first).await;
-    stack
-        .wait_mailboxes_done([BATCH / 2, BATCH / 2], Duration::from_secs(60))
-        .await;
-    assert_only_killed_restarted(&stack);
-    redis_ha::wait_replica_synced(primary, Duration::from_secs(30)).await;
-    stack.shutdown().await;
-    eprintln!("[cluster-e2e] sentinel run: {:?}", started.elapsed());
+    second_batch_and_end(stack, &first, primary, "sentinel", started).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -236,13 +231,5 @@ async fn cluster_e2e_on_rabbitmq_cluster_and_redis_cluster_survives_every_kill()
     })
     .await;
 
-    // Batch 2: a processor and a fetcher die.
-    second_batch_with_process_kills(&stack, &first).await;
-    stack
-        .wait_mailboxes_done([BATCH / 2, BATCH / 2], Duration::from_secs(60))
-        .await;
-    assert_only_killed_restarted(&stack);
-    redis_ha::wait_replica_synced(primary, Duration::from_secs(30)).await;
-    stack.shutdown().await;
-    eprintln!("[cluster-e2e] redis cluster run: {:?}", started.elapsed());
+    second_batch_and_end(stack, &first, primary, "redis cluster", started).await;
 }

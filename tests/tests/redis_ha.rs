@@ -24,7 +24,7 @@ use lapin::types::FieldTable;
 use mailagent_tests::e2e::{
     batch, poll_until, Expected, RedisTarget, Stack, StackOptions, PROFILE,
 };
-use mailagent_tests::env::{bin_path, Endpoints};
+use mailagent_tests::env::Endpoints;
 use mailagent_tests::redis_ha::{self, port_of};
 
 /// Forms per run: enough that the kill lands while mail is in flight.
@@ -109,24 +109,6 @@ async fn assert_refresh_request_served(stack: &Stack) {
     );
 }
 
-/// `mailagent status` against the stack's Redis; its output.
-async fn status(stack: &Stack) -> String {
-    let out = tokio::process::Command::new(bin_path("mailagent"))
-        .arg("--config")
-        .arg(&stack.config_path)
-        .arg("status")
-        .output()
-        .await
-        .expect("run mailagent status");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "mailagent status failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_sentinel_failover_is_followed_without_restart() {
     let started = Instant::now();
@@ -142,7 +124,8 @@ async fn cluster_sentinel_failover_is_followed_without_restart() {
     .await;
     let old = redis_ha::sentinel_primary(&env).await.expect("a primary");
     assert!(
-        status(&stack)
+        stack
+            .status()
             .await
             .contains(&format!("primary 127.0.0.1:{old} (discovered)")),
         "status names the primary"
@@ -166,7 +149,8 @@ async fn cluster_sentinel_failover_is_followed_without_restart() {
     assert_refresh_request_served(&stack).await;
     assert_no_restart(&stack);
     assert!(
-        status(&stack)
+        stack
+            .status()
             .await
             .contains(&format!("primary 127.0.0.1:{new} (discovered)")),
         "status names the new primary"
@@ -393,7 +377,7 @@ async fn cluster_whole_agent_on_redis_cluster_survives_a_primary_kill() {
         || async { subscribers().await == 1 },
     )
     .await;
-    let report = status(&stack).await;
+    let report = stack.status().await;
     assert_eq!(
         report.matches("cluster node 127.0.0.1:").count(),
         6,

@@ -348,6 +348,19 @@ async fn process(
     Ok(settled)
 }
 
+/// The dedupe read, retried while the store is out: what the key settled,
+/// if anything; `None` when shutdown came first.
+async fn lookup(ctx: &Context, dedupe_key: &str) -> Result<Option<Option<Known>>, SettleError> {
+    match retry(ctx, "look up the dedupe key", || {
+        ctx.store.lookup(dedupe_key)
+    })
+    .await
+    {
+        Some(known) => Ok(Some(known?)),
+        None => Ok(None),
+    }
+}
+
 /// The dedupe read before any other check (a redelivery or a replay):
 /// `Some` when the key is settled and the delivery was settled with it; a
 /// replayed failure is forgotten so that the mail is processed afresh.
@@ -357,13 +370,8 @@ async fn settled_before(
     body: &[u8],
     dedupe_key: &str,
 ) -> Result<Option<Settled>, SettleError> {
-    let known = match retry(ctx, "look up the dedupe key", || {
-        ctx.store.lookup(dedupe_key)
-    })
-    .await
-    {
-        Some(known) => known?,
-        None => return Ok(Some(Settled::Left)),
+    let Some(known) = lookup(ctx, dedupe_key).await? else {
+        return Ok(Some(Settled::Left));
     };
     match known {
         Some(Known::Record(id)) => {
@@ -418,13 +426,8 @@ async fn already_settled(
     body: &[u8],
     dedupe_key: &str,
 ) -> Result<Option<Settled>, SettleError> {
-    let known = match retry(ctx, "look up the dedupe key", || {
-        ctx.store.lookup(dedupe_key)
-    })
-    .await
-    {
-        Some(known) => known?,
-        None => return Ok(None),
+    let Some(known) = lookup(ctx, dedupe_key).await? else {
+        return Ok(None);
     };
     if let Some(Known::Failure {
         id,
