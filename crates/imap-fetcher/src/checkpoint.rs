@@ -57,6 +57,9 @@ pub struct Checkpoint {
     /// UIDs above `last_uid` already handed over (a message below them was
     /// not, yet).
     pub ahead: BTreeSet<u32>,
+    /// Within one pass (not stored): the message a batch left not handed
+    /// over. A later batch of the pass must not move `last_uid` past it.
+    pub hole: Option<u32>,
 }
 
 impl Checkpoint {
@@ -97,9 +100,16 @@ impl Checkpoint {
         let before = (self.last_uid, self.ahead.clone());
         let mut last = self.last_uid;
         for &uid in chunk {
+            if self.hole.is_some_and(|h| uid > h) {
+                break;
+            }
             if handled.contains(&uid) || self.ahead.contains(&uid) || !present(uid) {
                 last = last.max(uid);
+                if self.hole == Some(uid) {
+                    self.hole = None;
+                }
             } else {
+                self.hole = Some(uid);
                 break;
             }
         }
@@ -122,6 +132,7 @@ impl Checkpoint {
                 .get("ahead")
                 .map(|v| v.split(',').filter_map(|u| u.parse().ok()).collect())
                 .unwrap_or_default(),
+            hole: None,
         })
     }
 }
@@ -242,6 +253,7 @@ mod tests {
             scan_criterion: "UNSEEN".into(),
             saved_at: 99,
             ahead: BTreeSet::from([13, 15]),
+            hole: None,
         };
         let map: HashMap<String, String> = cp
             .fields()
@@ -272,5 +284,20 @@ mod tests {
         assert!(cp.advance(&[16, 17], &HashSet::from([17]), |u| u != 16));
         assert_eq!(cp.last_uid, 17);
         assert!(!cp.advance(&[], &HashSet::new(), present));
+    }
+
+    #[test]
+    fn a_later_batch_of_the_pass_does_not_pass_a_message_left_behind() {
+        let mut cp = Checkpoint {
+            last_uid: 10,
+            ..Default::default()
+        };
+        let present = |_| true;
+        // 12 came without its body in one batch; the next batch of the same
+        // pass is handed over whole: it waits ahead, 12 holds the checkpoint.
+        cp.advance(&[11, 12, 13], &HashSet::from([11, 13]), present);
+        cp.advance(&[14, 15], &HashSet::from([14, 15]), present);
+        assert_eq!(cp.last_uid, 11);
+        assert_eq!(cp.ahead, BTreeSet::from([13, 14, 15]));
     }
 }
