@@ -323,3 +323,42 @@ pub struct MailArgs {
     #[arg(long, default_value_t = common::fetch::publish::DEFAULT_WINDOW)]
     pub window: usize,
 }
+
+/// A form mail: lease `<tag>-<i>` (8 typed fields, 3 payment rows), a
+/// Message-ID of its own, padded with a text body to `size` bytes.
+pub fn form_mail(tag: &str, i: usize, size: usize) -> Vec<u8> {
+    let id = format!("{tag}-{i}");
+    let name = format!("Lease {tag} {i}");
+    let notes = format!("benchmark form {i}");
+    let workbook = crate::forms::lease_workbook(&crate::forms::Lease {
+        id: &id,
+        name: &name,
+        rent: 1000.0 + i as f64,
+        area: 100.0 + (i % 997) as f64,
+        active: i % 2 == 0,
+        notes: &notes,
+        ..Default::default()
+    });
+    let raw = crate::forms::mail(
+        crate::forms::LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &[crate::forms::Attachment::xlsx(workbook)],
+    );
+    let mut text = String::from_utf8(raw).expect("the test mail is ASCII");
+    // A Message-ID that is unique by construction (forms::mail draws a
+    // random 32-bit one: among 10,000 mails a collision is likely enough to
+    // lose a record to deduplication).
+    let start = text.find("Message-ID: ").expect("Message-ID") + "Message-ID: ".len();
+    let end = start + text[start..].find("\r\n").expect("header line");
+    text.replace_range(start..end, &format!("<{tag}.{i}@bench.contoso.com>"));
+    let body = "Please find the form attached.\r\n";
+    let at = text.find(body).expect("text part") + body.len();
+    let mut padding = String::new();
+    let line = format!("This lease form ({id}) was filled in offline and sent for processing.\r\n");
+    while text.len() + padding.len() < size {
+        padding.push_str(&line);
+    }
+    text.insert_str(at, &padding);
+    text.into_bytes()
+}

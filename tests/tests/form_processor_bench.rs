@@ -123,39 +123,6 @@ async fn bench_postgres_two_processors() {
     bench_with(StoreKind::Postgres, &[], 2).await;
 }
 
-/// A form mail like bench-e2e's: lease `i` (8 typed fields, 3 payment
-/// rows), its own Message-ID, padded with text to `size` bytes.
-fn form_mail(i: usize, size: usize) -> Vec<u8> {
-    let id = format!("X-{i}");
-    let name = format!("Lease {i}");
-    let notes = format!("benchmark form {i}");
-    let workbook = lease_workbook(&Lease {
-        id: &id,
-        name: &name,
-        rent: 1000.0 + i as f64,
-        area: 100.0 + (i % 997) as f64,
-        active: i % 2 == 0,
-        notes: &notes,
-        ..Default::default()
-    });
-    let raw = mail(
-        LEASE_SUBJECT,
-        "ann@contoso.com",
-        &[],
-        &[Attachment::xlsx(workbook)],
-    );
-    let mut text = String::from_utf8(raw).expect("the test mail is ASCII");
-    let body = "Please find the form attached.\r\n";
-    let at = text.find(body).expect("text part") + body.len();
-    let mut padding = String::new();
-    let line = format!("This lease form ({id}) was filled in offline and sent for processing.\r\n");
-    while text.len() + padding.len() < size {
-        padding.push_str(&line);
-    }
-    text.insert_str(at, &padding);
-    text.into_bytes()
-}
-
 /// X: `analyze::analyze` — MIME, routing, sender check, workbook, object
 /// map, validation: the consumer's whole per-delivery parse — on one
 /// thread, in memory, over `FORM_BENCH_N` (10,000) 10 KB form mails, each
@@ -168,7 +135,9 @@ async fn bench_parse_only() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let h = Harness::new(StoreKind::Sqlite, &[]).await;
-    let mails: Vec<Vec<u8>> = (0..n).map(|i| form_mail(i, 10 * 1024)).collect();
+    let mails: Vec<Vec<u8>> = (0..n)
+        .map(|i| mailagent_tests::bench::form_mail("X", i, 10 * 1024))
+        .collect();
     let bytes: usize = mails.iter().map(Vec::len).sum();
     let config = h.config.clone();
     let (took, cpu, accepted) = tokio::task::spawn_blocking(move || {

@@ -50,7 +50,7 @@ use form_processor::store::{Known, Store};
 use lapin::options::QueueDeleteOptions;
 use mailagent_tests::bench::{self, percentile, Figure};
 use mailagent_tests::env::{unique, Endpoints};
-use mailagent_tests::forms::{lease_workbook, mail, Attachment, Lease, LEASE_SUBJECT};
+use mailagent_tests::forms::{lease_workbook, Lease};
 use mailagent_tests::harness::{self, mail_table, TestConfig};
 use mailagent_tests::idp::TestIdp;
 use mailagent_tests::maildir;
@@ -89,45 +89,6 @@ const BINARIES: [&str; 4] = [
     "imap-fetcher",
 ];
 
-/// A form mail: lease `<tag>-<i>` (8 typed fields, 3 payment rows), a
-/// Message-ID of its own, padded with a text body to `size` bytes.
-fn form_mail(tag: &str, i: usize, size: usize) -> Vec<u8> {
-    let id = format!("{tag}-{i}");
-    let name = format!("Lease {tag} {i}");
-    let notes = format!("benchmark form {i}");
-    let workbook = lease_workbook(&Lease {
-        id: &id,
-        name: &name,
-        rent: 1000.0 + i as f64,
-        area: 100.0 + (i % 997) as f64,
-        active: i % 2 == 0,
-        notes: &notes,
-        ..Default::default()
-    });
-    let raw = mail(
-        LEASE_SUBJECT,
-        "ann@contoso.com",
-        &[],
-        &[Attachment::xlsx(workbook)],
-    );
-    let mut text = String::from_utf8(raw).expect("the test mail is ASCII");
-    // A Message-ID that is unique by construction (forms::mail draws a
-    // random 32-bit one: among 10,000 mails a collision is likely enough to
-    // lose a record to deduplication).
-    let start = text.find("Message-ID: ").expect("Message-ID") + "Message-ID: ".len();
-    let end = start + text[start..].find("\r\n").expect("header line");
-    text.replace_range(start..end, &format!("<{tag}.{i}@bench.contoso.com>"));
-    let body = "Please find the form attached.\r\n";
-    let at = text.find(body).expect("text part") + body.len();
-    let mut padding = String::new();
-    let line = format!("This lease form ({id}) was filled in offline and sent for processing.\r\n");
-    while text.len() + padding.len() < size {
-        padding.push_str(&line);
-    }
-    text.insert_str(at, &padding);
-    text.into_bytes()
-}
-
 /// Builds `n` form mails on every core.
 fn form_mails(tag: &str, n: usize, size: usize) -> Vec<Vec<u8>> {
     let threads = std::thread::available_parallelism()
@@ -140,7 +101,7 @@ fn form_mails(tag: &str, n: usize, size: usize) -> Vec<Vec<u8>> {
             .map(|from| {
                 s.spawn(move || {
                     (from..(from + chunk).min(n))
-                        .map(|i| form_mail(tag, i, size))
+                        .map(|i| bench::form_mail(tag, i, size))
                         .collect::<Vec<_>>()
                 })
             })
@@ -511,7 +472,7 @@ async fn idle_latency(
     let mut conn = imap_support::master(env, mailbox).await;
     let mut latencies = Vec::with_capacity(appends);
     for i in 0..appends {
-        let m = form_mail("idle", i, size);
+        let m = bench::form_mail("idle", i, size);
         let key = dedupe_key(mailbox, &m);
         let t0 = Instant::now();
         mailclient::imap_append(&mut conn, &format!("a{i}"), "INBOX", &m).await?;
