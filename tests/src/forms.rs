@@ -586,6 +586,19 @@ pub async fn create_database(admin_url: &str, prefix: &str) -> String {
     url.to_string()
 }
 
+/// Drops the database [`create_database`] made for `prefix`, if it is
+/// there (a benchmark's clean-up; errors are ignored).
+pub async fn drop_database(admin_url: &str, prefix: &str) {
+    use sqlx::Connection as _;
+    let name = prefix.replace(['-', '.'], "_").to_lowercase();
+    if let Ok(mut conn) = sqlx::PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+    }
+}
+
 /// Polls `check` until it returns `Some`, or panics after the deadline.
 pub use crate::harness::wait_for;
 

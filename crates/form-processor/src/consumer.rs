@@ -13,12 +13,12 @@ use common::envelope::Envelope;
 use common::keys::Keys;
 use common::RedisHandle;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::acks::Acks;
 use crate::analyze::{self, Analysis, MailInfo};
 use crate::deadletter::DeadLetters;
 use crate::metrics::Metrics;
@@ -60,6 +60,8 @@ pub struct Context {
     /// Settle failures in a row (a dead-letter queue gone, say): the
     /// requeue delay grows with them, and a settled message resets them.
     pub settle_failures: std::sync::atomic::AtomicU32,
+    /// The consuming channel's acks, coalesced.
+    pub acks: Acks,
 }
 
 /// How a delivery was settled.
@@ -90,7 +92,7 @@ pub async fn handle(ctx: Arc<Context>, mut delivery: Delivery) {
     match result {
         Ok(Ok(Settled::Acked(outcome, reason))) => {
             ctx.settle_failures.store(0, Ordering::Relaxed);
-            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            if let Err(e) = ctx.acks.ack(delivery.delivery_tag).await {
                 tracing::warn!(error = %e, "cannot ack; the message will be redelivered and found settled");
             }
             ctx.metrics
@@ -127,13 +129,7 @@ async fn requeue(ctx: &Context, delivery: &Delivery) {
         _ = ctx.shutdown.cancelled() => return,
         _ = tokio::time::sleep(pause) => {}
     }
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await;
+    let _ = ctx.acks.requeue(delivery.delivery_tag).await;
 }
 
 /// The failure id a replayed message carries (`x-replay`).
@@ -206,7 +202,7 @@ macro_rules! or_leave {
 }
 
 async fn process(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     delivery: &Delivery,
     body: &Arc<Vec<u8>>,
 ) -> Result<Settled, SettleError> {
@@ -279,14 +275,12 @@ async fn process(
         .acquire()
         .await
         .map_err(|e| SettleError::Join(e.to_string()))?;
-    let config = ctx.config.clone();
-    let topics = ctx.topics.clone();
     let parsed = Arc::clone(body);
-    let panic_on = ctx.hooks.panic_on_subject.clone();
+    let shared = Arc::clone(ctx);
     let joined = tokio::task::spawn_blocking(move || {
-        let analysis = analyze::analyze(&parsed, &config, &topics);
-        if let Some(p) = panic_on {
-            if analysis.info.subject.contains(&p) {
+        let analysis = analyze::analyze(&parsed, &shared.config, &shared.topics);
+        if let Some(p) = &shared.hooks.panic_on_subject {
+            if analysis.info.subject.contains(p.as_str()) {
                 panic!(
                     "test hook: processing panics for subject {:?}",
                     analysis.info.subject

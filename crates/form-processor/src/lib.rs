@@ -14,6 +14,7 @@
 //! - [`deadletter`]: confirmed publishes to the dead-letter exchange;
 //! - [`broker_dead`]: records the dead letters RabbitMQ made on its own.
 
+pub mod acks;
 pub mod analyze;
 pub mod broker_dead;
 pub mod consumer;
@@ -223,6 +224,7 @@ impl Session<'_> {
             heartbeat: self.heartbeat.clone(),
             hooks: self.hooks.clone(),
             settle_failures: Default::default(),
+            acks: acks::Acks::new(channel.clone()),
         });
         self.admin.set_ready(true);
         tracing::info!(queue = %self.topology.create_queue, prefetch = config.form_processor.prefetch, "consuming");
@@ -239,6 +241,7 @@ impl Session<'_> {
                 }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
+                        ctx.acks.delivered(delivery.delivery_tag).await;
                         tasks.spawn(consumer::handle(ctx.clone(), delivery));
                     }
                     Some(Err(e)) => {
@@ -270,6 +273,7 @@ impl Session<'_> {
             );
             tasks.abort_all();
         }
+        let _ = ctx.acks.flush().await;
         let _ = channel.close(200, "shutdown").await;
         ctx.dead.close().await;
         match failure {

@@ -418,9 +418,9 @@ impl Worker<'_> {
                     uid,
                     uidvalidity: cp.uidvalidity,
                 };
-                let envelope = mb.envelope(message_ref, body.to_vec());
+                let envelope = mb.envelope(message_ref, body);
                 match publisher
-                    .publish(&envelope, (uid, body.len()), confirmed)
+                    .publish(&envelope, body, (uid, body.len()), confirmed)
                     .await
                 {
                     Ok(()) => {}

@@ -242,11 +242,12 @@ impl Worker<'_> {
                 let message_ref = MessageRef::Pop3 {
                     uidl: listed.uidl.clone(),
                 };
-                let envelope = self.mb.envelope(message_ref, body);
-                let len = envelope.body.len();
+                let envelope = self.mb.envelope(message_ref, &body);
+                let len = body.len();
                 let published = publisher
                     .publish(
                         &envelope,
+                        &body,
                         (listed.msg, listed.uidl.clone(), len),
                         &mut confirmed,
                     )

@@ -13,15 +13,17 @@
 //!   the call its consumer makes for each delivery), on every mail, one
 //!   thread, in memory, no I/O;
 //! - **E**: the release binaries as processes — `token-broker`,
-//!   `form-processor` (SQLite) and `pop-fetcher` (with a small POP3 maildrop,
-//!   so its RSS can be read too) started first and proven working, then
-//!   `imap-fetcher` — on a fresh Redis prefix, AMQP prefix and SQLite file.
-//!   E is timed from the first fetch — the instant the fetcher logs
-//!   `selected folder` for the mailbox, right before its first `UID SEARCH`
-//!   and `UID FETCH` — to the moment the SQLite store holds all N records
-//!   (polled every 50 ms). The time from the fetcher's process spawn is
-//!   printed too. E is reported as a ratio of the serialized ceiling
-//!   1/(1/F + 1/P + 1/X);
+//!   `form-processor` (`--processors` of them, on SQLite or, with
+//!   `--store postgres`, a fresh PostgreSQL database) and `pop-fetcher`
+//!   (with a small POP3 maildrop, so its RSS can be read too) started first
+//!   and proven working, then `imap-fetcher` — on a fresh Redis prefix,
+//!   AMQP prefix and store. E is timed from the first fetch — the instant
+//!   the fetcher logs `selected folder` for the mailbox, right before its
+//!   first `UID SEARCH` and `UID FETCH` — to the moment the store holds
+//!   all N records (polled every 50 ms). The time from the fetcher's
+//!   process spawn is printed too. E is reported as a ratio of the
+//!   servers' serialized ceiling 1/(1/F + 1/P) (issue 15's goal: ≥ 50 %),
+//!   and of 1/(1/F + 1/P + 1/X) as before;
 //! - **IDLE** append→record latency: M form mails appended one after the
 //!   other (master-user APPEND) to a second mailbox the same fetcher watches
 //!   with IDLE, each timed from sending APPEND until its record is
@@ -34,6 +36,7 @@
 //! scripts/services up
 //! cargo build --release --bins
 //! target/release/bench-e2e --messages 10000 --size 8192 --appends 200
+//! target/release/bench-e2e --messages 10000 --size 8192 --appends 0 --store postgres --processors 2
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -72,6 +75,13 @@ struct Args {
     /// Keep the config, the logs, the metrics and the SQLite file.
     #[arg(long)]
     keep: bool,
+    /// The record store: `sqlite` (a file in the run's directory) or
+    /// `postgres` (a fresh database on the `scripts/services` server).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    store: String,
+    /// How many form-processors consume the queue.
+    #[arg(long, default_value_t = 1)]
+    processors: usize,
 }
 
 /// The OAuth profile of the config.
@@ -80,14 +90,6 @@ const PROFILE: &str = "bench";
 const BULK: &str = "bulk";
 const IDLE: &str = "idle";
 const POP: &str = "pop";
-
-/// The four binaries, in start order.
-const BINARIES: [&str; 4] = [
-    "token-broker",
-    "form-processor",
-    "pop-fetcher",
-    "imap-fetcher",
-];
 
 /// Builds `n` form mails on every core.
 fn form_mails(tag: &str, n: usize, size: usize) -> Vec<Vec<u8>> {
@@ -149,7 +151,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// One of the release binaries, running.
 struct Proc {
-    name: &'static str,
+    name: String,
     pid: u32,
     child: Child,
     admin: u16,
@@ -157,11 +159,12 @@ struct Proc {
 }
 
 impl Proc {
-    /// Starts `target/release/<name> --config <config>`, logging to `dir`.
-    fn start(name: &'static str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
+    /// Starts `target/release/<bin> --config <config>` as `name`, logging
+    /// to `dir`.
+    fn start(bin: &str, name: &str, config: &Path, dir: &Path) -> anyhow::Result<Self> {
         let admin = free_port()?;
         let log = dir.join(format!("{name}.log"));
-        let child = process::launch(name, config)
+        let child = process::launch(bin, config)
             .clean_env()
             .log_level("info")
             .env("MAILAGENT_ADMIN__LISTEN", format!("127.0.0.1:{admin}"))
@@ -169,7 +172,7 @@ impl Proc {
             .try_spawn()?;
         let pid = child.id().context("pid")?;
         Ok(Self {
-            name,
+            name: name.to_string(),
             pid,
             child,
             admin,
@@ -327,14 +330,14 @@ impl LoadSamples {
 fn configure(
     cfg: &mut TestConfig,
     env: &Endpoints,
+    store: &str,
     (app, secret, token_url): (&str, &str, &str),
     [bulk, idle, pop]: [&String; 3],
 ) {
     let imaps = env.mail_addr("IMAPS").port();
     let pop3s = env.mail_addr("POP3S").port();
     let auth = format!("oauth-profile = \"{PROFILE}\"");
-    let store = format!("sqlite://{}/records.db", cfg.dir().display());
-    cfg.store(&store)
+    cfg.store(store)
         .idp_profile(PROFILE, token_url, app, secret)
         .lease_topic()
         .incoming_mail(&mail_table(
@@ -390,6 +393,7 @@ struct EndToEnd {
 
 /// E: starts the imap-fetcher and waits for every record.
 async fn end_to_end(
+    name: &'static str,
     procs: &mut Vec<Proc>,
     store: &Store,
     config_path: &Path,
@@ -401,7 +405,7 @@ async fn end_to_end(
     let before = bench::cpu_snapshot();
     let spawned_wall = SystemTime::now();
     let spawned = Instant::now();
-    procs.push(Proc::start("imap-fetcher", config_path, dir)?);
+    procs.push(Proc::start("imap-fetcher", "imap-fetcher", config_path, dir)?);
     let target = (already + n) as i64;
     let first_record = std::cell::Cell::new(None);
     let within = Duration::from_secs(600.max(n as u64 / 10));
@@ -430,7 +434,7 @@ async fn end_to_end(
     let from_fetch = Duration::from_secs_f64(epoch_secs(done_wall) - selected);
     Ok(EndToEnd {
         from_fetch: Figure {
-            name: "E  imap-fetcher → RabbitMQ → form-processor → SQLite",
+            name,
             messages: n,
             bytes,
             elapsed: from_fetch,
@@ -564,6 +568,9 @@ async fn main() -> anyhow::Result<()> {
     sampler.abort();
     if !args.keep {
         clean_up(&env, &[&prefix, &private], &[&bulk, &idle, &pop]).await;
+        if args.store == "postgres" {
+            mailagent_tests::forms::drop_database(env.postgres_url(), &prefix).await;
+        }
     }
     match result {
         Ok(()) => {
@@ -608,6 +615,10 @@ async fn run(
     // The identity provider, the app and its grants, the config.
     let idp = TestIdp::start(env).await;
     let (app, secret) = idp.register_app();
+    let store_url = match args.store.as_str() {
+        "postgres" => mailagent_tests::forms::create_database(env.postgres_url(), prefix).await,
+        _ => format!("sqlite://{}/records.db", cfg.dir().display()),
+    };
     bench::grant_all(
         env,
         &app,
@@ -616,6 +627,7 @@ async fn run(
     configure(
         cfg,
         env,
+        &store_url,
         (&app, &secret, &idp.token_url()),
         [bulk, idle, pop],
     );
@@ -669,8 +681,9 @@ async fn run(
             .map_err(|_| anyhow::anyhow!("X panicked"))??
     };
     x.print();
+    let servers = bench::ceiling(&[&f, &p]);
     let ceiling = bench::ceiling(&[&f, &p, &x]);
-    println!("ceiling 1/(1/F+1/P+1/X) = {ceiling:.0} msg/s");
+    println!("ceiling 1/(1/F+1/P) = {servers:.0} msg/s; with X, 1/(1/F+1/P+1/X) = {ceiling:.0} msg/s");
 
     // The agent: broker, processor, POP3 fetcher first, proven working.
     let store = Store::open(processor_config.form_processor.store.expose(), None)
@@ -682,7 +695,7 @@ async fn run(
     let http = reqwest::Client::new();
     let mut procs: Vec<Proc> = Vec::new();
     let outcome = async {
-        procs.push(Proc::start("token-broker", &config_path, dir)?);
+        procs.push(Proc::start("token-broker", "token-broker", &config_path, dir)?);
         let token_key = keys.token(PROFILE);
         wait_for(
             "a token in Redis",
@@ -696,8 +709,14 @@ async fn run(
             },
         )
         .await?;
-        procs.push(Proc::start("form-processor", &config_path, dir)?);
-        procs.push(Proc::start("pop-fetcher", &config_path, dir)?);
+        for i in 0..args.processors.max(1) {
+            let name = match i {
+                0 => "form-processor".to_string(),
+                i => format!("form-processor-{}", i + 1),
+            };
+            procs.push(Proc::start("form-processor", &name, &config_path, dir)?);
+        }
+        procs.push(Proc::start("pop-fetcher", "pop-fetcher", &config_path, dir)?);
         let pop_n = args.pop_messages as i64;
         wait_for(
             "the POP3 mails' records",
@@ -709,7 +728,14 @@ async fn run(
         .await?;
 
         let load_from = load.len();
+        let name = match (args.store.as_str(), args.processors) {
+            ("postgres", 1) => "E  imap-fetcher → RabbitMQ → form-processor → PostgreSQL",
+            ("postgres", _) => "E  imap-fetcher → RabbitMQ → form-processors → PostgreSQL",
+            (_, 1) => "E  imap-fetcher → RabbitMQ → form-processor → SQLite",
+            _ => "E  imap-fetcher → RabbitMQ → form-processors → SQLite",
+        };
         let e = end_to_end(
+            name,
             &mut procs,
             &store,
             &config_path,
@@ -729,12 +755,13 @@ async fn run(
             e.startup.as_secs_f64() * 1e3,
             e.first_record.as_secs_f64(),
         );
-        let ratio = e.from_fetch.rate() / ceiling;
+        let ratio = e.from_fetch.rate() / servers;
         println!(
-            "E / ceiling = {:.0} / {ceiling:.0} = {:.0} % (goal ≥ 60 %: {})",
+            "E / 1/(1/F+1/P) = {:.0} / {servers:.0} = {:.0} % (goal ≥ 50 %: {}); E / 1/(1/F+1/P+1/X) = {:.0} %",
             e.from_fetch.rate(),
             100.0 * ratio,
-            if ratio >= 0.6 { "met" } else { "NOT met" }
+            if ratio >= 0.5 { "met" } else { "NOT met" },
+            100.0 * e.from_fetch.rate() / ceiling,
         );
         println!(
             "   load average (1 min) during E: min {:.2}, mean {:.2}, max {:.2}",
@@ -793,14 +820,13 @@ async fn run(
     }
     .await;
 
-    // Stop every child (SIGTERM by pid), the fetchers first.
-    for name in BINARIES.iter().rev() {
-        if let Some(i) = procs.iter().position(|p| p.name == *name) {
-            let p = procs.remove(i);
-            let status = p.stop().await;
-            if outcome.is_ok() && !status.is_some_and(|s| s.success()) {
-                eprintln!("{name} stopped with {status:?}");
-            }
+    // Stop every child (SIGTERM by pid) in the reverse of their start
+    // order: the fetchers first, the token broker last.
+    while let Some(p) = procs.pop() {
+        let name = p.name.clone();
+        let status = p.stop().await;
+        if outcome.is_ok() && !status.is_some_and(|s| s.success()) {
+            eprintln!("{name} stopped with {status:?}");
         }
     }
     store.close().await;

@@ -38,14 +38,18 @@ impl Mailbox {
             .await?)
     }
 
-    /// The envelope of a fetched message: its dedupe key, where it came
-    /// from, the action, this fetcher, and the trace it starts.
-    pub fn envelope(&self, message_ref: MessageRef, body: Vec<u8>) -> Envelope {
+    /// The envelope of the fetched message `body`: its dedupe key, where
+    /// it came from, the action, this fetcher, and the trace it starts. Its
+    /// own `body` stays empty: [`Publisher::publish`] takes the bytes from
+    /// the fetcher's buffer, so a mail is not copied once more.
+    ///
+    /// [`Publisher::publish`]: crate::fetch::publish::Publisher::publish
+    pub fn envelope(&self, message_ref: MessageRef, body: &[u8]) -> Envelope {
         let name = &self.cfg.name;
         let traceparent = crate::telemetry::fetched_message_trace(name, &reference(&message_ref));
         Envelope {
-            dedupe_key: dedupe_key(&self.cfg.username, &body),
-            body,
+            dedupe_key: dedupe_key(&self.cfg.username, body),
+            body: Vec::new(),
             timestamp: now_secs(),
             mail_config: name.clone(),
             mailbox: self.cfg.username.clone(),

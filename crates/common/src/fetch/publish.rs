@@ -216,18 +216,24 @@ impl<T> Publisher<T> {
         self.pending.iter().map(|p| p.bytes as u64).sum()
     }
 
-    /// Publishes one envelope (persistent, `mandatory`). When the window is
-    /// full (by count, or by bytes with this body), first waits for the
-    /// oldest confirmations; those are appended to `confirmed` in publish
-    /// order, also when an error is returned, so the caller can act on what
-    /// the broker did confirm.
+    /// Publishes one message (persistent, `mandatory`): the raw mail
+    /// `body` with `envelope`'s properties. The body is read where the
+    /// fetcher holds it, not copied into the envelope first (the fetchers'
+    /// envelopes carry an empty `body`, see [`Mailbox::envelope`]). When
+    /// the window is full (by count, or by bytes with this body), first
+    /// waits for the oldest confirmations; those are appended to
+    /// `confirmed` in publish order, also when an error is returned, so
+    /// the caller can act on what the broker did confirm.
+    ///
+    /// [`Mailbox::envelope`]: crate::fetch::Mailbox::envelope
     pub async fn publish(
         &mut self,
         envelope: &Envelope,
+        body: &[u8],
         tag: T,
         confirmed: &mut Vec<Confirmed<T>>,
     ) -> Result<(), PublishError> {
-        let bytes = envelope.body.len() as u64;
+        let bytes = body.len() as u64;
         while self.pending.len() >= self.window
             || (!self.pending.is_empty() && self.in_flight_bytes() + bytes > self.max_bytes)
         {
@@ -243,7 +249,7 @@ impl<T> Publisher<T> {
                     mandatory: true,
                     ..Default::default()
                 },
-                &envelope.body,
+                body,
                 envelope.properties(),
             )
             .await;
@@ -254,7 +260,7 @@ impl<T> Publisher<T> {
         self.pending.push_back(Pending {
             tag,
             dedupe_key: envelope.dedupe_key.clone(),
-            bytes: envelope.body.len(),
+            bytes: body.len(),
             routing_key,
             sent: Instant::now(),
             confirm,
