@@ -186,7 +186,7 @@ async fn a_publisher_holds_at_most_its_byte_limit_unconfirmed() {
             traceparent: None,
         };
         publisher
-            .publish(&envelope, i, &mut confirmed)
+            .publish(&envelope, &envelope.body, i, &mut confirmed)
             .await
             .unwrap();
         let held = publisher.in_flight_bytes();

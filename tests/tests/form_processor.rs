@@ -455,6 +455,42 @@ async fn a_message_that_panics_processing_is_dead_lettered_after_the_delivery_li
     p.stop().await.unwrap();
 }
 
+/// Coalesced acks (`acks.rs`): one delivery requeued again and again (it
+/// panics until the poison guard dead-letters it) while forty behind it in
+/// the prefetch window settle. No `multiple` ack covers it while it is in
+/// progress — that would ack it unsettled, and its requeue would then fail
+/// on the channel and the mail be lost —, so it still ends as a poison
+/// rejection with its dead letter; the forty are records; and once the
+/// processor stops, nothing is back in the queue: every settled delivery
+/// was acked, the ones held behind the slow one included.
+#[tokio::test]
+async fn coalesced_acks_never_cover_a_delivery_in_progress_and_leave_nothing_unacked() {
+    let h = Harness::new(StoreKind::Sqlite, &["delivery-limit = 3"]).await;
+    let panicking = envelope(good_lease("LEASE PANIC FORM", "ann@contoso.com", &[]));
+    h.publish(&panicking).await;
+    h.publish_leases(40).await;
+    let p = h.start(form_processor::Hooks {
+        panic_on_subject: Some("PANIC".into()),
+    });
+    let store = h.store().await;
+    let failures = wait_failures(&store, 1, WAIT).await;
+    assert_eq!(failures[0].reason, "poison");
+    assert_eq!(failures[0].source.dedupe_key, panicking.dedupe_key);
+    wait_records(&store, 40, WAIT).await;
+    assert_eq!(
+        h.drain_dead().await,
+        vec![("poison".to_string(), panicking.dedupe_key.clone())]
+    );
+    assert!(p.running(), "the processor kept its session");
+    p.stop().await.unwrap();
+    assert_eq!(
+        h.queue_depth().await,
+        0,
+        "no settled delivery was left unacked"
+    );
+    assert_eq!(store.count_records().await.unwrap(), 40);
+}
+
 #[tokio::test]
 async fn a_bad_envelope_is_dead_lettered() {
     let h = Harness::new(StoreKind::Sqlite, &[]).await;

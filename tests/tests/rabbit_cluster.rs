@@ -105,7 +105,7 @@ async fn publish_all(link: &AmqpLink, exchange: &str, envelopes: &[Envelope]) ->
         for &i in &left {
             attempts += 1;
             if publisher
-                .publish(&envelopes[i], i, &mut confirmed)
+                .publish(&envelopes[i], &envelopes[i].body, i, &mut confirmed)
                 .await
                 .is_err()
             {

@@ -393,19 +393,23 @@ struct EndToEnd {
 
 /// E: starts the imap-fetcher and waits for every record.
 async fn end_to_end(
-    name: &'static str,
+    args: &Args,
     procs: &mut Vec<Proc>,
     store: &Store,
     config_path: &Path,
     dir: &Path,
-    already: usize,
-    n: usize,
     bytes: u64,
 ) -> anyhow::Result<EndToEnd> {
+    let (already, n) = (args.pop_messages, args.mail.messages);
     let before = bench::cpu_snapshot();
     let spawned_wall = SystemTime::now();
     let spawned = Instant::now();
-    procs.push(Proc::start("imap-fetcher", "imap-fetcher", config_path, dir)?);
+    procs.push(Proc::start(
+        "imap-fetcher",
+        "imap-fetcher",
+        config_path,
+        dir,
+    )?);
     let target = (already + n) as i64;
     let first_record = std::cell::Cell::new(None);
     let within = Duration::from_secs(600.max(n as u64 / 10));
@@ -434,7 +438,12 @@ async fn end_to_end(
     let from_fetch = Duration::from_secs_f64(epoch_secs(done_wall) - selected);
     Ok(EndToEnd {
         from_fetch: Figure {
-            name,
+            name: match (args.store.as_str(), args.processors) {
+                ("postgres", 1) => "E  imap-fetcher → RabbitMQ → form-processor → PostgreSQL",
+                ("postgres", _) => "E  imap-fetcher → RabbitMQ → form-processors → PostgreSQL",
+                (_, 1) => "E  imap-fetcher → RabbitMQ → form-processor → SQLite",
+                _ => "E  imap-fetcher → RabbitMQ → form-processors → SQLite",
+            },
             messages: n,
             bytes,
             elapsed: from_fetch,
@@ -683,7 +692,9 @@ async fn run(
     x.print();
     let servers = bench::ceiling(&[&f, &p]);
     let ceiling = bench::ceiling(&[&f, &p, &x]);
-    println!("ceiling 1/(1/F+1/P) = {servers:.0} msg/s; with X, 1/(1/F+1/P+1/X) = {ceiling:.0} msg/s");
+    println!(
+        "ceiling 1/(1/F+1/P) = {servers:.0} msg/s; with X, 1/(1/F+1/P+1/X) = {ceiling:.0} msg/s"
+    );
 
     // The agent: broker, processor, POP3 fetcher first, proven working.
     let store = Store::open(processor_config.form_processor.store.expose(), None)
@@ -728,20 +739,12 @@ async fn run(
         .await?;
 
         let load_from = load.len();
-        let name = match (args.store.as_str(), args.processors) {
-            ("postgres", 1) => "E  imap-fetcher → RabbitMQ → form-processor → PostgreSQL",
-            ("postgres", _) => "E  imap-fetcher → RabbitMQ → form-processors → PostgreSQL",
-            (_, 1) => "E  imap-fetcher → RabbitMQ → form-processor → SQLite",
-            _ => "E  imap-fetcher → RabbitMQ → form-processors → SQLite",
-        };
         let e = end_to_end(
-            name,
+            args,
             &mut procs,
             &store,
             &config_path,
             dir,
-            args.pop_messages,
-            args.mail.messages,
             bytes,
         )
         .await?;
