@@ -12,6 +12,7 @@
 //!   [`objectmap`] (the `Tririga Object Map` interpreter);
 //! - [`store`]: the SQLite/PostgreSQL record store;
 //! - [`deadletter`]: confirmed publishes to the dead-letter exchange;
+//! - [`acks`]: the channel's acks, one `multiple` ack per commit's worth;
 //! - [`broker_dead`]: records the dead letters RabbitMQ made on its own.
 
 pub mod acks;
