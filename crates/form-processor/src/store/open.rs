@@ -106,6 +106,10 @@ impl Store {
                             .unwrap_or(sqlx::sqlite::SqliteSynchronous::Full),
                     )
                     .busy_timeout(Duration::from_secs(5))
+                    // The writer's per-message savepoints journal the pages
+                    // they change; in memory that costs no file writes (the
+                    // WAL alone makes commits durable).
+                    .pragma("temp_store", "memory")
                     .foreign_keys(true)
                     .statement_cache_capacity(STATEMENT_CACHE)
                     .disable_statement_logging();
@@ -178,6 +182,31 @@ async fn migrate(pool: &Pool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SQLite connections run WAL with `synchronous = FULL` (a commit
+    /// acked to RabbitMQ survives a power loss) and keep savepoint
+    /// journals in memory (`temp_store = MEMORY`).
+    #[tokio::test]
+    async fn sqlite_connections_are_durable_and_journal_savepoints_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/records.db", dir.path().display());
+        let store = Store::open(&url, None).await.unwrap();
+        let Pool::Sqlite(pool) = &store.pool else {
+            panic!("a SQLite pool")
+        };
+        let pragma = |name: &'static str| async move {
+            sqlx::query_scalar::<_, String>(&format!(
+                "SELECT CAST({name} AS TEXT) FROM pragma_{name}"
+            ))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+        };
+        assert_eq!(pragma("journal_mode").await, "wal");
+        assert_eq!(pragma("synchronous").await, "2", "FULL");
+        assert_eq!(pragma("temp_store").await, "2", "MEMORY");
+        store.close().await;
+    }
 
     #[test]
     fn store_urls_table() {
