@@ -213,16 +213,11 @@ impl Worker<'_> {
                     complete = false;
                     break 'chunks;
                 }
-                let fetched = match self
+                // On an error the publisher goes with this function: what
+                // it had outstanding counts as unconfirmed.
+                let fetched = self
                     .fetch_publish(session, &mut publisher, &todo, cp, &sizes, &mut confirmed)
-                    .await
-                {
-                    Ok(f) => f,
-                    Err(e) => {
-                        publisher.abandon();
-                        return Err(e);
-                    }
-                };
+                    .await?;
                 if last || fetched.stopped || fetched.too_large.is_some() {
                     // Settle everything now: the pass ends, the channel is
                     // closed, or the worker stops.
@@ -241,14 +236,7 @@ impl Worker<'_> {
                             &mut confirmed,
                             true,
                         )
-                        .await;
-                    let settled = match settled {
-                        Ok(s) => s,
-                        Err(e) => {
-                            publisher.abandon();
-                            return Err(e);
-                        }
-                    };
+                        .await?;
                     if stopped {
                         complete = false;
                         break 'chunks;
@@ -265,14 +253,7 @@ impl Worker<'_> {
                 if let Some(p) = previous.replace(fetched) {
                     let settled = self
                         .settle(session, &mut publisher, p, cp, caps, &mut confirmed, false)
-                        .await;
-                    let settled = match settled {
-                        Ok(s) => s,
-                        Err(e) => {
-                            publisher.abandon();
-                            return Err(e);
-                        }
-                    };
+                        .await?;
                     if settled.reopen {
                         // A refusal for size closed the channel under the
                         // batch just published too: settle what of it was
@@ -307,13 +288,8 @@ impl Worker<'_> {
         // A graceful stop between half batches: the one published is
         // settled before the session ends.
         if let Some(p) = previous.take() {
-            if let Err(e) = self
-                .settle(session, &mut publisher, p, cp, caps, &mut confirmed, true)
-                .await
-            {
-                publisher.abandon();
-                return Err(e);
-            }
+            self.settle(session, &mut publisher, p, cp, caps, &mut confirmed, true)
+                .await?;
         }
         publisher.close().await;
         Ok(complete)

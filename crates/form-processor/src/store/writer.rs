@@ -251,3 +251,86 @@ pub(super) async fn writer(pool: Pool, mut rx: mpsc::Receiver<Op>, observe: Opti
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::objectmap::{Child, Form};
+    use crate::store::Source;
+    use crate::value::Value;
+
+    fn record(key: &str, id: &str) -> NewRecord {
+        NewRecord {
+            topic: "lease".into(),
+            form: Form {
+                module: "triContract".into(),
+                business_object: "triRealEstateContract".into(),
+                action: None,
+                fields: vec![("triIdTX".into(), Value::Text(id.into()))],
+                children: vec![Child {
+                    association: "Payments".into(),
+                    module: "triPayment".into(),
+                    business_object: "triPaymentSchedule".into(),
+                    fields: vec![("triAmountNU".into(), Value::Number(1.0))],
+                }],
+            },
+            unique: vec![("triIdTX".into(), id.into())],
+            source: Source {
+                dedupe_key: key.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Group commit: forty creates queued at once are written in one
+    /// transaction, and the two among them that cannot become records — a
+    /// unique value another one of the batch took, a dedupe key another
+    /// one of the batch claimed — leave it through their savepoints: the
+    /// other 38 are committed with it, the clash is stored as a failure.
+    #[tokio::test]
+    async fn a_message_that_fails_leaves_the_batch_by_its_savepoint_and_the_rest_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/records.db", dir.path().display());
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&batches);
+        let observe: BatchObserver = Arc::new(move |n, _| seen.lock().unwrap().push(n));
+        let store = Store::open(&url, Some(observe)).await.unwrap();
+
+        let mut ops: Vec<NewRecord> = (0..38)
+            .map(|i| record(&format!("key-{i}"), &format!("L-{i}")))
+            .collect();
+        // A unique value record 0 takes, and a dedupe key record 1 claims.
+        ops.insert(10, record("key-unique-clash", "L-0"));
+        ops.insert(20, record("key-1", "L-other"));
+        // On this test's single-threaded runtime every create is queued
+        // before the writer task runs, so all forty meet in one batch.
+        let results = futures::future::join_all(ops.into_iter().map(|r| store.create(r))).await;
+
+        assert_eq!(*batches.lock().unwrap(), vec![40], "one transaction");
+        let results: Vec<Created> = results.into_iter().map(|r| r.unwrap()).collect();
+        assert!(
+            matches!(&results[10], Created::Duplicate(_, r) if r.reason.code() == "duplicate"),
+            "{:?}",
+            results[10]
+        );
+        assert_eq!(results[20], Created::AlreadyKnown);
+        let created = results
+            .iter()
+            .filter(|r| matches!(r, Created::Record(_)))
+            .count();
+        assert_eq!(created, 38);
+        assert_eq!(store.count_records().await.unwrap(), 38);
+        let failures = store.failures().await.unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].source.dedupe_key, "key-unique-clash");
+        assert!(store
+            .records(&Default::default())
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.children.len() == 1));
+        store.close().await;
+    }
+}
