@@ -1,13 +1,16 @@
 //! Each fetcher's memory is bounded by bytes, not by message count
 //! (issue 12): 30 mails of 4 MiB in one mailbox, default settings, the
-//! fetcher as a process; its peak RSS (`VmHWM`) is printed once every mail
-//! is in the queue. A measurement, not a test (`#[ignore]`):
+//! fetcher as a process; once every mail is in the queue its peak RSS
+//! (`VmHWM`) must be under 128 MiB, the bound the issue sets for the debug
+//! build as well as release (measured: about 50 MiB debug, 40 MiB release;
+//! 156 MiB for POP3 before the bound). The figure is printed, for
+//! `docs/benchmarks.md`:
 //!
 //! ```text
 //! cargo build --workspace --bins
-//! cargo test -p mailagent-tests --test fetch_memory -- --ignored --nocapture --test-threads 1
+//! cargo test -p mailagent-tests --test fetch_memory -- --nocapture --test-threads 1
 //! cargo build --release --workspace --bins
-//! cargo test --release -p mailagent-tests --test fetch_memory -- --ignored --nocapture --test-threads 1
+//! cargo test --release -p mailagent-tests --test fetch_memory -- --nocapture --test-threads 1
 //! ```
 
 use std::time::{Duration, Instant};
@@ -18,9 +21,12 @@ use mailagent_tests::process::{self, peak_rss_kib};
 
 const MAILS: usize = 30;
 const SIZE: usize = 4 << 20;
+/// The most a fetcher may hold at its peak, in KiB.
+const PEAK_LIMIT_KIB: u64 = 128 << 10;
 
 /// Seeds the fixture's mailbox, runs the fetcher on `table` until every
-/// mail is in the queue, and prints its peak RSS.
+/// mail is in the queue, prints its peak RSS and checks it against the
+/// bound.
 async fn measure<P: Protocol>(fx: Fixture<P>, table: String, what: &str) {
     let tag = format!("{}mem", fx.prefix);
     let mails: Vec<Vec<u8>> = (0..MAILS)
@@ -55,10 +61,13 @@ async fn measure<P: Protocol>(fx: Fixture<P>, table: String, what: &str) {
         elapsed.as_secs_f64(),
         peak as f64 / 1024.0
     );
+    assert!(
+        peak < PEAK_LIMIT_KIB,
+        "{what}: peak RSS {peak} KiB, the bound is {PEAK_LIMIT_KIB} KiB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: run with --ignored --nocapture"]
 async fn imap_fetcher_peak_rss_with_30_mails_of_4_mib() {
     let fx = mailagent_tests::imap_support::Fixture::new("memimap");
     let table = fx.mail_table("mem", &fx.mailbox, "");
@@ -66,7 +75,6 @@ async fn imap_fetcher_peak_rss_with_30_mails_of_4_mib() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: run with --ignored --nocapture"]
 async fn pop_fetcher_peak_rss_with_30_mails_of_4_mib() {
     let fx = mailagent_tests::pop_support::Fixture::new("mempop");
     let table = fx.mail_table("mem", "POP3S", "");
