@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 pub struct TestCert {
     /// The certificate, PEM.
     pub cert_pem: String,
-    /// The private key, PEM PKCS#8.
+    /// The private key, PEM (PKCS#8 unless made by [`TestCert::with_pkcs1_key`]).
     pub key_pem: String,
     /// The certificate's DER.
     pub der: Vec<u8>,
@@ -36,6 +36,34 @@ pub fn rsa_key() -> String {
         .expect("run openssl genpkey");
     assert!(out.status.success(), "openssl genpkey failed");
     String::from_utf8(out.stdout).expect("PEM")
+}
+
+/// `key_pem` (any PEM RSA private key) as PKCS#1: `-----BEGIN RSA PRIVATE
+/// KEY-----`, the "traditional" form older tooling and many PKI exports write.
+pub fn pkcs1(key_pem: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["rsa", "-traditional"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run openssl rsa");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(key_pem.as_bytes())
+        .expect("write the key to openssl");
+    let out = child.wait_with_output().expect("openssl rsa");
+    assert!(out.status.success(), "openssl rsa -traditional failed");
+    let pem = String::from_utf8(out.stdout).expect("PEM");
+    assert!(
+        pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"),
+        "not PKCS#1: {}",
+        pem.lines().next().unwrap_or("")
+    );
+    pem
 }
 
 fn now() -> i64 {
@@ -73,6 +101,14 @@ impl TestCert {
     /// `x5t#S256` of the certificate.
     pub fn x5t_s256(&self) -> String {
         URL_SAFE_NO_PAD.encode(Sha256::digest(&self.der))
+    }
+
+    /// The same certificate with its private key in PKCS#1 form.
+    pub fn with_pkcs1_key(&self) -> Self {
+        Self {
+            key_pem: pkcs1(&self.key_pem),
+            ..self.clone()
+        }
     }
 
     /// The SHA-1 thumbprint, upper-case hex.

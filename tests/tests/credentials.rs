@@ -17,6 +17,7 @@ use mailagent_tests::harness::{profile_state, redis, token_client, Broker};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::{RequestRecord, TestIdp, FEDERATED_AUDIENCE};
 use mailagent_tests::mailclient::{self, AuthOutcome};
+use mailagent_tests::process;
 
 const PROFILE: &str = "contoso";
 
@@ -99,6 +100,50 @@ async fn force_refresh(
     .await;
     assert_ne!(replaced.fingerprint, current.fingerprint);
     records
+}
+
+/// Posts a client-credentials request with `assertion` for `app` straight
+/// to the IdP; returns the status and the JSON answer.
+async fn post_assertion(idp: &TestIdp, app: &str, assertion: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(idp.token_url())
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", app),
+            ("client_assertion_type", common::credential::JWT_BEARER),
+            ("client_assertion", assertion),
+            ("scope", "https://outlook.office365.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Runs `mailagent <args>` on `cfg` without blocking the runtime (the test
+/// IdP answers from it); returns the exit status and stdout and stderr.
+async fn mailagent(cfg: &TestConfig, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let out = tokio::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
+        .arg("--config")
+        .arg(cfg.path_for(Component::Cli))
+        .args(args)
+        .env_remove("MAILAGENT_CONFIG")
+        .output()
+        .await
+        .expect("run mailagent");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// A line from the middle of a PEM private key: what a leaked key would show.
+fn key_body_line(key_pem: &str) -> &str {
+    let lines: Vec<&str> = key_pem.lines().collect();
+    lines[lines.len() / 2]
 }
 
 #[tokio::test]
@@ -216,6 +261,147 @@ async fn rotated_certificate_is_used_at_the_next_refresh_without_restart() {
     assert_eq!(s.state, "ok");
     assert_eq!(s.credential_expires_at, Some(new.not_after));
     broker.stop().await;
+}
+
+/// A PKCS#1 private key (`-----BEGIN RSA PRIVATE KEY-----`, as older
+/// tooling and many PKI exports write it) serves as well as PKCS#8: its
+/// assertions pass the IdP's checks with PS256 and RS256, and the broker
+/// gets a token with it.
+#[tokio::test]
+async fn a_pkcs1_rsa_private_key_signs_assertions_the_idp_accepts() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let cert = TestCert::new(100).with_pkcs1_key();
+    assert!(cert.key_pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    let app = idp.register_cert_app(&cert.der);
+    let mut cfg = TestConfig::new(&env);
+    let (crt, key) = cert.write(cfg.dir(), "app");
+
+    let read = Certificate::read(&crt, &key).expect("a PKCS#1 key is read");
+    assert_eq!(read.thumbprint, cert.thumbprint());
+    for alg in [AssertionAlgorithm::Ps256, AssertionAlgorithm::Rs256] {
+        let assertion = read.assertion(&app, &idp.token_url(), alg);
+        let (status, body) = post_assertion(&idp, &app, assertion.expose()).await;
+        assert_eq!(status, 200, "{alg:?}: {body}");
+    }
+
+    cert_profile(&mut cfg, &idp, &app, "");
+    let broker = Broker::start(&cfg);
+    let client = token_client(&env, &cfg).await;
+    wait_for("a token", Duration::from_secs(15), || async {
+        client.current(PROFILE).await.unwrap()
+    })
+    .await;
+    let requests = successes(&idp, &app, 3).await;
+    let by_broker = requests.last().unwrap();
+    assert!(!by_broker.had_secret);
+    assert_eq!(
+        by_broker.assertion_header().unwrap().x5t_s256,
+        Some(cert.x5t_s256())
+    );
+    assert_eq!(
+        state(&env, &cfg).await.credential_used,
+        Some(format!("certificate {}", cert.thumbprint()))
+    );
+    broker.stop().await;
+}
+
+/// `mailagent test-connection` says which credential its token request
+/// used — the certificate's thumbprint, or "secret" — and prints neither
+/// the secret nor the key.
+#[tokio::test]
+async fn test_connection_names_the_credential_it_used_never_its_value() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let cert = TestCert::new(100);
+    let cert_app = idp.register_cert_app(&cert.der);
+    let (secret_app, secret) = idp.register_app();
+    let (cert_box, secret_box) = (
+        format!("{}@example.com", unique("credcert")),
+        format!("{}@example.com", unique("credsecret")),
+    );
+    env.grant(&cert_app, &cert_box);
+    env.grant(&secret_app, &secret_box);
+    let mut cfg = TestConfig::new(&env);
+    cert.write(cfg.dir(), "app");
+    cert_profile(&mut cfg, &idp, &cert_app, "");
+    cfg.idp_profile("with-secret", &idp.token_url(), &secret_app, &secret);
+    let imaps = env.mail_addr("IMAPS").port();
+    let pop3s = env.mail_addr("POP3S").port();
+    for (name, mailbox, port, server_type, profile) in [
+        ("cert-imap", &cert_box, imaps, "imaps", PROFILE),
+        ("cert-pop", &cert_box, pop3s, "pop3s", PROFILE),
+        ("secret-imap", &secret_box, imaps, "imaps", "with-secret"),
+    ] {
+        cfg.incoming_mail(&mailagent_tests::harness::mail_table(
+            name,
+            mailbox,
+            port,
+            server_type,
+            &format!("oauth-profile = \"{profile}\""),
+            "",
+        ));
+    }
+    let by_certificate = format!("with the certificate {}", cert.thumbprint());
+    for (name, used) in [
+        ("cert-imap", by_certificate.as_str()),
+        ("cert-pop", by_certificate.as_str()),
+        ("secret-imap", "with the secret"),
+    ] {
+        let (status, text) = mailagent(&cfg, &["test-connection", name]).await;
+        assert!(status.success(), "{name}:\n{text}");
+        let token_step = text
+            .lines()
+            .find(|l| l.contains("[ok]   token"))
+            .unwrap_or_else(|| panic!("{name}: no token step:\n{text}"));
+        assert!(token_step.contains(used), "{name}: {token_step}");
+        assert!(!text.contains(&secret), "{name}: the secret was printed");
+        assert!(
+            !text.contains(key_body_line(&cert.key_pem)),
+            "{name}: the key was printed"
+        );
+    }
+}
+
+/// The broker's log says which credential each request used: the
+/// certificate's thumbprint (what the portal lists), never the key.
+#[tokio::test]
+async fn the_broker_log_names_the_certificate_thumbprint_it_used() {
+    let env = Endpoints::load();
+    let idp = TestIdp::start(&env).await;
+    let cert = TestCert::new(100);
+    let app = idp.register_cert_app(&cert.der);
+    let mut cfg = TestConfig::new(&env);
+    cert.write(cfg.dir(), "app");
+    cert_profile(&mut cfg, &idp, &app, "");
+    let log = cfg.dir().join("broker.log");
+    let mut child = process::launch("token-broker", &cfg.path_for(Component::TokenBroker))
+        .log_level("info")
+        .log(&log)
+        .spawn();
+    successes(&idp, &app, 1).await;
+    wait_for("the token stored", Duration::from_secs(15), || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.contains("stored a new token").then_some(())
+    })
+    .await;
+    let status = process::stop(&mut child, Duration::from_secs(30))
+        .await
+        .expect("broker stops on SIGTERM");
+    assert!(status.success(), "broker exited {status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let used = format!("certificate {}", cert.thumbprint());
+    for message in ["requesting a token", "stored a new token"] {
+        let line = text
+            .lines()
+            .find(|l| l.contains(message))
+            .unwrap_or_else(|| panic!("no {message:?} in the log:\n{text}"));
+        assert!(line.contains(&used), "{message}: {line}");
+    }
+    assert!(
+        !text.contains(key_body_line(&cert.key_pem)),
+        "the key is in the log"
+    );
 }
 
 #[tokio::test]
@@ -362,22 +548,8 @@ async fn idp_refuses_bad_assertions_with_entras_codes() {
         ),
         ("outside window", late, 700024),
     ];
-    let http = reqwest::Client::new();
     for (what, assertion, code) in cases {
-        let response = http
-            .post(&url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", app.as_str()),
-                ("client_assertion_type", common::credential::JWT_BEARER),
-                ("client_assertion", assertion.as_str()),
-                ("scope", "https://outlook.office365.com/.default"),
-            ])
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response.json().await.unwrap();
+        let (status, body) = post_assertion(&idp, &app, &assertion).await;
         if code == 0 {
             assert_eq!(status, 200, "{what}: {body}");
         } else {
@@ -469,6 +641,26 @@ fn check_config_names_the_credential_key_and_exits_2() {
                 format!("application-secret = \"x\"\napplication-certificate-file = \"{}\"\napplication-certificate-key-file = \"{}\"\n", crt.display(), key.display())
             }),
             "oauth-profiles[0].application-certificate-file",
+        ),
+        (
+            "secret and client assertion file",
+            Box::new(|c: &TestConfig| {
+                let file = c.file("assertion", "eyJhbGciOiJSUzI1NiJ9.e30.c2ln");
+                format!(
+                    "application-secret = \"x\"\nclient-assertion-file = \"{}\"\n",
+                    file.display()
+                )
+            }),
+            "oauth-profiles[0].client-assertion-file",
+        ),
+        (
+            "certificate and client assertion file",
+            Box::new(|c: &TestConfig| {
+                let (crt, key) = cert.write(c.dir(), "a");
+                let file = c.file("assertion", "eyJhbGciOiJSUzI1NiJ9.e30.c2ln");
+                format!("application-certificate-file = \"{}\"\napplication-certificate-key-file = \"{}\"\nclient-assertion-file = \"{}\"\n", crt.display(), key.display(), file.display())
+            }),
+            "oauth-profiles[0].client-assertion-file",
         ),
         (
             "key of another certificate",
