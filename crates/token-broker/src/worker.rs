@@ -26,6 +26,17 @@ const CREDENTIAL_CHECK: Duration = Duration::from_secs(10);
 /// once a day.
 const EXPIRY_WARNING_SECS: i64 = 30 * 86_400;
 
+/// The expiry warning is logged at most this often.
+const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(86_400);
+
+/// Whether the expiry warning is due now: the credential runs out within
+/// [`EXPIRY_WARNING_SECS`] (`left` seconds; zero or negative once it has)
+/// and none was logged in the last [`EXPIRY_WARNING_EVERY`] (`since_last`:
+/// how long ago the last one was, `None` before the first).
+fn expiry_warning_due(left: i64, since_last: Option<Duration>) -> bool {
+    left < EXPIRY_WARNING_SECS && since_last.is_none_or(|d| d >= EXPIRY_WARNING_EVERY)
+}
+
 /// What the loop remembers about the profile's credential between looks.
 #[derive(Default)]
 pub struct CredentialWatch {
@@ -185,12 +196,7 @@ impl Worker {
         };
         let left = expires_at - now_secs() as i64;
         gauge.with_label_values(&[&name]).set(left as f64);
-        if left < EXPIRY_WARNING_SECS
-            && self
-                .watch
-                .warned
-                .is_none_or(|t| t.elapsed() >= Duration::from_secs(86_400))
-        {
+        if expiry_warning_due(left, self.watch.warned.map(|t| t.elapsed())) {
             self.watch.warned = Some(Instant::now());
             let kind = common::credential::kind(&self.profile.credential);
             let expires = common::credential::date(expires_at);
@@ -422,5 +428,60 @@ impl Worker {
         state.credential_error = unusable;
         self.write_state(&state).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    fn ago(secs: u64) -> Option<Duration> {
+        Some(Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn expiry_warning_inside_30_days_at_most_once_a_day() {
+        let cases = [
+            // (seconds left, last warning, due)
+            (31 * DAY, None, false),
+            (30 * DAY, None, false), // exactly 30 days: not yet inside
+            (30 * DAY - 1, None, true),
+            (7 * DAY, None, true),
+            (7 * DAY, ago(60), false),
+            (7 * DAY, ago(86_399), false), // a second short of a day
+            (7 * DAY, ago(86_400), true),
+            (7 * DAY, ago(3 * 86_400), true),
+            (0, None, true),    // expires now
+            (-DAY, None, true), // expired: logged as an error, same cadence
+            (-DAY, ago(3_600), false),
+            (-DAY, ago(86_400), true),
+            (31 * DAY, ago(5 * 86_400), false), // far off: never
+        ];
+        for (left, since_last, due) in cases {
+            assert_eq!(
+                expiry_warning_due(left, since_last),
+                due,
+                "{left} s left, last warning {since_last:?} ago"
+            );
+        }
+    }
+
+    /// A day of looks every [`CREDENTIAL_CHECK`] inside the window logs
+    /// exactly one warning, and the next day another.
+    #[test]
+    fn one_warning_per_day_of_looks() {
+        let mut warned: Option<u64> = None;
+        let mut warnings = Vec::new();
+        let step = CREDENTIAL_CHECK.as_secs();
+        for now in (0..2 * 86_400).step_by(step as usize) {
+            let left = 10 * DAY - now as i64;
+            if expiry_warning_due(left, warned.map(|w| Duration::from_secs(now - w))) {
+                warned = Some(now);
+                warnings.push(now);
+            }
+        }
+        assert_eq!(warnings, vec![0, 86_400]);
     }
 }
