@@ -68,22 +68,7 @@ impl Drop for ExchangeFront {
 impl ExchangeFront {
     /// Starts a front in `mode` on a free loopback port.
     pub async fn start(env: &Endpoints, mode: Mode) -> Self {
-        let tls_dir: PathBuf = env.ca_file().parent().expect("tls dir").to_path_buf();
-        let certs = mailagent_certs(&tls_dir.join("server-chain.pem"));
-        let key = {
-            let bytes = std::fs::read(tls_dir.join("server.key")).expect("server key");
-            rustls_pemfile::private_key(&mut bytes.as_slice())
-                .expect("parse key")
-                .expect("a key")
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server cert");
-        let acceptor = TlsAcceptor::from(Arc::new(server));
+        let acceptor = localhost_acceptor(env);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let denied = Arc::new(Mutex::new(HashSet::new()));
@@ -144,6 +129,28 @@ impl ExchangeFront {
             .expect("lock")
             .insert(mailbox.to_lowercase());
     }
+}
+
+/// A TLS acceptor with the test servers' certificate for `localhost`
+/// (signed by the CA the configs trust), for fronts that stand in for a
+/// mail server.
+pub fn localhost_acceptor(env: &Endpoints) -> TlsAcceptor {
+    let tls_dir: PathBuf = env.ca_file().parent().expect("tls dir").to_path_buf();
+    let certs = mailagent_certs(&tls_dir.join("server-chain.pem"));
+    let key = {
+        let bytes = std::fs::read(tls_dir.join("server.key")).expect("server key");
+        rustls_pemfile::private_key(&mut bytes.as_slice())
+            .expect("parse key")
+            .expect("a key")
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server cert");
+    TlsAcceptor::from(Arc::new(server))
 }
 
 fn mailagent_certs(path: &std::path::Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {

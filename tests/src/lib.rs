@@ -9,6 +9,7 @@ pub mod corpus;
 pub mod e2e;
 pub mod env;
 pub mod exchange_front;
+pub mod fetch_rewrite;
 pub mod fixture;
 pub mod forms;
 pub mod harness;
