@@ -720,6 +720,182 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
     p.stop().await.unwrap();
 }
 
+/// Issue 12 item 3: the dead-letter channel is reopened after a channel
+/// error. With the dead-letter exchange deleted, the `mandatory` publish of
+/// a rejection is answered with a channel close (404): the publisher marks
+/// itself broken, the consuming session ends and its unacked mail goes back
+/// to the queue, and reconnecting waits for the topology. Once it is
+/// declared again the rejection is dead-lettered, exactly once, over a new
+/// channel; the mail is never acked away meanwhile and the processor never
+/// exits.
+#[tokio::test]
+async fn after_a_dead_letter_channel_error_a_new_channel_dead_letters_the_rejection_once() {
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let store = h.store().await;
+    let p = h.start(Default::default());
+    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
+        .await;
+    wait_records(&store, 1, WAIT).await;
+    h.channel
+        .exchange_delete(&h.topology.dead_exchange, Default::default())
+        .await
+        .expect("delete the dead-letter exchange");
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let failures = wait_for("the stored rejection", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        (!f.is_empty()).then_some(f)
+    })
+    .await;
+    assert_eq!(failures[0].reason, "no-workbook");
+    // The session ended on the channel error: the mail is back in the
+    // queue, not acked away, while no session can start without the
+    // exchange.
+    wait_for("the rejected mail back in the queue", WAIT, || async {
+        (h.queue_depth().await == 1).then_some(())
+    })
+    .await;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let failures = store.failures().await.unwrap();
+        assert!(
+            !failures[0].dead_lettered,
+            "marked dead-lettered with no dead-letter exchange"
+        );
+        assert!(p.running(), "the processor exited");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    common::topology::declare(&h.channel, &h.config.amqp, false)
+        .await
+        .expect("declare the topology again");
+    expect_one_dead_letter(
+        &h,
+        "the dead letter",
+        Duration::from_secs(60),
+        "no-workbook",
+        &e.dedupe_key,
+    )
+    .await;
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f[0].dead_lettered.then_some(())
+    })
+    .await;
+    wait_for("the rejection settled", WAIT, || async {
+        (settled_as(&h, "already-known").await >= 1).then_some(())
+    })
+    .await;
+    assert!(p.running(), "the processor exited");
+    p.stop().await.unwrap();
+    // Stopped: whatever was not acked would be back in the queue now.
+    assert_eq!(h.queue_depth().await, 0, "the rejected mail was not acked");
+    assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
+    assert_eq!(store.failures().await.unwrap().len(), 1);
+}
+
+/// How many deliveries the harness's running processor settled with
+/// `outcome`, by its `/metrics` (0 before its first heartbeat).
+async fn settled_as(h: &Harness, outcome: &str) -> u64 {
+    let mut redis = mailagent_tests::harness::redis_at(h.env.redis_url()).await;
+    let keys = common::keys::Keys::new(h.config.redis.prefix.clone());
+    let agents = common::heartbeat::list_agents(&mut redis, &keys)
+        .await
+        .unwrap_or_default();
+    let Some(admin) = agents
+        .iter()
+        .find(|a| a.component == "form-processor")
+        .and_then(|a| a.admin.clone())
+    else {
+        return 0;
+    };
+    let Ok(reply) = reqwest::get(format!("http://{admin}/metrics")).await else {
+        return 0;
+    };
+    let text = reply.text().await.unwrap_or_default();
+    let label = format!("outcome=\"{outcome}\"");
+    text.lines()
+        .filter(|l| l.contains("messages_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 12 item 5, §6: a rejection whose COMMIT succeeded but whose answer
+/// was lost. The store holds what the writer committed — the failure row
+/// and the dedupe key, `dead_lettered = 0` — and nothing reached the
+/// dead-letter queue. The mail delivered again as a first delivery (parsed
+/// at once, settled by the insert, which finds the key) is dead-lettered
+/// exactly once, with its dedupe key, and the failure marked; delivered
+/// once more, it is acked with no second copy. One failure row throughout.
+async fn a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once(kind: StoreKind) {
+    use form_processor::reject::{Reason, Rejection};
+    use form_processor::store::{Known, NewFailure, Source, Stored};
+    let h = Harness::new(kind, &[]).await;
+    let store = h.store().await;
+    let e = envelope(with_attachments(&[]));
+    let committed = store
+        .reject(NewFailure {
+            rejection: Rejection::new(Reason::NoWorkbook, "the mail carries no workbook"),
+            topic: None,
+            source: Source {
+                dedupe_key: e.dedupe_key.clone(),
+                mail_config: e.mail_config.clone(),
+                mailbox: e.mailbox.clone(),
+                received_at: e.timestamp as i64,
+                ..Default::default()
+            },
+        })
+        .await
+        .expect("store the rejection");
+    assert!(matches!(committed, Stored::Failure(_)), "{committed:?}");
+    let known = store.lookup(&e.dedupe_key).await.unwrap();
+    assert!(
+        matches!(
+            known,
+            Some(Known::Failure {
+                dead_lettered: false,
+                ..
+            })
+        ),
+        "{known:?}"
+    );
+    let p = h.start(Default::default());
+    h.publish(&e).await;
+    expect_one_dead_letter(
+        &h,
+        "the dead letter of the unsettled rejection",
+        WAIT,
+        "no-workbook",
+        &e.dedupe_key,
+    )
+    .await;
+    wait_for("the failure marked", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        f.iter().all(|f| f.dead_lettered).then_some(())
+    })
+    .await;
+    wait_for("the first delivery settled", WAIT, || async {
+        (settled_as(&h, "already-known").await >= 1).then_some(())
+    })
+    .await;
+
+    // Delivered again: already dead-lettered, so acked at once.
+    h.publish(&e).await;
+    wait_for("the second delivery settled", WAIT, || async {
+        (settled_as(&h, "already-known").await >= 2).then_some(())
+    })
+    .await;
+    assert!(p.running(), "the processor exited");
+    p.stop().await.unwrap();
+    assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
+    // Stopped: whatever was not acked would be back in the queue now.
+    assert_eq!(h.queue_depth().await, 0, "a delivery was not acked");
+    let failures = store.failures().await.unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(failures[0].dead_lettered);
+    assert_eq!(failures[0].source.dedupe_key, e.dedupe_key);
+    assert_eq!(failures[0].reason, "no-workbook");
+}
+
 /// Waits up to `within` for what reaches the dead-letter queue and checks
 /// it is exactly one message, of `reason` and dedupe key `key`.
 async fn expect_one_dead_letter(
@@ -970,4 +1146,7 @@ both_stores! {
     duplicates_make_one_record:
         sqlite_duplicates_make_one_record_and_one_rejection,
         postgres_duplicates_make_one_record_and_one_rejection;
+    a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once:
+        sqlite_a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once,
+        postgres_a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once;
 }
