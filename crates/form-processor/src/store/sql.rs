@@ -8,13 +8,9 @@
 //! to be settled already, or a unique value is taken, the caller rolls the
 //! message's savepoint back.
 //!
-//! - SQLite: one query per record, several statements in one string
-//!   (sqlx runs them in turn on its SQLite worker thread, `$N` numbering
-//!   the same arguments throughout): the savepoint, the root, the key
-//!   (`last_insert_rowid()` is the root's id), the children in one
-//!   multi-row insert and the unique values in another (both find the
-//!   root's id through the key's row). A hop to that thread costs more
-//!   than SQLite's own work for a small form, so a message makes one;
+//! - SQLite: four statements per record (root, key, children in one
+//!   multi-row insert, unique values in one multi-row insert), each a hop
+//!   to sqlx's SQLite worker thread, no network;
 //! - PostgreSQL: one statement per record, a data-modifying `WITH` whose
 //!   parts insert the root, the key, the children (`UNNEST` of arrays, so
 //!   the text and its prepared statement are the same for any number of
@@ -24,7 +20,7 @@ use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value as Json};
-use sqlx::{Column, Executor, PgConnection, Row, SqliteConnection};
+use sqlx::{PgConnection, Row, SqliteConnection};
 
 use super::{on_pool, Error, NewFailure, NewRecord, Result, Store};
 use crate::objectmap::Fields;
@@ -94,8 +90,7 @@ fn duplicate(r: &NewRecord, inserted: &[String]) -> Option<Rejection> {
 const SQLITE_CHILD_CHUNK: usize = 100;
 
 /// `INSERT INTO records … VALUES (…), (…)` for `n` children: `$1` is the
-/// parent id and `$2` the creation time, shared by every row. For the
-/// children past the first [`SQLITE_CHILD_CHUNK`] of a large form.
+/// parent id and `$2` the creation time, shared by every row.
 fn sqlite_children_sql(n: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
@@ -118,116 +113,50 @@ fn sqlite_children_sql(n: usize) -> &'static str {
     &all[n]
 }
 
-/// The root's id, found through its dedupe key's row once it is claimed
-/// (`$5` is the key).
-const SQLITE_ROOT_ID: &str = "(SELECT record_id FROM processed WHERE dedupe_key = $5)";
-
-/// One record's query (SQLite): after `savepoint` (empty, or the
-/// statements that set the message's savepoint), the root (`$1`–`$12`,
-/// its row named `root`), the key's claim (a row named `claimed` when
-/// it was free), `children` children (`$13` on, four each) and `unique`
-/// unique values (two each after the children, a row named `field` for
-/// each one inserted).
-fn sqlite_record_sql(savepoint: &str, children: usize, unique: usize) -> String {
-    let mut sql = String::with_capacity(600 + 48 * children + 80 * unique);
-    if !savepoint.is_empty() {
-        sql.push_str(savepoint);
-        sql.push_str("; ");
-    }
-    sql.push_str(&format!(
-        "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
-         created_at) VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id AS root; \
-         INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($5, last_insert_rowid(), $12) \
-         ON CONFLICT (dedupe_key) DO NOTHING RETURNING 1 AS claimed"
-    ));
-    if children > 0 {
-        let rows: Vec<String> = (0..children)
-            .map(|i| {
-                let p = 13 + 4 * i;
-                format!(
-                    "({SQLITE_ROOT_ID}, ${}, ${}, ${}, ${}, $12)",
-                    p,
-                    p + 1,
-                    p + 2,
-                    p + 3
-                )
-            })
-            .collect();
-        sql.push_str(&format!(
-            "; INSERT INTO records (parent_id, association, module, business_object, fields, created_at) VALUES {}",
-            rows.join(", ")
-        ));
-    }
-    if unique > 0 {
-        let first = 13 + 4 * children;
-        let rows: Vec<String> = (0..unique)
-            .map(|i| {
-                let p = first + 2 * i;
-                format!("($2, ${}, ${}, {SQLITE_ROOT_ID})", p, p + 1)
-            })
-            .collect();
-        sql.push_str(&format!(
-            "; INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
-             ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field",
-            rows.join(", ")
-        ));
-    }
-    sql
+/// `INSERT INTO unique_values … RETURNING field` for `n` values: `$1` is
+/// the business object, `$2` the record id.
+fn sqlite_unique_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("($1, ${}, ${}, $2)", 3 + 2 * i, 4 + 2 * i))
+        .collect();
+    format!(
+        "INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
+         ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field",
+        rows.join(", ")
+    )
 }
 
-/// Sets the message's savepoint, inserts the record, settles its dedupe
-/// key, inserts its children and unique values (SQLite): one round trip
-/// to sqlx's worker thread, a second only for a form of more than
-/// [`SQLITE_CHILD_CHUNK`] children.
+/// Inserts the record, settles its dedupe key, inserts its children and
+/// unique values (SQLite).
 pub(super) async fn sqlite_insert_record(
     conn: &mut SqliteConnection,
-    savepoint: &str,
     r: &NewRecord,
 ) -> Result<Inserted, sqlx::Error> {
     let created = now();
     let form = &r.form;
     let s = &r.source;
-    let (first, rest) = form
-        .children
-        .split_at(form.children.len().min(SQLITE_CHILD_CHUNK));
-    let sql = sqlite_record_sql(savepoint, first.len(), r.unique.len());
-    let mut query = sqlx::query(&sql)
-        .bind(clean(&form.module))
-        .bind(clean(&form.business_object))
-        .bind(fields_json(&form.fields))
-        .bind(clean(&r.topic))
-        .bind(&s.dedupe_key)
-        .bind(clean(&s.mail_config))
-        .bind(clean(&s.mailbox))
-        .bind(s.message_id.as_deref().map(clean))
-        .bind(clean(&s.sender))
-        .bind(clean(&s.subject))
-        .bind(s.received_at)
-        .bind(created);
-    for child in first {
-        query = query
-            .bind(clean(&child.association))
-            .bind(clean(&child.module))
-            .bind(clean(&child.business_object))
-            .bind(fields_json(&child.fields));
-    }
-    for (field, value) in &r.unique {
-        query = query.bind(clean(field)).bind(clean(value));
-    }
-    let (mut id, mut claimed, mut inserted) = (None, false, Vec::new());
-    for row in query.fetch_all(&mut *conn).await? {
-        match row.columns().first().map(|c| c.name()) {
-            Some("root") => id = Some(row.try_get::<i64, _>(0)?),
-            Some("claimed") => claimed = true,
-            Some("field") => inserted.push(row.try_get::<String, _>(0)?),
-            _ => {}
-        }
-    }
-    let id = id.ok_or_else(|| sqlx::Error::Protocol("the record insert returned no id".into()))?;
-    if !claimed {
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
+         created_at) VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
+    ))
+    .bind(clean(&form.module))
+    .bind(clean(&form.business_object))
+    .bind(fields_json(&form.fields))
+    .bind(clean(&r.topic))
+    .bind(&s.dedupe_key)
+    .bind(clean(&s.mail_config))
+    .bind(clean(&s.mailbox))
+    .bind(s.message_id.as_deref().map(clean))
+    .bind(clean(&s.sender))
+    .bind(clean(&s.subject))
+    .bind(s.received_at)
+    .bind(created)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !sqlite_claim(conn, &s.dedupe_key, "record_id", id).await? {
         return Ok(Inserted::AlreadyKnown);
     }
-    for chunk in rest.chunks(SQLITE_CHILD_CHUNK) {
+    for chunk in form.children.chunks(SQLITE_CHILD_CHUNK) {
         let mut query = sqlx::query(sqlite_children_sql(chunk.len()))
             .bind(id)
             .bind(created);
@@ -240,52 +169,77 @@ pub(super) async fn sqlite_insert_record(
         }
         query.execute(&mut *conn).await?;
     }
+    if r.unique.is_empty() {
+        return Ok(Inserted::Record(id));
+    }
+    let sql = sqlite_unique_sql(r.unique.len());
+    let mut query = sqlx::query_scalar(&sql)
+        .bind(clean(&form.business_object))
+        .bind(id);
+    for (field, value) in &r.unique {
+        query = query.bind(clean(field)).bind(clean(value));
+    }
+    let inserted: Vec<String> = query.fetch_all(&mut *conn).await?;
     Ok(match duplicate(r, &inserted) {
         Some(rejection) => Inserted::Duplicate(rejection),
         None => Inserted::Record(id),
     })
 }
 
-/// Sets the message's savepoint (unless `savepoint` is empty), inserts
-/// the failure and settles its dedupe key with it, in one round trip;
-/// `None` when the key was settled already (SQLite).
+/// Settles the dedupe key with a record or failure id (`column`); false
+/// when it was settled already.
+async fn sqlite_claim(
+    conn: &mut SqliteConnection,
+    key: &str,
+    column: &'static str,
+    id: i64,
+) -> Result<bool, sqlx::Error> {
+    let sql = match column {
+        "record_id" => {
+            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($1, $2, $3) \
+                        ON CONFLICT (dedupe_key) DO NOTHING"
+        }
+        _ => {
+            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($1, $2, $3) \
+              ON CONFLICT (dedupe_key) DO NOTHING"
+        }
+    };
+    let done = sqlx::query(sql)
+        .bind(key)
+        .bind(id)
+        .bind(now())
+        .execute(&mut *conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Inserts the failure and settles its dedupe key with it; `None` when the
+/// key was settled already (SQLite).
 pub(super) async fn sqlite_insert_failure(
     conn: &mut SqliteConnection,
-    savepoint: &str,
     f: &NewFailure,
 ) -> Result<Option<i64>, sqlx::Error> {
     let s = &f.source;
-    let sep = if savepoint.is_empty() { "" } else { "; " };
-    let sql = format!(
-        "{savepoint}{sep}INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id AS failure; \
-         INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($4, last_insert_rowid(), $11) \
-         ON CONFLICT (dedupe_key) DO NOTHING RETURNING 1 AS claimed"
-    );
-    let rows = sqlx::query(&sql)
-        .bind(f.rejection.reason.code())
-        .bind(clean(&f.rejection.detail))
-        .bind(f.topic.as_deref().map(clean))
-        .bind(&s.dedupe_key)
-        .bind(clean(&s.mail_config))
-        .bind(clean(&s.mailbox))
-        .bind(s.message_id.as_deref().map(clean))
-        .bind(clean(&s.sender))
-        .bind(clean(&s.subject))
-        .bind(s.received_at)
-        .bind(now())
-        .fetch_all(&mut *conn)
-        .await?;
-    let (mut id, mut claimed) = (None, false);
-    for row in rows {
-        match row.columns().first().map(|c| c.name()) {
-            Some("failure") => id = Some(row.try_get::<i64, _>(0)?),
-            Some("claimed") => claimed = true,
-            _ => {}
-        }
-    }
-    let id = id.ok_or_else(|| sqlx::Error::Protocol("the failure insert returned no id".into()))?;
-    Ok(claimed.then_some(id))
+    let id: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id"
+    ))
+    .bind(f.rejection.reason.code())
+    .bind(clean(&f.rejection.detail))
+    .bind(f.topic.as_deref().map(clean))
+    .bind(&s.dedupe_key)
+    .bind(clean(&s.mail_config))
+    .bind(clean(&s.mailbox))
+    .bind(s.message_id.as_deref().map(clean))
+    .bind(clean(&s.sender))
+    .bind(clean(&s.subject))
+    .bind(s.received_at)
+    .bind(now())
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(sqlite_claim(conn, &s.dedupe_key, "failure_id", id)
+        .await?
+        .then_some(id))
 }
 
 // --- PostgreSQL -------------------------------------------------------------
@@ -335,23 +289,12 @@ WITH failure AS (
 )
 SELECT (SELECT id FROM failure), (SELECT count(*) FROM claim)";
 
-/// Sets the message's savepoint, unless `savepoint` is empty (a simple
-/// query: PostgreSQL prepares one statement per round trip).
-async fn pg_savepoint(conn: &mut PgConnection, savepoint: &str) -> Result<(), sqlx::Error> {
-    if !savepoint.is_empty() {
-        conn.execute(savepoint).await?;
-    }
-    Ok(())
-}
-
 /// Inserts the record, settles its dedupe key, inserts its children and
-/// unique values (PostgreSQL, one round trip after the savepoint's).
+/// unique values (PostgreSQL, one round trip).
 pub(super) async fn pg_insert_record(
     conn: &mut PgConnection,
-    savepoint: &str,
     r: &NewRecord,
 ) -> Result<Inserted, sqlx::Error> {
-    pg_savepoint(conn, savepoint).await?;
     let form = &r.form;
     let s = &r.source;
     let n = form.children.len();
@@ -406,10 +349,8 @@ pub(super) async fn pg_insert_record(
 /// key was settled already (PostgreSQL, one round trip).
 pub(super) async fn pg_insert_failure(
     conn: &mut PgConnection,
-    savepoint: &str,
     f: &NewFailure,
 ) -> Result<Option<i64>, sqlx::Error> {
-    pg_savepoint(conn, savepoint).await?;
     let s = &f.source;
     let row = sqlx::query(PG_INSERT_FAILURE)
         .bind(f.rejection.reason.code())
@@ -464,30 +405,11 @@ mod tests {
              VALUES ($1, $3, $4, $5, $6, $2), ($1, $7, $8, $9, $10, $2)"
         );
         assert!(sqlite_children_sql(SQLITE_CHILD_CHUNK).ends_with("$402, $2)"));
-        let sql = sqlite_record_sql("SAVEPOINT op", 2, 2);
-        assert!(
-            sql.starts_with("SAVEPOINT op; INSERT INTO records"),
-            "{sql}"
+        assert_eq!(
+            sqlite_unique_sql(2),
+            "INSERT INTO unique_values (business_object, field, value, record_id) \
+             VALUES ($1, $3, $4, $2), ($1, $5, $6, $2) \
+             ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field"
         );
-        assert!(
-            sql.contains("VALUES ($5, last_insert_rowid(), $12)"),
-            "{sql}"
-        );
-        assert!(
-            sql.contains(&format!(
-                "VALUES ({SQLITE_ROOT_ID}, $13, $14, $15, $16, $12), ({SQLITE_ROOT_ID}, $17, $18, $19, $20, $12)"
-            )),
-            "{sql}"
-        );
-        assert!(
-            sql.contains(&format!(
-                "VALUES ($2, $21, $22, {SQLITE_ROOT_ID}), ($2, $23, $24, {SQLITE_ROOT_ID}) \
-                 ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field"
-            )),
-            "{sql}"
-        );
-        let bare = sqlite_record_sql("", 0, 0);
-        assert!(bare.starts_with("INSERT INTO records"), "{bare}");
-        assert!(bare.ends_with("RETURNING 1 AS claimed"), "{bare}");
     }
 }

@@ -95,22 +95,20 @@ impl Op {
     }
 }
 
-/// Runs one op's statements inside the savepoint `op`, which
-/// `$savepoint` sets in the op's first round trip, on one backend:
+/// Runs one op's statements inside the savepoint `op`, on one backend:
 /// `$insert_record` and `$insert_failure` are its statements (`sql`).
 macro_rules! exec_op {
-    ($conn:expr, $op:expr, $savepoint:expr, $insert_record:path, $insert_failure:path) => {{
+    ($conn:expr, $op:expr, $insert_record:path, $insert_failure:path) => {{
         let conn = $conn;
         match $op {
-            Op::Reject(failure, _) => match $insert_failure(&mut *conn, $savepoint, failure).await?
-            {
+            Op::Reject(failure, _) => match $insert_failure(&mut *conn, failure).await? {
                 Some(id) => Ok(Done::Reject(Stored::Failure(id))),
                 None => {
                     conn.execute("ROLLBACK TO SAVEPOINT op").await?;
                     Ok(Done::Reject(Stored::AlreadyKnown))
                 }
             },
-            Op::Create(record, _) => match $insert_record(&mut *conn, $savepoint, record).await? {
+            Op::Create(record, _) => match $insert_record(&mut *conn, record).await? {
                 Inserted::Record(id) => Ok(Done::Create(Created::Record(id))),
                 Inserted::AlreadyKnown => {
                     conn.execute("ROLLBACK TO SAVEPOINT op").await?;
@@ -124,8 +122,7 @@ macro_rules! exec_op {
                         topic: Some(record.topic.clone()),
                         source: record.source.clone(),
                     };
-                    // `ROLLBACK TO` keeps the savepoint: no new one.
-                    match $insert_failure(&mut *conn, "", &failure).await? {
+                    match $insert_failure(&mut *conn, &failure).await? {
                         Some(id) => Ok(Done::Create(Created::Duplicate(id, rejection))),
                         None => {
                             conn.execute("ROLLBACK TO SAVEPOINT op").await?;
@@ -139,8 +136,7 @@ macro_rules! exec_op {
 }
 
 /// One backend's batch: one transaction, each op in the savepoint `op`
-/// (released when the next op sets it again, in the op's first round
-/// trip). A
+/// (released when the next op sets it again, in the same round trip). A
 /// transient error fails the whole batch (every caller retries); any
 /// other error rolls back that op's savepoint only. Answers go out after
 /// the commit.
@@ -168,8 +164,13 @@ macro_rules! write_batch {
                 } else {
                     "RELEASE SAVEPOINT op; SAVEPOINT op"
                 };
+                if let Err(e) = (&mut *tx).execute(savepoint).await {
+                    failed = Some(e);
+                    results.push(None);
+                    continue;
+                }
                 let done: Result<Done, sqlx::Error> =
-                    async { exec_op!(&mut *tx, op, savepoint, $insert_record, $insert_failure) }.await;
+                    async { exec_op!(&mut *tx, op, $insert_record, $insert_failure) }.await;
                 match done {
                     Ok(done) => results.push(Some(Ok(done))),
                     Err(e) if is_transient(&e) => {
