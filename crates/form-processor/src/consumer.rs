@@ -3,7 +3,6 @@
 //! dead-letter publish, and only then the ack. Store outages are retried
 //! with capped backoff for as long as they last.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,9 +56,12 @@ pub struct Context {
     pub heartbeat: common::heartbeat::Heartbeat,
     /// Test hooks.
     pub hooks: Hooks,
-    /// Settle failures in a row (a dead-letter queue gone, say): the
-    /// requeue delay grows with them, and a settled message resets them.
-    pub settle_failures: std::sync::atomic::AtomicU32,
+    /// The run of settle failures under way (a dead-letter queue gone, a
+    /// store outage): the requeue pause grows with its age.
+    pub failures: FailureRun,
+    /// Cancelled when this consuming session ends: a requeue pause ends
+    /// at once (the message goes back now, or with the channel).
+    pub session_over: CancellationToken,
     /// The consuming channel's acks, coalesced.
     pub acks: Acks,
 }
@@ -91,7 +93,7 @@ pub async fn handle(ctx: Arc<Context>, mut delivery: Delivery) {
     ctx.metrics.in_flight.dec();
     match result {
         Ok(Ok(Settled::Acked(outcome, reason))) => {
-            ctx.settle_failures.store(0, Ordering::Relaxed);
+            ctx.failures.settled();
             if let Err(e) = ctx.acks.ack(delivery.delivery_tag).await {
                 tracing::warn!(error = %e, "cannot ack; the message will be redelivered and found settled");
             }
@@ -117,16 +119,44 @@ pub async fn handle(ctx: Arc<Context>, mut delivery: Delivery) {
     }
 }
 
-/// Puts the delivery back after a pause: 200 ms, doubling with each
-/// settle failure in a row up to 30 s, so that a dead-letter queue that is
-/// gone is not hammered.
+/// Shortest requeue pause.
+const REQUEUE_PAUSE_MIN: Duration = Duration::from_millis(200);
+/// Longest requeue pause.
+const REQUEUE_PAUSE_MAX: Duration = Duration::from_secs(30);
+
+/// The run of settle failures under way, shared by the session's
+/// deliveries. The pause before a requeue is the run's age (between 200 ms
+/// and 30 s), so each retry waits about as long as the outage has lasted:
+/// doubling per round of retries, whatever the number of messages in
+/// flight. (Counting failures instead made one short blip that failed a
+/// full prefetch window pause every message for 30 s.)
+#[derive(Debug, Default)]
+pub struct FailureRun {
+    since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl FailureRun {
+    /// A failure at `now`: the pause before its requeue.
+    pub fn failed(&self, now: Instant) -> Duration {
+        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        let age = now.saturating_duration_since(*since.get_or_insert(now));
+        age.clamp(REQUEUE_PAUSE_MIN, REQUEUE_PAUSE_MAX)
+    }
+
+    /// A message settled: the run is over.
+    pub fn settled(&self) {
+        *self.since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Puts the delivery back after a pause that grows with the failure run
+/// (so a dead-letter queue that is gone is not hammered), at once when the
+/// session or the process ends.
 async fn requeue(ctx: &Context, delivery: &Delivery) {
-    let failures = ctx.settle_failures.fetch_add(1, Ordering::Relaxed);
-    let pause = Duration::from_millis(200)
-        .saturating_mul(1 << failures.min(8))
-        .min(Duration::from_secs(30));
+    let pause = ctx.failures.failed(Instant::now());
     tokio::select! {
         _ = ctx.shutdown.cancelled() => return,
+        _ = ctx.session_over.cancelled() => {}
         _ = tokio::time::sleep(pause) => {}
     }
     let _ = ctx.acks.requeue(delivery.delivery_tag).await;
@@ -544,4 +574,38 @@ fn hex_sha256(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blip that fails a whole prefetch window at once pauses each of
+    /// its messages the shortest time, not longer per message; the pause
+    /// then grows with the run's age up to the cap, and a settled message
+    /// ends the run.
+    #[test]
+    fn the_requeue_pause_follows_the_failure_runs_age_not_its_count() {
+        let run = FailureRun::default();
+        let t0 = Instant::now();
+        for _ in 0..64 {
+            assert_eq!(run.failed(t0), REQUEUE_PAUSE_MIN);
+        }
+        assert_eq!(
+            run.failed(t0 + Duration::from_millis(100)),
+            REQUEUE_PAUSE_MIN
+        );
+        assert_eq!(
+            run.failed(t0 + Duration::from_secs(3)),
+            Duration::from_secs(3)
+        );
+        assert_eq!(run.failed(t0 + Duration::from_secs(600)), REQUEUE_PAUSE_MAX);
+        run.settled();
+        let later = t0 + Duration::from_secs(900);
+        assert_eq!(run.failed(later), REQUEUE_PAUSE_MIN);
+        assert_eq!(
+            run.failed(later + Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
 }

@@ -224,7 +224,8 @@ impl Session<'_> {
             shutdown: self.shutdown.clone(),
             heartbeat: self.heartbeat.clone(),
             hooks: self.hooks.clone(),
-            settle_failures: Default::default(),
+            failures: Default::default(),
+            session_over: CancellationToken::new(),
             acks: acks::Acks::new(channel.clone()),
         });
         self.admin.set_ready(true);
@@ -260,6 +261,7 @@ impl Session<'_> {
         // Stop taking work, finish what is in flight, then close: unacked
         // messages go back to the queue.
         self.admin.set_ready(false);
+        ctx.session_over.cancel();
         let _ = channel
             .basic_cancel(&tag, BasicCancelOptions::default())
             .await;
