@@ -147,3 +147,23 @@ pub fn rss_kb(pid: u32) -> Option<(u64, u64)> {
 pub fn peak_rss_kib(pid: u32) -> u64 {
     status_kb(pid, "VmHWM:").unwrap_or(0)
 }
+
+/// Runs the `mailagent` CLI on `config` with `args` (a `MAILAGENT_CONFIG`
+/// in the test's own environment does not apply): its output, and its
+/// stdout and stderr as one text.
+pub async fn mailagent(config: &Path, args: &[&str]) -> (std::process::Output, String) {
+    let out = Command::new(bin_path("mailagent"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("MAILAGENT_CONFIG")
+        .output()
+        .await
+        .expect("run mailagent");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out, text)
+}

@@ -16,7 +16,6 @@ use common::envelope::Envelope;
 use form_processor::store::Known;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::types::ShortString;
-use mailagent_tests::env::bin_path;
 use mailagent_tests::forms::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -61,19 +60,8 @@ fn lease(id: &str) -> Envelope {
 /// `mailagent ARGS` with the harness's CLI configuration: (success,
 /// stdout and stderr).
 async fn mailagent(h: &Harness, args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(bin_path("mailagent"))
-        .arg("--config")
-        .arg(h.config_path_for(common::Component::Cli))
-        .args(args)
-        .env_remove("MAILAGENT_CONFIG")
-        .output()
-        .await
-        .expect("run mailagent");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, text) =
+        mailagent_tests::process::mailagent(&h.config_path_for(common::Component::Cli), args).await;
     (out.status.success(), text)
 }
 

@@ -124,19 +124,8 @@ async fn post_assertion(idp: &TestIdp, app: &str, assertion: &str) -> (u16, serd
 /// Runs `mailagent <args>` on `cfg` without blocking the runtime (the test
 /// IdP answers from it); returns the exit status and stdout and stderr.
 async fn mailagent(cfg: &TestConfig, args: &[&str]) -> (std::process::ExitStatus, String) {
-    let out = tokio::process::Command::new(mailagent_tests::env::bin_path("mailagent"))
-        .arg("--config")
-        .arg(cfg.path_for(Component::Cli))
-        .args(args)
-        .env_remove("MAILAGENT_CONFIG")
-        .output()
-        .await
-        .expect("run mailagent");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, text) =
+        mailagent_tests::process::mailagent(&cfg.path_for(Component::Cli), args).await;
     (out.status, text)
 }
 

@@ -7,26 +7,13 @@ use std::time::Duration;
 
 use common::shutdown::CancellationToken;
 use common::Component;
-use mailagent_tests::env::{bin_path, unique, Endpoints};
+use mailagent_tests::env::{unique, Endpoints};
 use mailagent_tests::harness::{wait_for, TestConfig};
 use mailagent_tests::idp::TestIdp;
 
 /// Runs the CLI without blocking the runtime (the test IdP answers from it).
 async fn mailagent(cfg: &TestConfig, args: &[&str]) -> (Output, String) {
-    let out = tokio::process::Command::new(bin_path("mailagent"))
-        .arg("--config")
-        .arg(cfg.path_for(Component::Cli))
-        .args(args)
-        .env_remove("MAILAGENT_CONFIG")
-        .output()
-        .await
-        .expect("run mailagent");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out, text)
+    mailagent_tests::process::mailagent(&cfg.path_for(Component::Cli), args).await
 }
 
 /// A config with one IMAPS and one POP3S mail config for `mailbox` through
