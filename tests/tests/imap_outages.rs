@@ -468,7 +468,7 @@ async fn an_idle_session_is_renewed_before_its_token_expires() {
 /// `doveadm kick` stands in for Exchange's `BYE … AccessTokenExpired`): the
 /// fetcher reconnects and every mail arrives. What was published in the
 /// batch the BYE cut short but not yet flagged is fetched again — at most
-/// one batch (`batch-size`, 200), each copy with its first delivery's dedupe
+/// one batch (`batch-size`, 500 by default), each copy with its first delivery's dedupe
 /// key, so the form processor creates nothing twice (docs/imap-fetcher.md).
 /// Sessions renewed before token expiry avoid this cost altogether.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +519,7 @@ async fn a_bye_mid_batch_reconnects_and_every_mail_arrives_with_one_dedupe_key()
     );
     let again = got.len() - seeded.len();
     assert!(
-        again <= 200,
+        again <= common::config::DEFAULT_BATCH_SIZE as usize,
         "{again} mails published again: more than the batch in flight"
     );
     let mut keys: std::collections::HashMap<Vec<u8>, String> = Default::default();

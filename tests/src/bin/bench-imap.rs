@@ -40,8 +40,8 @@ struct Args {
     /// Amount and size of the mail, confirm window.
     #[command(flatten)]
     mail: bench::MailArgs,
-    /// The fetcher's `batch-size` in R.
-    #[arg(long, default_value_t = 200)]
+    /// The fetcher's `batch-size` in R (its default unless given).
+    #[arg(long, default_value_t = common::config::DEFAULT_BATCH_SIZE)]
     batch_size: u32,
     /// Appends for the IDLE latency (0 skips it).
     #[arg(long, default_value_t = 200)]

@@ -42,8 +42,8 @@ struct Args {
     /// RETR commands in flight in F.
     #[arg(long, default_value_t = 200)]
     pipeline: usize,
-    /// The fetcher's `batch-size` in R.
-    #[arg(long, default_value_t = 200)]
+    /// The fetcher's `batch-size` in R (its default unless given).
+    #[arg(long, default_value_t = common::config::DEFAULT_BATCH_SIZE as usize)]
     batch_size: usize,
 }
 

@@ -22,7 +22,7 @@ pub use schema::amqp::{
 };
 pub use schema::form_processor::{FormProcessorConfig, SqliteSynchronous};
 pub use schema::incoming_mail::{
-    Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom,
+    Action, AfterFetch, IncomingMail, MailAuth, Protocol, ServerType, StartFrom, DEFAULT_BATCH_SIZE,
 };
 pub use schema::oauth_profiles::{
     AccessType, AssertionAlgorithm, ClientAuth, Credential, OAuthProfile, Provider,
