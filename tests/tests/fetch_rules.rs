@@ -149,6 +149,23 @@ impl Fx {
         }
     }
 
+    /// The fixture's mailbox with each protocol's default after-fetch and
+    /// `extra` keys, as mail config `name`.
+    fn table_with(&self, name: &str, extra: &str) -> String {
+        match self {
+            Self::Imap(f) => f.mail_table(name, &f.mailbox, extra),
+            Self::Pop3(f) => f.mail_table(name, "POP3S", extra),
+        }
+    }
+
+    /// The fixture's queue on the shared RabbitMQ, with a channel to it.
+    async fn channel_and_queue(&self) -> (lapin::Channel, String) {
+        match self {
+            Self::Imap(f) => (f.channel().await, f.queue()),
+            Self::Pop3(f) => (f.channel().await, f.queue()),
+        }
+    }
+
     /// The fixture's mailbox on Dovecot, as mail config `name`.
     fn table(&self, name: &str) -> String {
         match self {
@@ -204,6 +221,13 @@ impl Fx {
 
     /// The sum of the fetcher's `fetcher_errors_total` series of `kind`.
     async fn errors(&self, kind: &str) -> u64 {
+        self.metric_sum("fetcher_errors_total", &format!("kind=\"{kind}\""))
+            .await
+    }
+
+    /// The sum of the fetcher's `metric` series with `label` (from its
+    /// admin endpoint; 0 before there is one).
+    async fn metric_sum(&self, metric: &str, label: &str) -> u64 {
         let Some(admin) = self.heartbeat().await.and_then(|a| a.admin) else {
             return 0;
         };
@@ -213,9 +237,9 @@ impl Fx {
             .text()
             .await
             .expect("metrics text");
-        let label = format!("kind=\"{kind}\"");
+        let series = format!("{metric}{{");
         text.lines()
-            .filter(|l| l.contains("fetcher_errors_total{") && l.contains(&label))
+            .filter(|l| l.contains(&series) && l.contains(label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>() as u64
     }
@@ -521,7 +545,86 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
     fetcher.stop().await;
 }
 
+// ------------------------------------------------------ max-message-bytes
+
+/// A mail over `max-message-bytes` (here 100,000 bytes) is never fetched
+/// in full (§4): the ten small mails around it are published, each once;
+/// the big one is left in the mailbox (IMAP: unseen; POP3: not deleted),
+/// recorded as oversized with its size, and counted in
+/// `fetcher_oversized_total`; and the mailbox is not stuck on it.
+async fn a_message_over_max_message_bytes_is_left_recorded_and_the_rest_goes_on(proto: Proto) {
+    use redis::AsyncCommands;
+    let fx = Fx::with_token(proto, "maxbytes").await;
+    let tag = format!("{}mx", fx.prefix());
+    let small = |i: usize| maildir::message(&tag, i, 2_000, false);
+    let big = maildir::message(&tag, 99, 200_000, false);
+    let mut messages: Vec<Vec<u8>> = (0..5).map(small).collect();
+    messages.push(big.clone());
+    messages.extend((5..10).map(small));
+    fx.seed_messages(&messages);
+    let config = fx.config(&[fx.table_with("mx", "max-message-bytes = 100000\n")]);
+    let (channel, queue) = fx.channel_and_queue().await;
+    let fetcher = fx.start(config, Duration::from_millis(300), Duration::from_secs(2));
+
+    let wanted: std::collections::BTreeSet<Vec<u8>> = (0..10).map(small).collect();
+    let mut got = imap_support::drain(&channel, &queue, 10, Duration::from_secs(60)).await;
+    got.extend(imap_support::drain(&channel, &queue, 100, Duration::from_secs(3)).await);
+    let bodies: std::collections::BTreeSet<Vec<u8>> = got.iter().map(|e| e.body.clone()).collect();
+    assert_eq!(bodies, wanted, "the ten small mails and nothing else");
+    assert_eq!(got.len(), 10, "each small mail published once");
+
+    let mut redis = fx.redis().await;
+    let recorded: std::collections::HashMap<String, String> = redis
+        .hgetall(fx.keys().oversized("mx"))
+        .await
+        .expect("hgetall");
+    assert_eq!(recorded.len(), 1, "one oversized record: {recorded:?}");
+    let record: serde_json::Value =
+        serde_json::from_str(recorded.values().next().unwrap()).expect("JSON record");
+    let bytes = record["bytes"].as_u64().expect("bytes");
+    assert!(
+        (200_000..=210_000).contains(&bytes),
+        "the record keeps the mail's size: {record}"
+    );
+    match &fx {
+        Fx::Imap(f) => {
+            let flags = imap_support::flags(&f.env, &f.mailbox, "INBOX").await;
+            let unseen: Vec<_> = flags.values().filter(|v| !v.contains("\\Seen")).collect();
+            assert_eq!(unseen.len(), 1, "only the big mail stays unseen: {flags:?}");
+        }
+        Fx::Pop3(f) => {
+            until(
+                "the small mails deleted, the big one left",
+                Duration::from_secs(20),
+                || async { f.maildrop_len() == 1 },
+            )
+            .await;
+        }
+    }
+    let counted = fx
+        .metric_sum("fetcher_oversized_total", "config=\"mx\"")
+        .await;
+    assert!(
+        counted >= 1,
+        "fetcher_oversized_total counts it ({counted})"
+    );
+    // Not stuck on it: a later mail comes through, the big one still not.
+    let later = small(10);
+    fx.seed_messages(std::slice::from_ref(&later));
+    let next = imap_support::drain(&channel, &queue, 1, Duration::from_secs(30)).await;
+    assert!(
+        next.iter().any(|e| e.body == later),
+        "the mail after the big one was not published"
+    );
+    assert!(
+        next.iter().all(|e| e.body != big),
+        "the big mail was published"
+    );
+    fetcher.stop().await;
+}
+
 both_protocols! {
+    a_message_over_max_message_bytes_is_left_recorded_and_the_rest_goes_on: imap_a_message_over_max_message_bytes_is_left_recorded_and_the_rest_goes_on, pop3_a_message_over_max_message_bytes_is_left_recorded_and_the_rest_goes_on;
     a_mailboxs_success_clears_only_its_own_error: imap_a_mailboxs_success_clears_only_its_own_error, pop3_a_mailboxs_success_clears_only_its_own_error;
     a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement: imap_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement, pop3_a_refused_token_is_reported_and_a_stop_does_not_wait_for_its_replacement;
     an_unroutable_message_needs_a_person_and_is_retried_slowly: imap_an_unroutable_message_needs_a_person_and_is_retried_slowly, pop3_an_unroutable_message_needs_a_person_and_is_retried_slowly;

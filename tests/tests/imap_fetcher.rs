@@ -113,6 +113,49 @@ async fn after_fetch_modes_move_delete_and_keep_behave_as_documented() {
     support::stop(shutdown, task).await;
 }
 
+/// With `after-fetch = "move:…"` a mail over `max-message-bytes` is moved
+/// with the rest (§4: left in place, or moved when after-fetch moves), not
+/// published, and recorded as oversized: the inbox ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_mail_is_moved_with_the_rest_when_after_fetch_moves() {
+    use redis::AsyncCommands;
+    let fx = Fixture::new("ovm");
+    let tag = format!("{}ovm", fx.prefix);
+    let mut msgs: Vec<Vec<u8>> = (0..3)
+        .map(|i| maildir::message(&tag, i, 600, false))
+        .collect();
+    msgs.push(maildir::message(&tag, 9, 200_000, false));
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
+    support::create_folder(&fx.env, &fx.mailbox, "Done").await;
+    fx.plant_token().await;
+    let (config, _) = fx.config(&[fx.mail_table(
+        "ovm",
+        &fx.mailbox,
+        "after-fetch = \"move:Done\"\nmax-message-bytes = 100000",
+    )]);
+    let (shutdown, task) = support::start(config, support::options());
+    let channel = fx.channel().await;
+    let got = support::drain(&channel, &fx.queue(), 3, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 3, "the three small mails");
+    let moved = support::eventually(Duration::from_secs(20), || async {
+        support::flags(&fx.env, &fx.mailbox, "INBOX")
+            .await
+            .is_empty()
+            && support::flags(&fx.env, &fx.mailbox, "Done").await.len() == 4
+    })
+    .await;
+    assert!(moved, "the inbox is empty and all four are in Done");
+    let extra = support::drain(&channel, &fx.queue(), 10, Duration::from_secs(2)).await;
+    assert!(extra.is_empty(), "the big mail was not published");
+    let mut redis = mailagent_tests::harness::redis(&fx.env).await;
+    let recorded: Vec<String> = redis
+        .hkeys(fx.keys().oversized("ovm"))
+        .await
+        .expect("hkeys");
+    assert_eq!(recorded.len(), 1, "recorded as oversized");
+    support::stop(shutdown, task).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_from_now_skips_existing_mail_and_idle_publishes_new_mail() {
     let fx = Fixture::new("now");
