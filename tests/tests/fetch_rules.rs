@@ -166,6 +166,27 @@ impl Fx {
         }
     }
 
+    /// Waits until the one big mail of a size test is all that is left
+    /// for the fetcher: IMAP, the only unseen mail; POP3, the only one
+    /// not deleted.
+    async fn until_only_the_big_mail_is_left(&self) {
+        match self {
+            Fx::Imap(f) => {
+                let flags = imap_support::flags(&f.env, &f.mailbox, "INBOX").await;
+                let unseen: Vec<_> = flags.values().filter(|v| !v.contains("\\Seen")).collect();
+                assert_eq!(unseen.len(), 1, "only the big mail stays unseen: {flags:?}");
+            }
+            Fx::Pop3(f) => {
+                until(
+                    "the small mails deleted, the big one left",
+                    Duration::from_secs(20),
+                    || async { f.maildrop_len() == 1 },
+                )
+                .await;
+            }
+        }
+    }
+
     /// The fixture's mailbox on Dovecot, as mail config `name`.
     fn table(&self, name: &str) -> String {
         match self {
@@ -519,21 +540,7 @@ async fn a_message_the_broker_refuses_for_size_is_left_and_the_rest_goes_on(prot
         1,
         "the refused mail is recorded as oversized"
     );
-    match &fx {
-        Fx::Imap(f) => {
-            let flags = imap_support::flags(&f.env, &f.mailbox, "INBOX").await;
-            let unseen: Vec<_> = flags.values().filter(|v| !v.contains("\\Seen")).collect();
-            assert_eq!(unseen.len(), 1, "only the big mail stays unseen: {flags:?}");
-        }
-        Fx::Pop3(f) => {
-            until(
-                "the small mails deleted",
-                Duration::from_secs(20),
-                || async { f.maildrop_len() == 1 },
-            )
-            .await;
-        }
-    }
+    fx.until_only_the_big_mail_is_left().await;
     // The mailbox is not stuck: a later mail comes through.
     let later = maildir::message(&tag, 100, 2_000, false);
     fx.seed_messages(std::slice::from_ref(&later));
@@ -586,21 +593,7 @@ async fn a_message_over_max_message_bytes_is_left_recorded_and_the_rest_goes_on(
         (200_000..=210_000).contains(&bytes),
         "the record keeps the mail's size: {record}"
     );
-    match &fx {
-        Fx::Imap(f) => {
-            let flags = imap_support::flags(&f.env, &f.mailbox, "INBOX").await;
-            let unseen: Vec<_> = flags.values().filter(|v| !v.contains("\\Seen")).collect();
-            assert_eq!(unseen.len(), 1, "only the big mail stays unseen: {flags:?}");
-        }
-        Fx::Pop3(f) => {
-            until(
-                "the small mails deleted, the big one left",
-                Duration::from_secs(20),
-                || async { f.maildrop_len() == 1 },
-            )
-            .await;
-        }
-    }
+    fx.until_only_the_big_mail_is_left().await;
     let counted = fx
         .metric_sum("fetcher_oversized_total", "config=\"mx\"")
         .await;

@@ -673,21 +673,13 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
     let store = h.store().await;
     // Started first: it declares the topology (the dead-letter queue too).
     let p = h.start(Default::default());
-    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
-        .await;
-    wait_records(&store, 1, WAIT).await;
-    h.channel
-        .queue_delete(&h.topology.dead_queue, Default::default())
-        .await
-        .expect("delete the dead-letter queue");
-    let e = envelope(with_attachments(&[]));
-    h.publish(&e).await;
-    let failures = wait_for("the stored rejection", WAIT, || async {
-        let f = store.failures().await.ok()?;
-        (!f.is_empty()).then_some(f)
+    let e = reject_after(&h, &store, async {
+        h.channel
+            .queue_delete(&h.topology.dead_queue, Default::default())
+            .await
+            .expect("delete the dead-letter queue");
     })
     .await;
-    assert_eq!(failures[0].reason, "no-workbook");
     let until = std::time::Instant::now() + Duration::from_secs(4);
     while std::time::Instant::now() < until {
         let failures = store.failures().await.unwrap();
@@ -698,22 +690,7 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
         assert!(p.running());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    common::topology::declare(&h.channel, &h.config.amqp, false)
-        .await
-        .expect("declare the topology again");
-    expect_one_dead_letter(
-        &h,
-        "the dead letter",
-        Duration::from_secs(60),
-        "no-workbook",
-        &e.dedupe_key,
-    )
-    .await;
-    wait_for("the failure marked", WAIT, || async {
-        let f = store.failures().await.ok()?;
-        f[0].dead_lettered.then_some(())
-    })
-    .await;
+    redeclare_and_expect_the_dead_letter(&h, &store, &e).await;
     // Exactly once: nothing more arrives.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
@@ -733,21 +710,13 @@ async fn after_a_dead_letter_channel_error_a_new_channel_dead_letters_the_reject
     let h = Harness::new(StoreKind::Sqlite, &[]).await;
     let store = h.store().await;
     let p = h.start(Default::default());
-    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
-        .await;
-    wait_records(&store, 1, WAIT).await;
-    h.channel
-        .exchange_delete(&h.topology.dead_exchange, Default::default())
-        .await
-        .expect("delete the dead-letter exchange");
-    let e = envelope(with_attachments(&[]));
-    h.publish(&e).await;
-    let failures = wait_for("the stored rejection", WAIT, || async {
-        let f = store.failures().await.ok()?;
-        (!f.is_empty()).then_some(f)
+    let e = reject_after(&h, &store, async {
+        h.channel
+            .exchange_delete(&h.topology.dead_exchange, Default::default())
+            .await
+            .expect("delete the dead-letter exchange");
     })
     .await;
-    assert_eq!(failures[0].reason, "no-workbook");
     // The session ended on the channel error: the mail is back in the
     // queue, not acked away, while no session can start without the
     // exchange.
@@ -765,11 +734,55 @@ async fn after_a_dead_letter_channel_error_a_new_channel_dead_letters_the_reject
         assert!(p.running(), "the processor exited");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    redeclare_and_expect_the_dead_letter(&h, &store, &e).await;
+    wait_for("the rejection settled", WAIT, || async {
+        (settled_as(&h, "already-known").await >= 1).then_some(())
+    })
+    .await;
+    assert!(p.running(), "the processor exited");
+    p.stop().await.unwrap();
+    // Stopped: whatever was not acked would be back in the queue now.
+    assert_eq!(h.queue_depth().await, 0, "the rejected mail was not acked");
+    assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
+    assert_eq!(store.failures().await.unwrap().len(), 1);
+}
+
+/// With the processor running: one good form becomes a record (the
+/// session is up), then `breaking` breaks the dead-letter topology, then a
+/// form without a workbook is published; returned once its rejection is
+/// stored.
+async fn reject_after(
+    h: &Harness,
+    store: &form_processor::store::Store,
+    breaking: impl std::future::Future<Output = ()>,
+) -> common::envelope::Envelope {
+    h.publish(&envelope(good_lease(LEASE_SUBJECT, "ann@contoso.com", &[])))
+        .await;
+    wait_records(store, 1, WAIT).await;
+    breaking.await;
+    let e = envelope(with_attachments(&[]));
+    h.publish(&e).await;
+    let failures = wait_for("the stored rejection", WAIT, || async {
+        let f = store.failures().await.ok()?;
+        (!f.is_empty()).then_some(f)
+    })
+    .await;
+    assert_eq!(failures[0].reason, "no-workbook");
+    e
+}
+
+/// Declares the topology again, then expects `e`'s dead letter (once) and
+/// its failure marked dead-lettered.
+async fn redeclare_and_expect_the_dead_letter(
+    h: &Harness,
+    store: &form_processor::store::Store,
+    e: &common::envelope::Envelope,
+) {
     common::topology::declare(&h.channel, &h.config.amqp, false)
         .await
         .expect("declare the topology again");
     expect_one_dead_letter(
-        &h,
+        h,
         "the dead letter",
         Duration::from_secs(60),
         "no-workbook",
@@ -781,16 +794,6 @@ async fn after_a_dead_letter_channel_error_a_new_channel_dead_letters_the_reject
         f[0].dead_lettered.then_some(())
     })
     .await;
-    wait_for("the rejection settled", WAIT, || async {
-        (settled_as(&h, "already-known").await >= 1).then_some(())
-    })
-    .await;
-    assert!(p.running(), "the processor exited");
-    p.stop().await.unwrap();
-    // Stopped: whatever was not acked would be back in the queue now.
-    assert_eq!(h.queue_depth().await, 0, "the rejected mail was not acked");
-    assert!(h.drain_dead().await.is_empty(), "dead-lettered twice");
-    assert_eq!(store.failures().await.unwrap().len(), 1);
 }
 
 /// How many deliveries the harness's running processor settled with
