@@ -281,6 +281,21 @@ pub fn zip_bomb(inflated: usize) -> Vec<u8> {
     out
 }
 
+/// A distinct, valid lease form from ann@contoso.com (`triIdTX` = `id`),
+/// as its envelope.
+pub fn lease_envelope(id: &str) -> Envelope {
+    let wb = lease_workbook(&Lease {
+        id,
+        ..Default::default()
+    });
+    envelope(mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &[Attachment::xlsx(wb)],
+    ))
+}
+
 /// An envelope for a raw mail, as a fetcher would publish it.
 pub fn envelope(raw: Vec<u8>) -> Envelope {
     let mailbox = "forms@contoso.com";

@@ -43,20 +43,6 @@ async fn harness(queues: Queues) -> Harness {
     }
 }
 
-/// A distinct, valid lease form (`triIdTX` = `id`).
-fn lease(id: &str) -> Envelope {
-    let wb = lease_workbook(&Lease {
-        id,
-        ..Default::default()
-    });
-    envelope(mail(
-        LEASE_SUBJECT,
-        "ann@contoso.com",
-        &[],
-        &[Attachment::xlsx(wb)],
-    ))
-}
-
 /// `mailagent ARGS` with the harness's CLI configuration: (success,
 /// stdout and stderr).
 async fn mailagent(h: &Harness, args: &[&str]) -> (bool, String) {
@@ -155,7 +141,7 @@ async fn listed_once_and_replayed_into_one_record(h: &Harness, e: &Envelope, rea
 /// `expired` (and drops `expiration`, so the replay does not expire again).
 async fn expired_form_is_listed_and_replayable(queues: Queues) {
     let h = harness(queues).await;
-    let e = lease("X-1");
+    let e = lease_envelope("X-1");
     let confirm = h
         .channel
         .basic_publish(
@@ -178,7 +164,7 @@ async fn expired_form_is_listed_and_replayable(queues: Queues) {
 /// reason `rejected`.
 async fn rejected_form_is_listed_and_replayable(queues: Queues) {
     let h = harness(queues).await;
-    let e = lease("R-1");
+    let e = lease_envelope("R-1");
     h.publish(&e).await;
     let m = wait_for("the form in the create queue", WAIT, || async {
         h.channel

@@ -30,20 +30,6 @@ fn cluster() -> Cluster {
     Cluster::load(&Endpoints::load())
 }
 
-/// A distinct, valid lease form (`triIdTX` = `id`).
-fn lease(id: &str) -> Envelope {
-    let wb = lease_workbook(&Lease {
-        id,
-        ..Default::default()
-    });
-    envelope(mail(
-        LEASE_SUBJECT,
-        "ann@contoso.com",
-        &[],
-        &[Attachment::xlsx(wb)],
-    ))
-}
-
 /// `mailagent ARGS` with the harness's configuration (all cluster nodes).
 fn mailagent(h: &Harness, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(bin_path("mailagent"))
@@ -153,7 +139,9 @@ async fn cluster_forms_survive_kill_9_of_the_create_queue_leader() {
         "the quorum queue has a member on each node"
     );
 
-    let envelopes: Vec<Envelope> = (0..FORMS).map(|i| lease(&format!("C-{i}"))).collect();
+    let envelopes: Vec<Envelope> = (0..FORMS)
+        .map(|i| lease_envelope(&format!("C-{i}")))
+        .collect();
     let keys: HashSet<String> = envelopes.iter().map(|e| e.dedupe_key.clone()).collect();
     assert_eq!(keys.len(), FORMS);
 
@@ -272,7 +260,7 @@ async fn cluster_poison_on_quorum_queues_is_caught_by_our_limit_first() {
     let p = h.start(form_processor::Hooks {
         panic_on_subject: Some(LEASE_SUBJECT.into()),
     });
-    let e = lease("P-1");
+    let e = lease_envelope("P-1");
     h.publish(&e).await;
     let failures = wait_failures(&store, 1, WAIT).await;
     assert_eq!(failures.len(), 1);
@@ -315,7 +303,7 @@ async fn cluster_rabbitmqs_own_delivery_limit_is_listed_and_replayable() {
     )
     .await;
     let store = h.store().await;
-    let e = lease("D-1");
+    let e = lease_envelope("D-1");
     h.publish(&e).await;
 
     // The test's own consumer: every delivery goes back to the queue.
@@ -403,7 +391,7 @@ async fn cluster_status_shows_every_node() {
         &cluster.urls(),
     )
     .await;
-    h.publish(&lease("S-1")).await;
+    h.publish(&lease_envelope("S-1")).await;
     let (ok, out) = mailagent(&h, &["status", "--json"]);
     assert!(ok, "{out}");
     let json_start = out.find('{').expect("json");
