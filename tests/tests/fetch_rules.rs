@@ -143,10 +143,7 @@ impl Fx {
     /// The fixture's mailbox with each protocol's default after-fetch
     /// action (IMAP `mark-seen`, POP3 `delete`), as mail config `name`.
     fn default_table(&self, name: &str) -> String {
-        match self {
-            Self::Imap(f) => f.mail_table(name, &f.mailbox, ""),
-            Self::Pop3(f) => f.mail_table(name, "POP3S", ""),
-        }
+        self.table_with(name, "")
     }
 
     /// The fixture's mailbox with each protocol's default after-fetch and

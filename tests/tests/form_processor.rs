@@ -680,16 +680,7 @@ async fn with_the_dead_letter_queue_gone_a_rejection_waits_and_is_dead_lettered_
             .expect("delete the dead-letter queue");
     })
     .await;
-    let until = std::time::Instant::now() + Duration::from_secs(4);
-    while std::time::Instant::now() < until {
-        let failures = store.failures().await.unwrap();
-        assert!(
-            !failures[0].dead_lettered,
-            "marked dead-lettered with no dead-letter queue"
-        );
-        assert!(p.running());
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    never_marked_for(&store, &p, Duration::from_secs(4), "no dead-letter queue").await;
     redeclare_and_expect_the_dead_letter(&h, &store, &e).await;
     // Exactly once: nothing more arrives.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -724,16 +715,13 @@ async fn after_a_dead_letter_channel_error_a_new_channel_dead_letters_the_reject
         (h.queue_depth().await == 1).then_some(())
     })
     .await;
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < until {
-        let failures = store.failures().await.unwrap();
-        assert!(
-            !failures[0].dead_lettered,
-            "marked dead-lettered with no dead-letter exchange"
-        );
-        assert!(p.running(), "the processor exited");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    never_marked_for(
+        &store,
+        &p,
+        Duration::from_secs(3),
+        "no dead-letter exchange",
+    )
+    .await;
     redeclare_and_expect_the_dead_letter(&h, &store, &e).await;
     wait_for("the rejection settled", WAIT, || async {
         (settled_as(&h, "already-known").await >= 1).then_some(())
@@ -769,6 +757,27 @@ async fn reject_after(
     .await;
     assert_eq!(failures[0].reason, "no-workbook");
     e
+}
+
+/// For `window`, checks every 250 ms that the stored rejection is not
+/// marked dead-lettered (its copy cannot have been confirmed: `missing`)
+/// and the processor keeps running.
+async fn never_marked_for(
+    store: &form_processor::store::Store,
+    p: &Processor,
+    window: Duration,
+    missing: &str,
+) {
+    let until = std::time::Instant::now() + window;
+    while std::time::Instant::now() < until {
+        let failures = store.failures().await.unwrap();
+        assert!(
+            !failures[0].dead_lettered,
+            "marked dead-lettered with {missing}"
+        );
+        assert!(p.running(), "the processor exited");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// Declares the topology again, then expects `e`'s dead letter (once) and
