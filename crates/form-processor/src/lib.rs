@@ -29,6 +29,7 @@ pub mod sender_auth;
 pub mod store;
 pub mod value;
 pub mod workbook;
+pub mod xlsx;
 
 use std::sync::Arc;
 use std::time::Duration;

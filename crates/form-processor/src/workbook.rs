@@ -1,17 +1,18 @@
 //! Reading an offline form's `.xlsx` safely (§6, guard rails): size limits
-//! before anything is parsed, then the parts calamine reads inflated once,
-//! with a hard cap (the zip-bomb check), into a stored zip that calamine's
-//! streaming cell reader reads with sheet, row and cell limits, keeping
-//! each cell's type.
+//! before anything is parsed, the zip's declared sizes, then only the parts
+//! a form needs — the shared strings, the cell formats, the workbook's sheet
+//! list and the worksheets the object map names —, each inflated once under
+//! a hard cap on the total (the zip-bomb check) and read by [`xlsx`] with
+//! sheet, row and cell limits, keeping each cell's type.
 
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Read};
+use std::sync::Arc;
 
-use calamine::{DataRef, Reader, Xlsx};
 use common::config::FormProcessorConfig;
 
 use crate::objectmap::{self, Book, Form, Sheet, MAP_SHEET};
 use crate::reject::{Checked, Reason, Rejection};
-use crate::value::Value;
+use crate::xlsx;
 
 /// Guard-rail limits for one workbook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,131 +51,91 @@ fn malformed(e: impl std::fmt::Display) -> Rejection {
     )
 }
 
-/// Whether calamine reads this zip entry: the four workbook-wide parts it
-/// opens in `Xlsx::new` and the sheet parts (`xl/worksheets/…`, chart and
-/// dialog sheets; calamine refuses a sheet anywhere else). Themes, document
-/// properties, drawings, media and the like are never read, so they are
-/// neither inflated nor kept.
-fn calamine_reads(name: &str) -> bool {
-    const PARTS: [&str; 4] = [
-        "xl/workbook.xml",
-        "xl/_rels/workbook.xml.rels",
-        "xl/sharedStrings.xml",
-        "xl/styles.xml",
-    ];
-    const SHEET_DIRS: [&str; 3] = ["xl/worksheets/", "xl/chartsheets/", "xl/dialogsheets/"];
-    if PARTS.iter().any(|p| p.eq_ignore_ascii_case(name)) {
-        return true;
-    }
-    let lower = name.to_ascii_lowercase();
-    SHEET_DIRS.iter().any(|d| {
-        lower
-            .strip_prefix(d)
-            .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".xml"))
-    })
+fn too_large(n: u64, limits: &Limits) -> Rejection {
+    Rejection::new(
+        Reason::DecompressedTooLarge,
+        format!(
+            "the workbook inflates to more than {n} bytes (limit {})",
+            limits.max_decompressed_bytes
+        ),
+    )
 }
 
-/// Checks the size and the zip structure, and inflates — once — the parts
-/// calamine reads, into a new zip whose entries are stored (not
-/// compressed), which calamine then reads without inflating again. A zip
-/// whose declared sizes, or whose real inflated sizes, pass the limit is
-/// refused; inflation stops at the limit, so a lying central directory
-/// costs at most `max_decompressed_bytes` of memory.
-///
-/// Before issue 15 every entry was inflated into a counter and then
-/// inflated again by calamine: about 30 % of the processor's time.
-pub fn inflate_parts(bytes: &[u8], limits: &Limits) -> Checked<Vec<u8>> {
-    if bytes.len() as u64 > limits.max_workbook_bytes {
-        return Err(Rejection::new(
-            Reason::WorkbookTooLarge,
-            format!(
-                "the workbook is {} bytes, more than the limit of {}",
-                bytes.len(),
-                limits.max_workbook_bytes
-            ),
-        ));
-    }
-    if !bytes.starts_with(b"PK\x03\x04") {
-        return Err(Rejection::new(
-            Reason::NotAWorkbook,
-            "the attachment is not an xlsx (zip) file",
-        ));
-    }
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(malformed)?;
-    if zip.len() > MAX_ZIP_ENTRIES {
-        return Err(malformed(format!("{} zip entries", zip.len())));
-    }
-    let too_large = |n: u64| {
-        Rejection::new(
-            Reason::DecompressedTooLarge,
-            format!(
-                "the workbook inflates to more than {n} bytes (limit {})",
-                limits.max_decompressed_bytes
-            ),
-        )
-    };
-    // The declared sizes first (cheap), then the real ones: a central
-    // directory may lie.
-    let mut declared: u64 = 0;
-    let mut wanted = Vec::new();
-    for i in 0..zip.len() {
-        let Ok(entry) = zip.by_index_raw(i) else {
-            continue;
-        };
-        declared = declared.saturating_add(entry.size());
-        if calamine_reads(entry.name()) {
-            wanted.push((i, entry.size()));
+/// An opened workbook zip. Its parts are inflated when asked for, each
+/// once, and their total inflated size is held under
+/// `max_decompressed_bytes`. Parts a form never needs (themes, document
+/// properties, drawings, media, worksheets the map does not name) are
+/// never inflated.
+struct Package<'a> {
+    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
+    limits: &'a Limits,
+    inflated: u64,
+}
+
+impl<'a> Package<'a> {
+    /// Opens the zip and checks its entry count and the declared sizes of
+    /// all its entries (cheap; a central directory may lie, so [`part`]
+    /// checks the real sizes as it inflates).
+    ///
+    /// [`part`]: Package::part
+    fn open(bytes: &'a [u8], limits: &'a Limits) -> Checked<Self> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(malformed)?;
+        if zip.len() > MAX_ZIP_ENTRIES {
+            return Err(malformed(format!("{} zip entries", zip.len())));
         }
-    }
-    if declared > limits.max_decompressed_bytes {
-        return Err(too_large(declared));
-    }
-    let capacity = wanted.iter().map(|(_, n)| *n as usize + 128).sum::<usize>() + 1024;
-    let mut out = zip::ZipWriter::new(Cursor::new(Vec::with_capacity(capacity)));
-    let mut total: u64 = 0;
-    for (i, _) in wanted {
-        let (name, size) = {
-            let raw = zip.by_index_raw(i).map_err(malformed)?;
-            (raw.name().to_string(), raw.size())
-        };
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Stored)
-            .large_file(size >= u64::from(u32::MAX));
-        out.start_file(name, options).map_err(malformed)?;
-        // One byte past what is left: reading it means the limit is passed.
-        let left = limits.max_decompressed_bytes - total;
-        let key = template_part_key(&mut zip, i).map_err(malformed)?;
-        let copied = match (key.as_ref().and_then(PartCache::get), key) {
-            (Some(inflated), _) => {
-                out.write_all(&inflated).map_err(malformed)?;
-                inflated.len() as u64
+        let mut declared: u64 = 0;
+        for i in 0..zip.len() {
+            if let Ok(entry) = zip.by_index_raw(i) {
+                declared = declared.saturating_add(entry.size());
             }
-            (None, Some(key)) => {
-                let mut inflated = Vec::new();
-                zip.by_index(i)
-                    .map_err(malformed)?
+        }
+        if declared > limits.max_decompressed_bytes {
+            return Err(too_large(declared, limits));
+        }
+        Ok(Self {
+            zip,
+            limits,
+            inflated: 0,
+        })
+    }
+
+    /// The inflated bytes of the part named `name` (matched without regard
+    /// to ASCII case, as Excel's readers match it), or `None` when the zip
+    /// has no such part. Inflation stops one byte past what the limit
+    /// leaves, so a lying directory costs at most `max_decompressed_bytes`.
+    fn part(&mut self, name: &str) -> Checked<Option<Arc<Vec<u8>>>> {
+        let Some(i) = self
+            .zip
+            .file_names()
+            .find(|n| n.eq_ignore_ascii_case(name))
+            .and_then(|n| self.zip.index_for_name(n))
+        else {
+            return Ok(None);
+        };
+        let left = self.limits.max_decompressed_bytes - self.inflated;
+        let key = template_part_key(&mut self.zip, i).map_err(malformed)?;
+        let bytes = match key.as_ref().and_then(PartCache::get) {
+            Some(cached) => cached,
+            None => {
+                let entry = self.zip.by_index(i).map_err(malformed)?;
+                let mut inflated = Vec::with_capacity(entry.size().min(left) as usize + 1);
+                entry
                     .take(left.saturating_add(1))
                     .read_to_end(&mut inflated)
                     .map_err(malformed)?;
-                out.write_all(&inflated).map_err(malformed)?;
-                let n = inflated.len() as u64;
-                if n <= left {
-                    PartCache::put(key, inflated);
+                let inflated = Arc::new(inflated);
+                if let Some(key) = key.filter(|_| inflated.len() as u64 <= left) {
+                    PartCache::put(key, inflated.clone());
                 }
-                n
-            }
-            (None, None) => {
-                let entry = zip.by_index(i).map_err(malformed)?;
-                std::io::copy(&mut entry.take(left.saturating_add(1)), &mut out)
-                    .map_err(malformed)?
+                inflated
             }
         };
-        total += copied;
-        if total > limits.max_decompressed_bytes {
-            return Err(too_large(total));
+        self.inflated += bytes.len() as u64;
+        if self.inflated > self.limits.max_decompressed_bytes {
+            return Err(too_large(self.inflated, self.limits));
         }
+        Ok(Some(bytes))
     }
-    Ok(out.finish().map_err(malformed)?.into_inner())
 }
 
 /// The workbook-wide parts that forms made from one template share byte
@@ -228,7 +189,7 @@ fn template_part_key<R: Read + std::io::Seek>(
 /// tables is a good part of the cost. A few slots, replaced round-robin,
 /// shared by the parsing threads.
 struct PartCache {
-    slots: Vec<(PartKey, std::sync::Arc<Vec<u8>>)>,
+    slots: Vec<(PartKey, Arc<Vec<u8>>)>,
     next: usize,
 }
 
@@ -238,7 +199,7 @@ static PART_CACHE: std::sync::Mutex<PartCache> = std::sync::Mutex::new(PartCache
 });
 
 impl PartCache {
-    fn get(key: &PartKey) -> Option<std::sync::Arc<Vec<u8>>> {
+    fn get(key: &PartKey) -> Option<Arc<Vec<u8>>> {
         let cache = PART_CACHE.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .slots
@@ -247,9 +208,9 @@ impl PartCache {
             .map(|(_, v)| v.clone())
     }
 
-    fn put(key: PartKey, inflated: Vec<u8>) {
+    fn put(key: PartKey, inflated: Arc<Vec<u8>>) {
         let mut cache = PART_CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = (key, std::sync::Arc::new(inflated));
+        let slot = (key, inflated);
         if cache.slots.len() < PART_CACHE_SLOTS {
             cache.slots.push(slot);
         } else {
@@ -260,80 +221,33 @@ impl PartCache {
     }
 }
 
-fn cell_value(v: &DataRef<'_>) -> Option<Value> {
-    match v {
-        DataRef::Empty | DataRef::Error(_) => None,
-        DataRef::Int(i) => Some(Value::Number(*i as f64)),
-        DataRef::Float(f) => Some(Value::Number(*f)),
-        DataRef::String(s) => (!s.is_empty()).then(|| Value::Text(s.clone())),
-        DataRef::SharedString(s) => (!s.is_empty()).then(|| Value::Text(s.to_string())),
-        DataRef::Bool(b) => Some(Value::Bool(*b)),
-        DataRef::DateTime(dt) if dt.is_datetime() => match dt.as_datetime() {
-            Some(t) => {
-                let iso = t.to_string().replacen(' ', "T", 1);
-                Some(Value::Date(match iso.strip_suffix("T00:00:00") {
-                    Some(date) => date.to_string(),
-                    None => iso,
-                }))
-            }
-            None => Some(Value::Number(dt.as_f64())),
-        },
-        DataRef::DateTime(dt) => Some(Value::Number(dt.as_f64())),
-        DataRef::DateTimeIso(s) => Some(Value::Date(s.clone())),
-        DataRef::DurationIso(s) => Some(Value::Text(s.clone())),
-    }
-}
-
-/// Reads one worksheet's non-empty cells within the row and cell budgets.
-fn read_sheet<R: Read + std::io::Seek>(
-    xlsx: &mut Xlsx<R>,
-    name: &str,
-    limits: &Limits,
-    cells_left: &mut u64,
-) -> Checked<Sheet> {
-    let mut reader = xlsx.worksheet_cells_reader(name).map_err(malformed)?;
-    let mut sheet = Sheet::default();
-    loop {
-        let cell = match reader.next_cell() {
-            Ok(Some(cell)) => cell,
-            Ok(None) => break,
-            Err(e) => return Err(malformed(e)),
-        };
-        let (row, col) = cell.get_position();
-        if row >= limits.max_rows {
-            return Err(Rejection::new(
-                Reason::TooManyRows,
-                format!(
-                    "worksheet {name:?} has rows past the limit of {}",
-                    limits.max_rows
-                ),
-            ));
-        }
-        if *cells_left == 0 {
-            return Err(Rejection::new(
-                Reason::TooManyCells,
-                format!("the workbook has more than {} cells", limits.max_cells),
-            ));
-        }
-        *cells_left -= 1;
-        if let Some(v) = cell_value(cell.get_value()) {
-            sheet.cells.insert((row, col), v);
-        }
-    }
-    Ok(sheet)
-}
-
 /// Reads a form from workbook bytes: guard rails, the object map, then the
 /// worksheets it refers to.
 pub fn read_form(bytes: &[u8], limits: &Limits) -> Checked<Form> {
-    let parts = inflate_parts(bytes, limits)?;
-    // calamine 0.26 panics on some inconsistent workbooks (a shared-string
-    // index past the table indexes a Vec): that is a malformed workbook, not
-    // a crash to redeliver until the poison limit (tests/corpus).
-    // The panic is expected and answered, so the panic hook stays quiet:
-    // no stderr line per hostile mail, and no backtrace symbolized (with
-    // RUST_BACKTRACE set that alone loads the debug info, 200+ MB).
-    let read = quiet_panics(|| std::panic::catch_unwind(|| read_cells(&parts, limits)));
+    if bytes.len() as u64 > limits.max_workbook_bytes {
+        return Err(Rejection::new(
+            Reason::WorkbookTooLarge,
+            format!(
+                "the workbook is {} bytes, more than the limit of {}",
+                bytes.len(),
+                limits.max_workbook_bytes
+            ),
+        ));
+    }
+    if !bytes.starts_with(b"PK\x03\x04") {
+        return Err(Rejection::new(
+            Reason::NotAWorkbook,
+            "the attachment is not an xlsx (zip) file",
+        ));
+    }
+    // A panic while reading hostile bytes is a malformed workbook, not a
+    // crash to redeliver until the poison limit. The reader is written not
+    // to panic (calamine 0.26, used until issue 15, did: tests/corpus keeps
+    // those workbooks); this stays as the backstop. The panic hook stays
+    // quiet for it: no stderr line per hostile mail, and no backtrace
+    // symbolized (with RUST_BACKTRACE set that alone loads the debug info,
+    // 200+ MB).
+    let read = quiet_panics(|| std::panic::catch_unwind(|| read_cells(bytes, limits)));
     read.unwrap_or_else(|_| {
         Err(malformed(
             "the workbook is inconsistent (the xlsx reader panicked)",
@@ -367,32 +281,107 @@ fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// The workbook-wide parts a sheet's cells are read with.
+struct Parts {
+    strings: Vec<String>,
+    formats: Vec<xlsx::CellFormat>,
+    workbook: xlsx::Workbook,
+}
+
+impl Parts {
+    /// The shared strings, the cell formats (both optional), the
+    /// workbook's relationships (required) and its sheet list, read in
+    /// that order.
+    fn read(package: &mut Package<'_>) -> Checked<Self> {
+        let strings = match package.part("xl/sharedStrings.xml")? {
+            Some(part) => xlsx::shared_strings(&part).map_err(malformed)?,
+            None => Vec::new(),
+        };
+        let formats = match package.part("xl/styles.xml")? {
+            Some(part) => xlsx::styles(&part).map_err(malformed)?,
+            None => Vec::new(),
+        };
+        let relationships = match package.part("xl/_rels/workbook.xml.rels")? {
+            Some(part) => xlsx::relationships(&part).map_err(malformed)?,
+            None => return Err(malformed("there is no xl/_rels/workbook.xml.rels")),
+        };
+        let workbook = match package.part("xl/workbook.xml")? {
+            Some(part) => xlsx::workbook(&part, &relationships).map_err(malformed)?,
+            None => xlsx::Workbook::default(),
+        };
+        Ok(Self {
+            strings,
+            formats,
+            workbook,
+        })
+    }
+}
+
+/// Reads one worksheet's non-empty cells within the row and cell budgets.
+fn read_sheet(
+    package: &mut Package<'_>,
+    parts: &Parts,
+    name: &str,
+    cells_left: &mut u64,
+) -> Checked<Sheet> {
+    let limits = package.limits;
+    let not_found = || malformed(format!("worksheet {name:?} not found"));
+    let path = parts.workbook.path(name).ok_or_else(not_found)?;
+    let xml = package.part(path)?.ok_or_else(not_found)?;
+    let mut cells = xlsx::Cells::new(&xml, &parts.strings, &parts.formats, parts.workbook.is_1904)
+        .map_err(malformed)?;
+    let mut sheet = Sheet::default();
+    while let Some(((row, col), value)) = cells.next_cell().map_err(malformed)? {
+        if row >= limits.max_rows {
+            return Err(Rejection::new(
+                Reason::TooManyRows,
+                format!(
+                    "worksheet {name:?} has rows past the limit of {}",
+                    limits.max_rows
+                ),
+            ));
+        }
+        if *cells_left == 0 {
+            return Err(Rejection::new(
+                Reason::TooManyCells,
+                format!("the workbook has more than {} cells", limits.max_cells),
+            ));
+        }
+        *cells_left -= 1;
+        if let Some(v) = value {
+            sheet.cells.insert((row, col), v);
+        }
+    }
+    Ok(sheet)
+}
+
 fn read_cells(bytes: &[u8], limits: &Limits) -> Checked<Form> {
-    let mut xlsx: Xlsx<_> = Xlsx::new(Cursor::new(bytes)).map_err(malformed)?;
-    let names = xlsx.sheet_names();
-    if names.len() as u64 > u64::from(limits.max_sheets) {
+    let mut package = Package::open(bytes, limits)?;
+    let parts = Parts::read(&mut package)?;
+    let sheets = &parts.workbook.sheets;
+    if sheets.len() as u64 > u64::from(limits.max_sheets) {
         return Err(Rejection::new(
             Reason::TooManySheets,
             format!(
                 "the workbook has {} worksheets, more than the limit of {}",
-                names.len(),
+                sheets.len(),
                 limits.max_sheets
             ),
         ));
     }
-    if !names.iter().any(|n| n == MAP_SHEET) {
+    if parts.workbook.path(MAP_SHEET).is_none() {
         return Err(Rejection::new(
             Reason::NoObjectMap,
             format!("the workbook has no {MAP_SHEET:?} worksheet"),
         ));
     }
     let mut cells_left = limits.max_cells;
-    let map_sheet = read_sheet(&mut xlsx, MAP_SHEET, limits, &mut cells_left)?;
+    let map_sheet = read_sheet(&mut package, &parts, MAP_SHEET, &mut cells_left)?;
     let map = objectmap::parse(&map_sheet)?;
     let mut book = Book::new();
     for name in map.sheets() {
-        if names.contains(&name) {
-            let sheet = read_sheet(&mut xlsx, &name, limits, &mut cells_left)?;
+        if parts.workbook.path(&name).is_some() {
+            let sheet = read_sheet(&mut package, &parts, &name, &mut cells_left)?;
             book.insert(name, sheet);
         }
     }
@@ -402,7 +391,9 @@ fn read_cells(bytes: &[u8], limits: &Limits) -> Checked<Form> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::Value;
     use rust_xlsxwriter::{ExcelDateTime, Format, Workbook};
+    use std::io::Write;
 
     fn limits() -> Limits {
         Limits {
@@ -505,25 +496,40 @@ mod tests {
         }
     }
 
-    /// A sheet part that inflates to 30 MB while its central directory and
-    /// local header claim 100 bytes: the declared-size check passes, the
-    /// inflation stops at the limit.
-    #[test]
-    fn a_lying_zip_directory_is_stopped_at_the_inflation_limit() {
-        let mut bomb = Vec::new();
-        {
-            let mut z = zip::ZipWriter::new(Cursor::new(&mut bomb));
-            z.start_file(
-                "xl/worksheets/sheet1.xml",
-                zip::write::SimpleFileOptions::default(),
-            )
-            .unwrap();
-            let chunk = vec![b' '; 1 << 20];
-            for _ in 0..30 {
-                z.write_all(&chunk).unwrap();
-            }
-            z.finish().unwrap();
+    /// The parts of a workbook, in zip order, inflated.
+    fn parts_of(book: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(book)).unwrap();
+        (0..zip.len())
+            .map(|i| {
+                let mut entry = zip.by_index(i).unwrap();
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).unwrap();
+                (entry.name().to_string(), bytes)
+            })
+            .collect()
+    }
+
+    fn zip_of(parts: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut z = zip::ZipWriter::new(Cursor::new(&mut out));
+        for (name, bytes) in parts {
+            z.start_file(name.as_str(), zip::write::SimpleFileOptions::default())
+                .unwrap();
+            z.write_all(bytes).unwrap();
         }
+        z.finish().unwrap();
+        out
+    }
+
+    /// The form workbook with one worksheet part replaced by 30 MB of
+    /// spaces whose central directory entry and local header claim 100
+    /// bytes (it is put first, so the first headers are its own).
+    fn with_lying_sheet(book: &[u8], sheet: &str) -> Vec<u8> {
+        let mut parts = parts_of(book);
+        let at = parts.iter().position(|(n, _)| n == sheet).expect(sheet);
+        let (name, _) = parts.remove(at);
+        parts.insert(0, (name, vec![b' '; 30 << 20]));
+        let mut bomb = zip_of(&parts);
         let patch = |bytes: &mut Vec<u8>, signature: &[u8], offset: usize| {
             let at = bytes
                 .windows(4)
@@ -533,7 +539,16 @@ mod tests {
         };
         patch(&mut bomb, b"PK\x03\x04", 22);
         patch(&mut bomb, b"PK\x01\x02", 24);
-        let got = inflate_parts(&bomb, &limits()).unwrap_err();
+        assert!(bomb.len() < 256 * 1024, "bomb is {} bytes", bomb.len());
+        bomb
+    }
+
+    /// The object map's sheet lies about its size: the declared-size check
+    /// passes, the inflation stops at the limit.
+    #[test]
+    fn a_lying_zip_directory_is_stopped_at_the_inflation_limit() {
+        let bomb = with_lying_sheet(&form_workbook(), "xl/worksheets/sheet1.xml");
+        let got = read_form(&bomb, &limits()).unwrap_err();
         assert_eq!(got.reason, Reason::DecompressedTooLarge, "{got}");
     }
 
@@ -557,32 +572,37 @@ mod tests {
         assert!(PartCache::get(&other).is_none());
     }
 
-    /// The parts calamine never reads are neither inflated nor kept.
+    /// Only the parts a form needs are inflated: a worksheet the object map
+    /// does not name is never read, so even a lying one costs nothing.
     #[test]
-    fn only_the_parts_calamine_reads_are_kept() {
-        let cases = [
-            ("xl/workbook.xml", true),
-            ("xl/_rels/workbook.xml.rels", true),
-            ("xl/sharedStrings.xml", true),
-            ("XL/SHAREDSTRINGS.XML", true),
-            ("xl/styles.xml", true),
-            ("xl/worksheets/sheet1.xml", true),
-            ("xl/worksheets/_rels/sheet1.xml.rels", false),
-            ("xl/chartsheets/sheet1.xml", true),
-            ("xl/theme/theme1.xml", false),
-            ("docProps/core.xml", false),
-            ("[Content_Types].xml", false),
-            ("xl/media/image1.png", false),
-        ];
-        for (name, want) in cases {
-            assert_eq!(calamine_reads(name), want, "{name}");
-        }
-        let kept = inflate_parts(&form_workbook(), &limits()).unwrap();
-        let zip = zip::ZipArchive::new(Cursor::new(&kept)).unwrap();
-        let mut names: Vec<&str> = zip.file_names().collect();
-        names.sort_unstable();
-        assert!(names.iter().all(|n| calamine_reads(n)), "{names:?}");
-        assert!(names.contains(&"xl/worksheets/sheet1.xml"), "{names:?}");
+    fn a_worksheet_the_map_does_not_name_is_never_inflated() {
+        let mut wb = Workbook::new();
+        let mut plain = |name: &str, rows: &[&[&str]]| {
+            let sheet = wb.add_worksheet();
+            sheet.set_name(name).unwrap();
+            for (r, row) in rows.iter().enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    sheet.write_string(r as u32, c as u16, *v).unwrap();
+                }
+            }
+        };
+        plain(
+            MAP_SHEET,
+            &[
+                &["Excel to Tririga", "triContract", "triLeaseAbstract"],
+                &["Field", "id", "Lease!B1"],
+                &["End"],
+            ],
+        );
+        plain("Lease", &[&["Lease ID", "L-7"]]);
+        plain("Notes", &[&["not part of the form"]]);
+        let book = wb.save_to_buffer().unwrap();
+        let bomb = with_lying_sheet(&book, "xl/worksheets/sheet3.xml");
+        let form = read_form(&bomb, &limits()).unwrap();
+        assert_eq!(
+            form.fields,
+            vec![("id".to_string(), Value::Text("L-7".into()))]
+        );
     }
 
     #[test]
