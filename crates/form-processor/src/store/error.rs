@@ -1,6 +1,9 @@
 //! Store failures, classified at the boundary: transient (retry later) or
 //! permanent (the store refuses this data or is misconfigured).
 
+/// The underlying error: sqlx's, or rusqlite's from the SQLite writer.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// A store failure, classified.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -11,7 +14,7 @@ pub enum Error {
         action: &'static str,
         /// The cause.
         #[source]
-        source: sqlx::Error,
+        source: Cause,
     },
     /// Retrying cannot help: the store refuses this data or is misconfigured.
     #[error("cannot {action} in the record store: {source}")]
@@ -20,7 +23,7 @@ pub enum Error {
         action: &'static str,
         /// The cause.
         #[source]
-        source: sqlx::Error,
+        source: Cause,
     },
     /// The writer task is gone (the store is shutting down).
     #[error("cannot write: the record store is closed")]
@@ -36,18 +39,41 @@ impl Error {
     /// Classifies an sqlx error met while doing `action`.
     pub(super) fn from_sqlx(action: &'static str, source: sqlx::Error) -> Self {
         if is_transient(&source) {
-            Self::Transient { action, source }
+            Self::Transient {
+                action,
+                source: source.into(),
+            }
         } else {
-            Self::Permanent { action, source }
+            Self::permanent(action, source)
+        }
+    }
+
+    /// Classifies a rusqlite error met by the SQLite writer.
+    pub(super) fn from_sqlite(action: &'static str, source: rusqlite::Error) -> Self {
+        if is_transient_sqlite(&source) {
+            Self::Transient {
+                action,
+                source: source.into(),
+            }
+        } else {
+            Self::permanent(action, source)
+        }
+    }
+
+    /// A permanent failure with this cause.
+    pub(super) fn permanent(action: &'static str, source: impl Into<Cause>) -> Self {
+        Self::Permanent {
+            action,
+            source: source.into(),
         }
     }
 
     /// A transient failure that every op of a failed batch shares: each
     /// caller gets its own copy of the cause's text.
-    pub(super) fn batch(action: &'static str, cause: &sqlx::Error) -> Self {
+    pub(super) fn batch(action: &'static str, cause: &dyn std::fmt::Display) -> Self {
         Self::Transient {
             action,
-            source: sqlx::Error::Protocol(cause.to_string()),
+            source: cause.to_string().into(),
         }
     }
 }
@@ -68,6 +94,15 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             outage(&code).is_some() || db.message().contains("database is locked")
         }
+        _ => false,
+    }
+}
+
+/// Whether an error of the SQLite writer is an outage (busy, locked, I/O,
+/// disk full: [`outage`] of its extended code) rather than a refusal.
+pub fn is_transient_sqlite(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => outage(&f.extended_code.to_string()).is_some(),
         _ => false,
     }
 }
@@ -129,6 +164,26 @@ mod tests {
         }
         assert!(Error::Closed.is_transient());
         assert!(Error::batch("write", &sqlx::Error::RowNotFound).is_transient());
+
+        // The SQLite writer's errors, by extended code.
+        let failure = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let cases = [
+            (failure(5), true),     // BUSY
+            (failure(773), true),   // BUSY_TIMEOUT
+            (failure(1290), true),  // IOERR_FSYNC
+            (failure(13), true),    // FULL
+            (failure(2067), false), // CONSTRAINT_UNIQUE
+            (rusqlite::Error::InvalidParameterCount(1, 2), false),
+        ];
+        for (e, want) in cases {
+            let text = e.to_string();
+            assert_eq!(is_transient_sqlite(&e), want, "{text}");
+            assert_eq!(
+                Error::from_sqlite("write", e).is_transient(),
+                want,
+                "{text}"
+            );
+        }
     }
 
     #[test]

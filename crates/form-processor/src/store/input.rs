@@ -41,6 +41,18 @@ pub struct NewRecord {
     pub source: Source,
 }
 
+impl NewRecord {
+    /// This record's message stored as a failure instead (a unique value
+    /// of it is taken).
+    pub(super) fn as_failure(&self, rejection: &Rejection) -> NewFailure {
+        NewFailure {
+            rejection: rejection.clone(),
+            topic: Some(self.topic.clone()),
+            source: self.source.clone(),
+        }
+    }
+}
+
 /// A rejection to store.
 #[derive(Debug, Clone)]
 pub struct NewFailure {

@@ -1,6 +1,7 @@
 //! The record store (§6): SQLite (default, WAL, `synchronous = FULL`) or
 //! PostgreSQL through sqlx's typed drivers (one [`Pool`] variant each; the
-//! `Any` driver cost a conversion of every argument and row), one schema
+//! `Any` driver cost a conversion of every argument and row), SQLite's
+//! writes through rusqlite on a thread of their own, one schema
 //! kept per backend under `migrations/`, applied at start.
 //!
 //! Writes go through one writer task per process that gathers the messages
@@ -15,7 +16,9 @@
 //! - `error`: the failure classes;
 //! - `input`: what callers hand in ([`NewRecord`], [`NewFailure`]);
 //! - `open`: backends, the pool and the schema;
-//! - `writer`: the batching writer task; `sql`: its statements;
+//! - `writer`: the batching writer (a task for PostgreSQL;
+//!   `sqlite_writer`, a thread with its own rusqlite connection, for
+//!   SQLite); `sql`: their statements;
 //! - `read`: lookups and the CLI's listings.
 
 mod error;
@@ -23,12 +26,13 @@ mod input;
 mod open;
 mod read;
 mod sql;
+mod sqlite_writer;
 mod writer;
 
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::mpsc;
 
-pub use error::{is_transient, Error, Result};
+pub use error::{is_transient, is_transient_sqlite, Error, Result};
 pub use input::{NewFailure, NewRecord, Source};
 pub use open::Backend;
 pub use read::{Known, RecordFilter, StoredChild, StoredFailure, StoredRecord};

@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::ConnectOptions;
 use tokio::sync::mpsc;
 
+use super::sqlite_writer;
 use super::writer::{writer, BatchObserver, MAX_BATCH};
 use super::{on_pool, Error, Pool, Result, Store};
 
@@ -78,26 +79,28 @@ impl Store {
         observe: Option<BatchObserver>,
         synchronous: SqliteSynchronous,
     ) -> Result<Self> {
-        let backend = Backend::of(url).ok_or_else(|| Error::Permanent {
-            action: "open",
-            source: sqlx::Error::Configuration(
-                "the store URL must start with sqlite: or postgres:".into(),
-            ),
+        let backend = Backend::of(url).ok_or_else(|| {
+            Error::permanent("open", "the store URL must start with sqlite: or postgres:")
         })?;
         let connect = |e| Error::from_sqlx("connect", e);
         let parse = |e| Error::from_sqlx("parse the store URL", e);
+        let mut sqlite_file = None;
         let pool = match backend {
             Backend::Sqlite => {
                 let (url, parent) = sqlite_url(url);
                 if let Some(dir) = parent {
-                    std::fs::create_dir_all(&dir).map_err(|e| Error::Permanent {
-                        action: "create the store directory",
-                        source: sqlx::Error::Io(e),
-                    })?;
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| Error::permanent("create the store directory", e))?;
                 }
-                let options = url
-                    .parse::<SqliteConnectOptions>()
-                    .map_err(parse)?
+                let options = url.parse::<SqliteConnectOptions>().map_err(parse)?;
+                if options.get_filename() == Path::new(":memory:") || url.contains(":memory:") {
+                    return Err(Error::permanent(
+                        "open",
+                        "the SQLite store must be a file, not :memory:",
+                    ));
+                }
+                sqlite_file = Some(options.get_filename().to_path_buf());
+                let options = options
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(
                         synchronous
@@ -140,7 +143,18 @@ impl Store {
         };
         migrate(&pool).await?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        tokio::spawn(writer(pool.clone(), rx, observe));
+        match (&pool, sqlite_file) {
+            (Pool::Postgres(p), _) => drop(tokio::spawn(writer(p.clone(), rx, observe))),
+            (Pool::Sqlite(_), file) => {
+                let file = file.unwrap_or_default();
+                let conn =
+                    tokio::task::spawn_blocking(move || sqlite_writer::connect(&file, synchronous))
+                        .await
+                        .map_err(|e| Error::permanent("open the store for writing", e))??;
+                sqlite_writer::start(conn, rx, observe)
+                    .map_err(|e| Error::permanent("start the SQLite writer", e))?;
+            }
+        }
         Ok(Self {
             pool,
             backend,
@@ -169,12 +183,7 @@ async fn migrate(pool: &Pool) -> Result<()> {
             Err(sqlx::migrate::MigrateError::Execute(source)) => {
                 return Err(Error::from_sqlx("apply the schema", source))
             }
-            Err(other) => {
-                return Err(Error::Permanent {
-                    action: "apply the schema",
-                    source: sqlx::Error::Migrate(Box::new(other)),
-                })
-            }
+            Err(other) => return Err(Error::permanent("apply the schema", other)),
         }
     }
 }

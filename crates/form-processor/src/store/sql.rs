@@ -9,8 +9,9 @@
 //! message's savepoint back.
 //!
 //! - SQLite: four statements per record (root, key, children in one
-//!   multi-row insert, unique values in one multi-row insert), each a hop
-//!   to sqlx's SQLite worker thread, no network;
+//!   multi-row insert, unique values in one multi-row insert), run by
+//!   rusqlite on the writer's own thread: no hop to another thread per
+//!   statement, no network;
 //! - PostgreSQL: one statement per record, a data-modifying `WITH` whose
 //!   parts insert the root, the key, the children (`UNNEST` of arrays, so
 //!   the text and its prepared statement are the same for any number of
@@ -20,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value as Json};
-use sqlx::{PgConnection, Row, SqliteConnection};
+use sqlx::{PgConnection, Row};
 
 use super::{on_pool, Error, NewFailure, NewRecord, Result, Store};
 use crate::objectmap::Fields;
@@ -89,8 +90,8 @@ fn duplicate(r: &NewRecord, inserted: &[String]) -> Option<Rejection> {
 /// stay in the prepared-statement cache.
 const SQLITE_CHILD_CHUNK: usize = 100;
 
-/// `INSERT INTO records … VALUES (…), (…)` for `n` children: `$1` is the
-/// parent id and `$2` the creation time, shared by every row.
+/// `INSERT INTO records … VALUES (…), (…)` for `n` children: `?1` is the
+/// parent id and `?2` the creation time, shared by every row.
 fn sqlite_children_sql(n: usize) -> &'static str {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
     let all = SQL.get_or_init(|| {
@@ -99,7 +100,7 @@ fn sqlite_children_sql(n: usize) -> &'static str {
                 let rows: Vec<String> = (0..n)
                     .map(|i| {
                         let p = 3 + 4 * i;
-                        format!("($1, ${}, ${}, ${}, ${}, $2)", p, p + 1, p + 2, p + 3)
+                        format!("(?1, ?{}, ?{}, ?{}, ?{}, ?2)", p, p + 1, p + 2, p + 3)
                     })
                     .collect();
                 format!(
@@ -113,11 +114,11 @@ fn sqlite_children_sql(n: usize) -> &'static str {
     &all[n]
 }
 
-/// `INSERT INTO unique_values … RETURNING field` for `n` values: `$1` is
-/// the business object, `$2` the record id.
+/// `INSERT INTO unique_values … RETURNING field` for `n` values: `?1` is
+/// the business object, `?2` the record id.
 fn sqlite_unique_sql(n: usize) -> String {
     let rows: Vec<String> = (0..n)
-        .map(|i| format!("($1, ${}, ${}, $2)", 3 + 2 * i, 4 + 2 * i))
+        .map(|i| format!("(?1, ?{}, ?{}, ?2)", 3 + 2 * i, 4 + 2 * i))
         .collect();
     format!(
         "INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
@@ -127,59 +128,67 @@ fn sqlite_unique_sql(n: usize) -> String {
 }
 
 /// Inserts the record, settles its dedupe key, inserts its children and
-/// unique values (SQLite).
-pub(super) async fn sqlite_insert_record(
-    conn: &mut SqliteConnection,
+/// unique values (SQLite, on the writer thread's connection; every
+/// statement prepared once and cached).
+pub(super) fn sqlite_insert_record(
+    conn: &rusqlite::Connection,
     r: &NewRecord,
-) -> Result<Inserted, sqlx::Error> {
+) -> Result<Inserted, rusqlite::Error> {
+    use rusqlite::types::Value as Sql;
     let created = now();
     let form = &r.form;
     let s = &r.source;
-    let id: i64 = sqlx::query_scalar(&format!(
-        "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
-         created_at) VALUES (NULL, NULL, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
-    ))
-    .bind(clean(&form.module))
-    .bind(clean(&form.business_object))
-    .bind(fields_json(&form.fields))
-    .bind(clean(&r.topic))
-    .bind(&s.dedupe_key)
-    .bind(clean(&s.mail_config))
-    .bind(clean(&s.mailbox))
-    .bind(s.message_id.as_deref().map(clean))
-    .bind(clean(&s.sender))
-    .bind(clean(&s.subject))
-    .bind(s.received_at)
-    .bind(created)
-    .fetch_one(&mut *conn)
-    .await?;
-    if !sqlite_claim(conn, &s.dedupe_key, "record_id", id).await? {
+    let id: i64 = conn
+        .prepare_cached(&format!(
+            "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
+             created_at) VALUES (NULL, NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING id"
+        ))?
+        .query_row(
+            rusqlite::params![
+                clean(&form.module),
+                clean(&form.business_object),
+                fields_json(&form.fields),
+                clean(&r.topic),
+                &s.dedupe_key,
+                clean(&s.mail_config),
+                clean(&s.mailbox),
+                s.message_id.as_deref().map(clean),
+                clean(&s.sender),
+                clean(&s.subject),
+                s.received_at,
+                created,
+            ],
+            |row| row.get(0),
+        )?;
+    if !sqlite_claim(conn, &s.dedupe_key, "record_id", id)? {
         return Ok(Inserted::AlreadyKnown);
     }
     for chunk in form.children.chunks(SQLITE_CHILD_CHUNK) {
-        let mut query = sqlx::query(sqlite_children_sql(chunk.len()))
-            .bind(id)
-            .bind(created);
+        let mut params = Vec::with_capacity(2 + 4 * chunk.len());
+        params.extend([Sql::Integer(id), Sql::Integer(created)]);
         for child in chunk {
-            query = query
-                .bind(clean(&child.association))
-                .bind(clean(&child.module))
-                .bind(clean(&child.business_object))
-                .bind(fields_json(&child.fields));
+            params.extend([
+                Sql::Text(clean(&child.association)),
+                Sql::Text(clean(&child.module)),
+                Sql::Text(clean(&child.business_object)),
+                Sql::Text(fields_json(&child.fields)),
+            ]);
         }
-        query.execute(&mut *conn).await?;
+        conn.prepare_cached(sqlite_children_sql(chunk.len()))?
+            .execute(rusqlite::params_from_iter(params))?;
     }
     if r.unique.is_empty() {
         return Ok(Inserted::Record(id));
     }
-    let sql = sqlite_unique_sql(r.unique.len());
-    let mut query = sqlx::query_scalar(&sql)
-        .bind(clean(&form.business_object))
-        .bind(id);
+    let mut params = Vec::with_capacity(2 + 2 * r.unique.len());
+    params.extend([Sql::Text(clean(&form.business_object)), Sql::Integer(id)]);
     for (field, value) in &r.unique {
-        query = query.bind(clean(field)).bind(clean(value));
+        params.extend([Sql::Text(clean(field)), Sql::Text(clean(value))]);
     }
-    let inserted: Vec<String> = query.fetch_all(&mut *conn).await?;
+    let mut statement = conn.prepare_cached(&sqlite_unique_sql(r.unique.len()))?;
+    let inserted = statement
+        .query_map(rusqlite::params_from_iter(params), |row| row.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
     Ok(match duplicate(r, &inserted) {
         Some(rejection) => Inserted::Duplicate(rejection),
         None => Inserted::Record(id),
@@ -188,58 +197,57 @@ pub(super) async fn sqlite_insert_record(
 
 /// Settles the dedupe key with a record or failure id (`column`); false
 /// when it was settled already.
-async fn sqlite_claim(
-    conn: &mut SqliteConnection,
+fn sqlite_claim(
+    conn: &rusqlite::Connection,
     key: &str,
     column: &'static str,
     id: i64,
-) -> Result<bool, sqlx::Error> {
+) -> Result<bool, rusqlite::Error> {
     let sql = match column {
         "record_id" => {
-            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES ($1, $2, $3) \
-                        ON CONFLICT (dedupe_key) DO NOTHING"
+            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (dedupe_key) DO NOTHING"
         }
         _ => {
-            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES ($1, $2, $3) \
-              ON CONFLICT (dedupe_key) DO NOTHING"
+            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (dedupe_key) DO NOTHING"
         }
     };
-    let done = sqlx::query(sql)
-        .bind(key)
-        .bind(id)
-        .bind(now())
-        .execute(&mut *conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+    let inserted = conn
+        .prepare_cached(sql)?
+        .execute(rusqlite::params![key, id, now()])?;
+    Ok(inserted == 1)
 }
 
 /// Inserts the failure and settles its dedupe key with it; `None` when the
 /// key was settled already (SQLite).
-pub(super) async fn sqlite_insert_failure(
-    conn: &mut SqliteConnection,
+pub(super) fn sqlite_insert_failure(
+    conn: &rusqlite::Connection,
     f: &NewFailure,
-) -> Result<Option<i64>, sqlx::Error> {
+) -> Result<Option<i64>, rusqlite::Error> {
     let s = &f.source;
-    let id: i64 = sqlx::query_scalar(&format!(
-        "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11) RETURNING id"
-    ))
-    .bind(f.rejection.reason.code())
-    .bind(clean(&f.rejection.detail))
-    .bind(f.topic.as_deref().map(clean))
-    .bind(&s.dedupe_key)
-    .bind(clean(&s.mail_config))
-    .bind(clean(&s.mailbox))
-    .bind(s.message_id.as_deref().map(clean))
-    .bind(clean(&s.sender))
-    .bind(clean(&s.subject))
-    .bind(s.received_at)
-    .bind(now())
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(sqlite_claim(conn, &s.dedupe_key, "failure_id", id)
-        .await?
-        .then_some(id))
+    let id: i64 = conn
+        .prepare_cached(&format!(
+            "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11) RETURNING id"
+        ))?
+        .query_row(
+            rusqlite::params![
+                f.rejection.reason.code(),
+                clean(&f.rejection.detail),
+                f.topic.as_deref().map(clean),
+                &s.dedupe_key,
+                clean(&s.mail_config),
+                clean(&s.mailbox),
+                s.message_id.as_deref().map(clean),
+                clean(&s.sender),
+                clean(&s.subject),
+                s.received_at,
+                now(),
+            ],
+            |row| row.get(0),
+        )?;
+    Ok(sqlite_claim(conn, &s.dedupe_key, "failure_id", id)?.then_some(id))
 }
 
 // --- PostgreSQL -------------------------------------------------------------
@@ -402,13 +410,13 @@ mod tests {
         assert_eq!(
             sqlite_children_sql(2),
             "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
-             VALUES ($1, $3, $4, $5, $6, $2), ($1, $7, $8, $9, $10, $2)"
+             VALUES (?1, ?3, ?4, ?5, ?6, ?2), (?1, ?7, ?8, ?9, ?10, ?2)"
         );
-        assert!(sqlite_children_sql(SQLITE_CHILD_CHUNK).ends_with("$402, $2)"));
+        assert!(sqlite_children_sql(SQLITE_CHILD_CHUNK).ends_with("?402, ?2)"));
         assert_eq!(
             sqlite_unique_sql(2),
             "INSERT INTO unique_values (business_object, field, value, record_id) \
-             VALUES ($1, $3, $4, $2), ($1, $5, $6, $2) \
+             VALUES (?1, ?3, ?4, ?2), (?1, ?5, ?6, ?2) \
              ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field"
         );
     }
