@@ -262,18 +262,24 @@ pub fn cpu_snapshot() -> HashMap<u32, (String, u64)> {
 
 /// CPU seconds used between two snapshots, summed by command name and
 /// sorted, largest first (a process that started in between counts whole;
-/// one that ended in between is missed).
+/// one that ended in between is missed). A process is matched by pid
+/// alone: the kernel's worker threads rename themselves after the work
+/// they pick up (`kworker/u8:3-writeback`, then `…-events_unbound`), and
+/// matching by name too counted such a thread's whole lifetime. They are
+/// summed as one `kworker` row.
 pub fn cpu_between(
     before: &HashMap<u32, (String, u64)>,
     after: &HashMap<u32, (String, u64)>,
 ) -> Vec<(String, f64)> {
     let mut by_name: HashMap<String, u64> = HashMap::new();
     for (pid, (comm, ticks)) in after {
-        let base = match before.get(pid) {
-            Some((c, t)) if c == comm => *t,
-            _ => 0,
+        let base = before.get(pid).map_or(0, |(_, t)| *t);
+        let name = if comm.starts_with("kworker/") {
+            "kworker".to_string()
+        } else {
+            comm.clone()
         };
-        *by_name.entry(comm.clone()).or_default() += ticks.saturating_sub(base);
+        *by_name.entry(name).or_default() += ticks.saturating_sub(base);
     }
     let mut out: Vec<(String, f64)> = by_name
         .into_iter()
@@ -361,4 +367,37 @@ pub fn form_mail(tag: &str, i: usize, size: usize) -> Vec<u8> {
     }
     text.insert_str(at, &padding);
     text.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel worker that renamed itself between the snapshots counts
+    /// only what it used in between (not its whole lifetime), summed with
+    /// the other kernel workers; a process that started in between counts
+    /// whole.
+    #[test]
+    fn cpu_between_counts_a_renamed_kernel_worker_by_pid() {
+        let before = HashMap::from([
+            (10, ("kworker/u8:3-writeback".to_string(), 50_000)),
+            (11, ("kworker/0:0-events".to_string(), 100)),
+            (20, ("postgres".to_string(), 300)),
+        ]);
+        let after = HashMap::from([
+            (10, ("kworker/u8:3-events_unbound".to_string(), 50_030)),
+            (11, ("kworker/0:0-mm_percpu_wq".to_string(), 110)),
+            (20, ("postgres".to_string(), 500)),
+            (30, ("form-processor".to_string(), 250)),
+        ]);
+        let secs = |ticks: f64| ticks / TICKS_PER_SEC;
+        assert_eq!(
+            cpu_between(&before, &after),
+            vec![
+                ("form-processor".to_string(), secs(250.0)),
+                ("postgres".to_string(), secs(200.0)),
+                ("kworker".to_string(), secs(40.0)),
+            ]
+        );
+    }
 }
