@@ -1162,3 +1162,80 @@ both_stores! {
         sqlite_a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once,
         postgres_a_rejection_whose_commit_answer_was_lost_is_dead_lettered_once;
 }
+
+/// Group commit on PostgreSQL: forty creates waiting at once are written in
+/// one transaction. The batch is tried first without savepoints; two of
+/// its creates cannot become records — a unique value another one of the
+/// batch took, a dedupe key another one of the batch claimed — so it is
+/// rolled back and written again with each create in its savepoint: the
+/// other 38 are committed, the clash is stored as a failure, and nothing
+/// of the first attempt remains.
+#[tokio::test]
+async fn postgres_batch_with_a_clash_is_written_again_with_savepoints_and_the_rest_commits() {
+    use form_processor::objectmap::{Child, Form};
+    use form_processor::store::{BatchObserver, Created, NewRecord, Source, Store};
+    use form_processor::value::Value;
+    use std::sync::{Arc, Mutex};
+
+    let h = Harness::new(StoreKind::Postgres, &[]).await;
+    let record = |key: &str, id: &str| NewRecord {
+        topic: "lease".into(),
+        form: Form {
+            module: "triContract".into(),
+            business_object: "triRealEstateContract".into(),
+            action: None,
+            fields: vec![("triIdTX".into(), Value::Text(id.into()))],
+            children: vec![Child {
+                association: "Payments".into(),
+                module: "triPayment".into(),
+                business_object: "triPaymentSchedule".into(),
+                fields: vec![("triAmountNU".into(), Value::Number(1.0))],
+            }],
+        },
+        unique: vec![("triIdTX".into(), id.into())],
+        source: Source {
+            dedupe_key: key.into(),
+            ..Default::default()
+        },
+    };
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&batches);
+    let observe: BatchObserver = Arc::new(move |n, _| seen.lock().unwrap().push(n));
+    let store = Store::open(&h.store_url, Some(observe)).await.unwrap();
+    let mut records: Vec<NewRecord> = (0..38)
+        .map(|i| record(&format!("key-{i}"), &format!("L-{i}")))
+        .collect();
+    records.insert(10, record("key-unique-clash", "L-0"));
+    records.insert(20, record("key-1", "L-other"));
+    // On this test's single-threaded runtime every create is queued before
+    // the writer task runs, so all forty meet in one batch.
+    let results = futures::future::join_all(records.into_iter().map(|r| store.create(r))).await;
+    assert_eq!(*batches.lock().unwrap(), vec![40], "one batch");
+    let results: Vec<Created> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert!(
+        matches!(&results[10], Created::Duplicate(_, r) if r.reason.code() == "duplicate"),
+        "{:?}",
+        results[10]
+    );
+    assert_eq!(results[20], Created::AlreadyKnown);
+    let created = results
+        .iter()
+        .filter(|r| matches!(r, Created::Record(_)))
+        .count();
+    assert_eq!(created, 38);
+    let stored = store.records(&Default::default()).await.unwrap();
+    assert_eq!(stored.len(), 38);
+    assert!(stored.iter().all(|r| r.children.len() == 1));
+    let failures = store.failures().await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].source.dedupe_key, "key-unique-clash");
+
+    // A batch without clashes commits in the plain attempt.
+    let results = futures::future::join_all(
+        (38..48).map(|i| store.create(record(&format!("key-{i}"), &format!("L-{i}")))),
+    )
+    .await;
+    assert!(results.iter().all(|r| matches!(r, Ok(Created::Record(_)))));
+    assert_eq!(store.count_records().await.unwrap(), 48);
+    store.close().await;
+}

@@ -4,6 +4,12 @@
 //! A transient failure fails the whole batch and every caller retries; any
 //! other failure rolls back that op's savepoint only. Callers hear the
 //! outcome only after the commit, so they ack only what is committed.
+//!
+//! On PostgreSQL a savepoint is a round trip and a subtransaction of its
+//! own, so a batch is first written without them (one statement a
+//! message); only when one of its messages needs undoing — its dedupe key
+//! settled, a unique value taken, a statement refused — is that attempt
+//! rolled back and the batch written again with savepoints.
 
 use std::time::{Duration, Instant};
 
@@ -128,12 +134,88 @@ async fn pg_op(conn: &mut sqlx::PgConnection, op: &Op) -> Result<Done, sqlx::Err
     }
 }
 
-/// One PostgreSQL batch: one transaction, each op in the savepoint `op`
-/// (released when the next op sets it again, in the same round trip). A
-/// transient error fails the whole batch (every caller retries); any
-/// other error rolls back that op's savepoint only. Answers go out after
-/// the commit.
+/// One op without a savepoint (PostgreSQL): `Some` when it did what a
+/// first delivery does — a new record, or a new failure — and `None` when
+/// it found its dedupe key settled or a unique value taken, which need the
+/// op's own savepoint to undo.
+async fn pg_op_plain(conn: &mut sqlx::PgConnection, op: &Op) -> Result<Option<Done>, sqlx::Error> {
+    Ok(match op {
+        Op::Reject(failure, _) => sql::pg_insert_failure(&mut *conn, failure)
+            .await?
+            .map(|id| Done::Reject(Stored::Failure(id))),
+        Op::Create(record, _) => match sql::pg_insert_record(&mut *conn, record).await? {
+            Inserted::Record(id) => Some(Done::Create(Created::Record(id))),
+            Inserted::AlreadyKnown | Inserted::Duplicate(_) => None,
+        },
+    })
+}
+
+/// What the first attempt at a PostgreSQL batch came to.
+enum Plain {
+    /// Committed: every op's outcome.
+    Committed(Vec<Done>),
+    /// Rolled back: an op needs its savepoint (a settled key, a taken
+    /// value, a refused statement): write the batch again with them.
+    Careful,
+    /// A transient failure: the batch fails, every caller retries.
+    Failed(sqlx::Error),
+}
+
+/// The batch in one transaction without savepoints: one round trip a
+/// message instead of two, and no subtransaction for PostgreSQL to keep.
+/// Anything but a new record or failure rolls it all back for
+/// [`pg_batch_careful`].
+async fn pg_batch_plain(pool: &sqlx::PgPool, ops: &[Op]) -> Plain {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return Plain::Failed(e),
+    };
+    let mut done = Vec::with_capacity(ops.len());
+    for op in ops {
+        match pg_op_plain(&mut tx, op).await {
+            Ok(Some(d)) => done.push(d),
+            Ok(None) => return careful(tx).await,
+            Err(e) if is_transient(&e) => return Plain::Failed(e),
+            Err(_) => return careful(tx).await,
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => Plain::Committed(done),
+        Err(e) => Plain::Failed(e),
+    }
+}
+
+/// Rolls the plain attempt back; the careful one follows.
+async fn careful(tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Plain {
+    match tx.rollback().await {
+        Ok(()) => Plain::Careful,
+        Err(e) => Plain::Failed(e),
+    }
+}
+
+/// One PostgreSQL batch: first as one plain transaction; when an op in it
+/// needs undoing, again with each op in its savepoint.
 async fn write_batch_pg(pool: &sqlx::PgPool, ops: Vec<Op>) {
+    match pg_batch_plain(pool, &ops).await {
+        Plain::Committed(done) => {
+            for (op, done) in ops.into_iter().zip(done) {
+                op.answer(Ok(done));
+            }
+        }
+        Plain::Careful => pg_batch_careful(pool, ops).await,
+        Plain::Failed(e) => {
+            tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
+            ops.into_iter()
+                .for_each(|op| op.answer(Err(Error::batch("write", &e))));
+        }
+    }
+}
+
+/// One PostgreSQL batch, each op in the savepoint `op` (released when the
+/// next op sets it again, in the same round trip). A transient error fails
+/// the whole batch (every caller retries); any other error rolls back that
+/// op's savepoint only. Answers go out after the commit.
+async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
         Err(e) => {
