@@ -1,8 +1,8 @@
 //! The workbook reader: `workbook::read_form` on an attachment's bytes (size
-//! and zip-bomb checks, calamine's cell reader, the object map), with the
+//! and zip-bomb checks, our xlsx reader, the object map), with the
 //! form-processor's default limits.
 //!
-//! `read_form` turns a panic inside calamine into a rejection
+//! `read_form` turns a panic inside the reader into a rejection
 //! (`catch_unwind`); libFuzzer's panic hook aborts before any unwinding, so
 //! this target puts back a hook that only prints. A panic that escapes
 //! `read_form` still ends the run as a crash (libfuzzer-sys aborts on it).

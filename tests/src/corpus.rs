@@ -838,7 +838,7 @@ pub fn small() -> Vec<Entry> {
         let mut b = lease_book(Cell::Shared("0".into()));
         b.sheets[1].rows[1][1] = Some(Cell::Shared("999999".into()));
         b.shared_strings = Some(r#"<?xml version="1.0" encoding="UTF-8"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/2006/main" count="1" uniqueCount="1"><si><t>C-SSTOOBIG</t></si></sst>"#.into());
-        add("shared-string-index-out-of-range", mail_with(&headers("shared-string-index-out-of-range", SUBJECT, "ann@contoso.com"), &b.xlsx()), rejected("malformed-workbook"), "calamine 0.26 panics here (indexes past the table); caught in workbook::read_form, it was a poison message before");
+        add("shared-string-index-out-of-range", mail_with(&headers("shared-string-index-out-of-range", SUBJECT, "ann@contoso.com"), &b.xlsx()), rejected("malformed-workbook"), "calamine 0.26 panicked here (an index past the table; caught in workbook::read_form, a poison message before that); our reader refuses it");
     }
     {
         let mut b = lease_book(Cell::Shared("-1".into()));
