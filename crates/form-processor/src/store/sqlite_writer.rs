@@ -19,7 +19,7 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::sql::{self, Inserted};
-use super::writer::{BatchObserver, Created, Done, Op, Stored, MAX_BATCH};
+use super::writer::{answer_batch, BatchObserver, Created, Done, Op, Stored, MAX_BATCH};
 use super::{is_transient_sqlite, Error, Result};
 
 /// Prepared statements the writer's connection keeps: its own, and the
@@ -166,22 +166,10 @@ fn write_batch(conn: &Connection, ops: Vec<Op>) {
         Some(e) => Some(e),
         None => statement("COMMIT").err(),
     };
-    if let Some(e) = failed {
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
-        ops.into_iter()
-            .for_each(|op| op.answer(Err(Error::batch("write", &e))));
-        return;
+    if failed.is_some() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
     }
-    for (op, result) in ops.into_iter().zip(results) {
-        match result {
-            Some(Ok(done)) => op.answer(Ok(done)),
-            Some(Err(e)) => op.answer(Err(Error::from_sqlite("write", e))),
-            None => op.answer(Err(Error::Closed)),
-        }
-    }
+    answer_batch(ops, results, failed, Error::from_sqlite);
 }
 
 #[cfg(test)]
@@ -256,6 +244,31 @@ mod tests {
             .into_iter()
             .map(|r| r.expect("an answer"))
             .collect()
+    }
+
+    /// The writer's own connection is as durable as the pool's: WAL,
+    /// `synchronous` as configured (FULL by default: a record acked to
+    /// RabbitMQ survives a power loss), savepoint journals in memory,
+    /// foreign keys on.
+    #[tokio::test]
+    async fn the_writer_connection_is_durable_and_journals_savepoints_in_memory() {
+        let (_dir, store, file) = store().await;
+        for (synchronous, want) in [(SqliteSynchronous::Full, 2), (SqliteSynchronous::Normal, 1)] {
+            let conn = connect(&file, synchronous).unwrap();
+            let pragma = |name: &str| -> String {
+                conn.query_row(
+                    &format!("SELECT CAST({name} AS TEXT) FROM pragma_{name}"),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+            };
+            assert_eq!(pragma("journal_mode"), "wal");
+            assert_eq!(pragma("synchronous"), want.to_string(), "{synchronous:?}");
+            assert_eq!(pragma("temp_store"), "2", "MEMORY");
+            assert_eq!(pragma("foreign_keys"), "1");
+        }
+        store.close().await;
     }
 
     /// Group commit: forty creates waiting at once are written in one

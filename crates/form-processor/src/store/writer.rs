@@ -261,6 +261,18 @@ async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
         Some(e) => Some(e),
         None => tx.commit().await.err(),
     };
+    answer_batch(ops, results, failed, Error::from_sqlx);
+}
+
+/// Answers every op of a batch once it is over. On `failed` (a transient
+/// error, or the commit failed) every op gets the same transient error
+/// and retries; otherwise each its own outcome (`None`: it never ran).
+pub(super) fn answer_batch<E: std::fmt::Display>(
+    ops: Vec<Op>,
+    results: Vec<Option<std::result::Result<Done, E>>>,
+    failed: Option<E>,
+    classify: fn(&'static str, E) -> Error,
+) {
     if let Some(e) = failed {
         tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
         ops.into_iter()
@@ -270,7 +282,7 @@ async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
     for (op, result) in ops.into_iter().zip(results) {
         match result {
             Some(Ok(done)) => op.answer(Ok(done)),
-            Some(Err(e)) => op.answer(Err(Error::from_sqlx("write", e))),
+            Some(Err(e)) => op.answer(Err(classify("write", e))),
             None => op.answer(Err(Error::Closed)),
         }
     }
