@@ -1230,7 +1230,7 @@ async fn postgres_batch_with_a_clash_is_written_again_with_savepoints_and_the_re
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].source.dedupe_key, "key-unique-clash");
 
-    // A batch without clashes commits in the plain attempt.
+    // The writer goes on: a later batch without clashes is committed whole.
     let results = futures::future::join_all(
         (38..48).map(|i| store.create(record(&format!("key-{i}"), &format!("L-{i}")))),
     )

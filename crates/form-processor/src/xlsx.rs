@@ -177,7 +177,7 @@ pub enum CellFormat {
 
 /// Whether a custom number format code shows a date, a duration or
 /// neither (its first section only).
-pub fn detect_custom_number_format(format: &str) -> CellFormat {
+fn detect_custom_number_format(format: &str) -> CellFormat {
     let mut escaped = false;
     let mut is_quote = false;
     let mut brackets = 0u8;
@@ -213,7 +213,7 @@ pub fn detect_custom_number_format(format: &str) -> CellFormat {
 
 /// The built-in number formats (ids 14–22, 45–47) that show dates, times
 /// and durations.
-pub fn builtin_format_by_id(id: &[u8]) -> CellFormat {
+fn builtin_format_by_id(id: &[u8]) -> CellFormat {
     match id {
         b"14" | b"15" | b"16" | b"17" | b"18" | b"19" | b"20" | b"21" | b"22" | b"45" | b"47" => {
             CellFormat::DateTime

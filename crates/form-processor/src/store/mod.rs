@@ -32,7 +32,8 @@ mod writer;
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::mpsc;
 
-pub use error::{is_transient, is_transient_sqlite, Error, Result};
+use error::is_transient_sqlite;
+pub use error::{is_transient, Error, Result};
 pub use input::{NewFailure, NewRecord, Source};
 pub use open::Backend;
 pub use read::{Known, RecordFilter, StoredChild, StoredFailure, StoredRecord};

@@ -84,7 +84,6 @@ impl Store {
         })?;
         let connect = |e| Error::from_sqlx("connect", e);
         let parse = |e| Error::from_sqlx("parse the store URL", e);
-        let mut sqlite_file = None;
         let pool = match backend {
             Backend::Sqlite => {
                 let (url, parent) = sqlite_url(url);
@@ -99,7 +98,6 @@ impl Store {
                         "the SQLite store must be a file, not :memory:",
                     ));
                 }
-                sqlite_file = Some(options.get_filename().to_path_buf());
                 let options = options
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(
@@ -143,10 +141,11 @@ impl Store {
         };
         migrate(&pool).await?;
         let (tx, rx) = mpsc::channel(MAX_BATCH * 4);
-        match (&pool, sqlite_file) {
-            (Pool::Postgres(p), _) => drop(tokio::spawn(writer(p.clone(), rx, observe))),
-            (Pool::Sqlite(_), file) => {
-                let file = file.unwrap_or_default();
+        match &pool {
+            Pool::Postgres(p) => drop(tokio::spawn(writer(p.clone(), rx, observe))),
+            Pool::Sqlite(p) => {
+                // The writer's own connection, to the file the pool opened.
+                let file = p.connect_options().get_filename().to_path_buf();
                 let conn =
                     tokio::task::spawn_blocking(move || sqlite_writer::connect(&file, synchronous))
                         .await
@@ -215,6 +214,17 @@ mod tests {
         assert_eq!(pragma("synchronous").await, "2", "FULL");
         assert_eq!(pragma("temp_store").await, "2", "MEMORY");
         store.close().await;
+    }
+
+    /// An in-memory SQLite store is refused with a clear, permanent error:
+    /// the writer's own connection would open a database of its own.
+    #[tokio::test]
+    async fn an_in_memory_sqlite_store_is_refused() {
+        for url in ["sqlite::memory:", "sqlite://:memory:"] {
+            let e = Store::open(url, None).await.err().expect(url);
+            assert!(!e.is_transient(), "{url}: {e}");
+            assert!(e.to_string().contains("must be a file"), "{url}: {e}");
+        }
     }
 
     #[test]

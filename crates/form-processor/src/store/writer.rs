@@ -203,11 +203,7 @@ async fn write_batch_pg(pool: &sqlx::PgPool, ops: Vec<Op>) {
             }
         }
         Plain::Careful => pg_batch_careful(pool, ops).await,
-        Plain::Failed(e) => {
-            tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
-            ops.into_iter()
-                .for_each(|op| op.answer(Err(Error::batch("write", &e))));
-        }
+        Plain::Failed(e) => answer_batch(ops, Vec::new(), Some(e), Error::from_sqlx),
     }
 }
 
