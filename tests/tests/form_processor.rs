@@ -325,6 +325,41 @@ rejection!(rejects_a_20_mb_attachment, "workbook-too-large", {
     with_attachments(&[Attachment::xlsx(big)])
 });
 
+/// A small mail is parsed on the consumer's own worker with a lowered
+/// decompression limit; a workbook that inflates past it (here about
+/// 640 KB of shared strings in a 10 KB mail) is parsed again on the
+/// blocking pool under the configured limit, and becomes its record.
+#[tokio::test]
+async fn a_small_mail_whose_workbook_inflates_past_the_inline_limit_still_creates_its_record() {
+    use form_processor::consumer::{INLINE_DECOMPRESSED_MAX, INLINE_MAIL_MAX};
+    let lease = Lease {
+        id: "L-INFLATES",
+        filler_cells: 20,
+        ..Default::default()
+    };
+    let raw = lease_mail(
+        LEASE_SUBJECT,
+        "ann@contoso.com",
+        &[],
+        &lease,
+        &MapSpec::default(),
+    );
+    assert!(
+        raw.len() <= INLINE_MAIL_MAX,
+        "a small mail: {} bytes",
+        raw.len()
+    );
+    const { assert!(20 * 32_000 > INLINE_DECOMPRESSED_MAX) };
+    let h = Harness::new(StoreKind::Sqlite, &[]).await;
+    let p = h.start(Default::default());
+    h.publish(&envelope(raw)).await;
+    let store = h.store().await;
+    let records = wait_records(&store, 1, WAIT).await;
+    assert_eq!(records[0].fields["triIdTX"], "L-INFLATES");
+    assert!(store.failures().await.unwrap().is_empty());
+    p.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn postgres_rejection_is_stored_and_dead_lettered() {
     rejected_with(

@@ -36,6 +36,8 @@ pub struct Hooks {
 pub struct Context {
     /// `[form-processor]`
     pub config: FormProcessorConfig,
+    /// `config` for an inline parse ([`inline_config`]).
+    pub inline_config: FormProcessorConfig,
     /// `[[topics]]`
     pub topics: Vec<Topic>,
     /// The record store.
@@ -48,7 +50,8 @@ pub struct Context {
     pub keys: Keys,
     /// Metrics.
     pub metrics: Metrics,
-    /// Bounds CPU-heavy parsing to the number of cores (and so its memory).
+    /// Bounds parsing on the blocking pool (large mails) to the number of
+    /// cores (and so its memory).
     pub parsing: Semaphore,
     /// Cancelled on shutdown: retry loops give up and leave the message unacked.
     pub shutdown: CancellationToken,
@@ -300,36 +303,11 @@ async fn process(
         }
     }
 
-    let permit = ctx
-        .parsing
-        .acquire()
-        .await
-        .map_err(|e| SettleError::Join(e.to_string()))?;
-    let parsed = Arc::clone(body);
-    let shared = Arc::clone(ctx);
-    let joined = tokio::task::spawn_blocking(move || {
-        let analysis = analyze::analyze(&parsed, &shared.config, &shared.topics);
-        if let Some(p) = &shared.hooks.panic_on_subject {
-            if analysis.info.subject.contains(p.as_str()) {
-                panic!(
-                    "test hook: processing panics for subject {:?}",
-                    analysis.info.subject
-                );
-            }
-        }
-        analysis
-    })
-    .await;
-    drop(permit);
     let Analysis {
         info,
         topic,
         result,
-    } = match joined {
-        Ok(v) => v,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => return Err(SettleError::Join(e.to_string())),
-    };
+    } = analyze_delivery(ctx, body).await?;
     fill_source(&mut source, &info);
 
     let settled = match result {
@@ -370,6 +348,73 @@ async fn process(
         forget_deliveries(ctx, &envelope.dedupe_key).await;
     }
     Ok(settled)
+}
+
+/// Mails up to this size are parsed on the task's own worker thread: at
+/// tens of microseconds each, a hand-off to the blocking pool and back
+/// (two thread wake-ups) cost about as much as the parse itself
+/// (docs/benchmarks.md). Larger mails go to the blocking pool.
+pub const INLINE_MAIL_MAX: usize = 64 * 1024;
+
+/// What an inline parse may inflate (below `max-decompressed-bytes`): the
+/// bound on how long it holds its worker, what reading 512 KB of XML takes
+/// (the bench forms inflate to far less). A workbook that needs more is
+/// refused by the inline parse and parsed again on the blocking pool under
+/// the configured limit.
+pub const INLINE_DECOMPRESSED_MAX: u64 = 512 * 1024;
+
+/// `config` as an inline parse uses it: the decompression limit lowered to
+/// [`INLINE_DECOMPRESSED_MAX`].
+pub fn inline_config(config: &FormProcessorConfig) -> FormProcessorConfig {
+    FormProcessorConfig {
+        max_decompressed_bytes: config.max_decompressed_bytes.min(INLINE_DECOMPRESSED_MAX),
+        ..config.clone()
+    }
+}
+
+/// The checks of one mail (§6): inline when the mail is small and its
+/// workbook inflates to little, else on the blocking pool (bounded by
+/// `Context::parsing`). A panic in them reaches [`handle`]'s guard either
+/// way.
+async fn analyze_delivery(
+    ctx: &Arc<Context>,
+    body: &Arc<Vec<u8>>,
+) -> Result<Analysis, SettleError> {
+    fn run(body: &[u8], config: &FormProcessorConfig, ctx: &Context) -> Analysis {
+        let analysis = analyze::analyze(body, config, &ctx.topics);
+        if let Some(p) = &ctx.hooks.panic_on_subject {
+            if analysis.info.subject.contains(p.as_str()) {
+                panic!(
+                    "test hook: processing panics for subject {:?}",
+                    analysis.info.subject
+                );
+            }
+        }
+        analysis
+    }
+    if body.len() <= INLINE_MAIL_MAX {
+        let analysis = run(body, &ctx.inline_config, ctx);
+        let over_inline_limit = matches!(&analysis.result,
+            Err(r) if r.reason == Reason::DecompressedTooLarge)
+            && ctx.inline_config.max_decompressed_bytes < ctx.config.max_decompressed_bytes;
+        if !over_inline_limit {
+            return Ok(analysis);
+        }
+    }
+    let permit = ctx
+        .parsing
+        .acquire()
+        .await
+        .map_err(|e| SettleError::Join(e.to_string()))?;
+    let parsed = Arc::clone(body);
+    let shared = Arc::clone(ctx);
+    let joined = tokio::task::spawn_blocking(move || run(&parsed, &shared.config, &shared)).await;
+    drop(permit);
+    match joined {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(SettleError::Join(e.to_string())),
+    }
 }
 
 /// The dedupe read, retried while the store is out: what the key settled,

@@ -215,6 +215,7 @@ impl Session<'_> {
             .unwrap_or(2);
         let ctx = Arc::new(consumer::Context {
             config: config.form_processor.clone(),
+            inline_config: consumer::inline_config(&config.form_processor),
             topics: config.topics.clone(),
             store: self.store.clone(),
             dead,
