@@ -79,16 +79,29 @@ fn xml(bytes: &[u8]) -> Reader<&[u8]> {
 }
 
 /// The first attribute named `name`; an attribute error before it is an
-/// error.
-fn attribute<'a>(attributes: Attributes<'a>, name: &[u8]) -> Result<Option<&'a [u8]>> {
-    for a in attributes {
-        match a {
-            Ok(Attribute {
-                key,
-                value: Cow::Borrowed(value),
-            }) if key == QName(name) => return Ok(Some(value)),
-            Err(e) => return Err(e.into()),
-            _ => {}
+/// error, a repeated attribute name included. (quick-xml's own check for
+/// repeats allocates a list per element; a cell's few attributes are
+/// checked here on the stack, with the same outcome.)
+fn attribute<'a>(mut attributes: Attributes<'a>, name: &[u8]) -> Result<Option<&'a [u8]>> {
+    const ON_STACK: usize = 8;
+    attributes.with_checks(false);
+    let mut seen: [&[u8]; ON_STACK] = [&[]; ON_STACK];
+    let mut more: Vec<&[u8]> = Vec::new();
+    for (i, a) in attributes.enumerate() {
+        let a = a?;
+        let key = a.key.into_inner();
+        if seen[..i.min(ON_STACK)].contains(&key) || more.contains(&key) {
+            return Err(error(format!(
+                "a duplicated attribute {:?}",
+                String::from_utf8_lossy(key)
+            )));
+        }
+        match seen.get_mut(i) {
+            Some(slot) => *slot = key,
+            None => more.push(key),
+        }
+        if let (true, Cow::Borrowed(value)) = (key == name, a.value) {
+            return Ok(Some(value));
         }
     }
     Ok(None)
@@ -671,6 +684,47 @@ impl<'a> Cells<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `attribute` finds what quick-xml's checked iterator finds, and
+    /// refuses where it refuses: a repeated name before the one looked
+    /// for (on the stack or past it), not one after it.
+    #[test]
+    fn attribute_lookup_agrees_with_quick_xmls_checked_iterator() {
+        fn checked(e: &BytesStart<'_>, name: &[u8]) -> std::result::Result<Option<Vec<u8>>, ()> {
+            for a in e.attributes() {
+                let a = a.map_err(drop)?;
+                if a.key == QName(name) {
+                    return Ok(Some(a.value.into_owned()));
+                }
+            }
+            Ok(None)
+        }
+        let many: String = (0..12).map(|i| format!(" a{i}=\"{i}\"")).collect();
+        let cases = [
+            r#"<c r="A1" s="2" t="s">"#.to_string(),
+            r#"<c s="1" s="2" r="A1">"#.to_string(),
+            r#"<c r="A1" r="B2">"#.to_string(),
+            r#"<c t="n" r="A1" t="s">"#.to_string(),
+            format!("<c{many} r=\"C3\">"),
+            format!("<c{many} a3=\"x\" r=\"C3\">"),
+            format!("<c{many} a10=\"x\" r=\"C3\">"),
+            format!("<c r=\"C3\"{many} a10=\"x\">"),
+            r#"<c r="A1" broken>"#.to_string(),
+            r#"<c broken r="A1">"#.to_string(),
+        ];
+        for case in &cases {
+            let mut xml = xml(case.as_bytes());
+            let Ok(Event::Start(e)) = xml.read_event() else {
+                panic!("{case}")
+            };
+            for name in [b"r".as_slice(), b"s", b"t", b"a11"] {
+                let ours = attribute(e.attributes(), name)
+                    .map(|v| v.map(<[u8]>::to_vec))
+                    .map_err(drop);
+                assert_eq!(ours, checked(&e, name), "{case} {:?}", name);
+            }
+        }
+    }
 
     #[test]
     fn references_read_as_calamine_reads_them() {
