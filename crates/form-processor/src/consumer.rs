@@ -365,7 +365,7 @@ pub const INLINE_DECOMPRESSED_MAX: u64 = 512 * 1024;
 
 /// `config` as an inline parse uses it: the decompression limit lowered to
 /// [`INLINE_DECOMPRESSED_MAX`].
-pub fn inline_config(config: &FormProcessorConfig) -> FormProcessorConfig {
+pub(crate) fn inline_config(config: &FormProcessorConfig) -> FormProcessorConfig {
     FormProcessorConfig {
         max_decompressed_bytes: config.max_decompressed_bytes.min(INLINE_DECOMPRESSED_MAX),
         ..config.clone()

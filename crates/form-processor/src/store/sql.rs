@@ -17,6 +17,7 @@
 //!   the text and its prepared statement are the same for any number of
 //!   children) and the unique values: one round trip instead of four.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,9 +29,16 @@ use crate::objectmap::Fields;
 use crate::reject::{Reason, Rejection};
 
 /// The source columns of `records` and `failures`, in the order they are
-/// bound and `read::source_from_row` reads them.
-pub(super) const SOURCE_COLUMNS: &str =
-    "dedupe_key, mail_config, mailbox, message_id, sender, subject, received_at";
+/// bound and `read::source_from_row` reads them (a macro, so that the
+/// insert statements below are constants).
+macro_rules! source_columns {
+    () => {
+        "dedupe_key, mail_config, mailbox, message_id, sender, subject, received_at"
+    };
+}
+
+/// [`source_columns!`] as a constant, for the reads.
+pub(super) const SOURCE_COLUMNS: &str = source_columns!();
 
 /// What inserting a record found.
 pub(super) enum Inserted {
@@ -85,47 +93,85 @@ fn duplicate(r: &NewRecord, inserted: &[String]) -> Option<Rejection> {
 
 // --- SQLite ---------------------------------------------------------------
 
-/// Children per multi-row insert on SQLite (6 + 4 × 100 parameters, far
-/// below SQLite's limit), so that statements of every length up to this
-/// stay in the prepared-statement cache.
+/// Rows per multi-row insert of children on SQLite (6 + 4 × 100
+/// parameters, far below SQLite's limit); the texts of multi-row inserts
+/// of up to this many rows are built once, so every length stays in the
+/// prepared-statement cache.
 const SQLITE_CHILD_CHUNK: usize = 100;
+
+/// The text `build` makes for `n` rows: built once for every `n` up to
+/// [`SQLITE_CHILD_CHUNK`], each time past it.
+fn rows_sql(
+    cache: &'static OnceLock<Vec<String>>,
+    n: usize,
+    build: fn(usize) -> String,
+) -> Cow<'static, str> {
+    match cache
+        .get_or_init(|| (0..=SQLITE_CHILD_CHUNK).map(build).collect())
+        .get(n)
+    {
+        Some(sql) => Cow::Borrowed(sql),
+        None => Cow::Owned(build(n)),
+    }
+}
 
 /// `INSERT INTO records … VALUES (…), (…)` for `n` children: `?1` is the
 /// parent id and `?2` the creation time, shared by every row.
-fn sqlite_children_sql(n: usize) -> &'static str {
+fn sqlite_children_sql(n: usize) -> Cow<'static, str> {
     static SQL: OnceLock<Vec<String>> = OnceLock::new();
-    let all = SQL.get_or_init(|| {
-        (0..=SQLITE_CHILD_CHUNK)
-            .map(|n| {
-                let rows: Vec<String> = (0..n)
-                    .map(|i| {
-                        let p = 3 + 4 * i;
-                        format!("(?1, ?{}, ?{}, ?{}, ?{}, ?2)", p, p + 1, p + 2, p + 3)
-                    })
-                    .collect();
-                format!(
-                    "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
-                     VALUES {}",
-                    rows.join(", ")
-                )
+    rows_sql(&SQL, n, |n| {
+        let rows: Vec<String> = (0..n)
+            .map(|i| {
+                let p = 3 + 4 * i;
+                format!("(?1, ?{}, ?{}, ?{}, ?{}, ?2)", p, p + 1, p + 2, p + 3)
             })
-            .collect()
-    });
-    &all[n]
+            .collect();
+        format!(
+            "INSERT INTO records (parent_id, association, module, business_object, fields, created_at) \
+             VALUES {}",
+            rows.join(", ")
+        )
+    })
 }
 
 /// `INSERT INTO unique_values … RETURNING field` for `n` values: `?1` is
 /// the business object, `?2` the record id.
-fn sqlite_unique_sql(n: usize) -> String {
-    let rows: Vec<String> = (0..n)
-        .map(|i| format!("(?1, ?{}, ?{}, ?2)", 3 + 2 * i, 4 + 2 * i))
-        .collect();
-    format!(
-        "INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
-         ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field",
-        rows.join(", ")
-    )
+fn sqlite_unique_sql(n: usize) -> Cow<'static, str> {
+    static SQL: OnceLock<Vec<String>> = OnceLock::new();
+    rows_sql(&SQL, n, |n| {
+        let rows: Vec<String> = (0..n)
+            .map(|i| format!("(?1, ?{}, ?{}, ?2)", 3 + 2 * i, 4 + 2 * i))
+            .collect();
+        format!(
+            "INSERT INTO unique_values (business_object, field, value, record_id) VALUES {} \
+             ON CONFLICT (business_object, field, value) DO NOTHING RETURNING field",
+            rows.join(", ")
+        )
+    })
 }
+
+/// A root record (SQLite).
+const SQLITE_INSERT_RECORD: &str = concat!(
+    "INSERT INTO records (parent_id, association, module, business_object, fields, topic, ",
+    source_columns!(),
+    ", created_at) VALUES (NULL, NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING id"
+);
+
+/// A failure (SQLite).
+const SQLITE_INSERT_FAILURE: &str = concat!(
+    "INSERT INTO failures (reason, detail, topic, ",
+    source_columns!(),
+    ", dead_lettered, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11) RETURNING id"
+);
+
+/// Settles a dedupe key with a record (SQLite).
+const SQLITE_CLAIM_FOR_RECORD: &str = "INSERT INTO processed (dedupe_key, record_id, created_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (dedupe_key) DO NOTHING";
+
+/// Settles a dedupe key with a failure (SQLite).
+const SQLITE_CLAIM_FOR_FAILURE: &str =
+    "INSERT INTO processed (dedupe_key, failure_id, created_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT (dedupe_key) DO NOTHING";
 
 /// Inserts the record, settles its dedupe key, inserts its children and
 /// unique values (SQLite, on the writer thread's connection; every
@@ -138,29 +184,24 @@ pub(super) fn sqlite_insert_record(
     let created = now();
     let form = &r.form;
     let s = &r.source;
-    let id: i64 = conn
-        .prepare_cached(&format!(
-            "INSERT INTO records (parent_id, association, module, business_object, fields, topic, {SOURCE_COLUMNS}, \
-             created_at) VALUES (NULL, NULL, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) RETURNING id"
-        ))?
-        .query_row(
-            rusqlite::params![
-                clean(&form.module),
-                clean(&form.business_object),
-                fields_json(&form.fields),
-                clean(&r.topic),
-                &s.dedupe_key,
-                clean(&s.mail_config),
-                clean(&s.mailbox),
-                s.message_id.as_deref().map(clean),
-                clean(&s.sender),
-                clean(&s.subject),
-                s.received_at,
-                created,
-            ],
-            |row| row.get(0),
-        )?;
-    if !sqlite_claim(conn, &s.dedupe_key, "record_id", id)? {
+    let id: i64 = conn.prepare_cached(SQLITE_INSERT_RECORD)?.query_row(
+        rusqlite::params![
+            clean(&form.module),
+            clean(&form.business_object),
+            fields_json(&form.fields),
+            clean(&r.topic),
+            &s.dedupe_key,
+            clean(&s.mail_config),
+            clean(&s.mailbox),
+            s.message_id.as_deref().map(clean),
+            clean(&s.sender),
+            clean(&s.subject),
+            s.received_at,
+            created,
+        ],
+        |row| row.get(0),
+    )?;
+    if !sqlite_claim(conn, SQLITE_CLAIM_FOR_RECORD, &s.dedupe_key, id)? {
         return Ok(Inserted::AlreadyKnown);
     }
     for chunk in form.children.chunks(SQLITE_CHILD_CHUNK) {
@@ -174,7 +215,7 @@ pub(super) fn sqlite_insert_record(
                 Sql::Text(fields_json(&child.fields)),
             ]);
         }
-        conn.prepare_cached(sqlite_children_sql(chunk.len()))?
+        conn.prepare_cached(&sqlite_children_sql(chunk.len()))?
             .execute(rusqlite::params_from_iter(params))?;
     }
     if r.unique.is_empty() {
@@ -195,26 +236,16 @@ pub(super) fn sqlite_insert_record(
     })
 }
 
-/// Settles the dedupe key with a record or failure id (`column`); false
-/// when it was settled already.
+/// Settles the dedupe key with a record or failure id (`claim`: one of
+/// the two statements above); false when it was settled already.
 fn sqlite_claim(
     conn: &rusqlite::Connection,
+    claim: &'static str,
     key: &str,
-    column: &'static str,
     id: i64,
 ) -> Result<bool, rusqlite::Error> {
-    let sql = match column {
-        "record_id" => {
-            "INSERT INTO processed (dedupe_key, record_id, created_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (dedupe_key) DO NOTHING"
-        }
-        _ => {
-            "INSERT INTO processed (dedupe_key, failure_id, created_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (dedupe_key) DO NOTHING"
-        }
-    };
     let inserted = conn
-        .prepare_cached(sql)?
+        .prepare_cached(claim)?
         .execute(rusqlite::params![key, id, now()])?;
     Ok(inserted == 1)
 }
@@ -226,28 +257,23 @@ pub(super) fn sqlite_insert_failure(
     f: &NewFailure,
 ) -> Result<Option<i64>, rusqlite::Error> {
     let s = &f.source;
-    let id: i64 = conn
-        .prepare_cached(&format!(
-            "INSERT INTO failures (reason, detail, topic, {SOURCE_COLUMNS}, dead_lettered, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0, ?11) RETURNING id"
-        ))?
-        .query_row(
-            rusqlite::params![
-                f.rejection.reason.code(),
-                clean(&f.rejection.detail),
-                f.topic.as_deref().map(clean),
-                &s.dedupe_key,
-                clean(&s.mail_config),
-                clean(&s.mailbox),
-                s.message_id.as_deref().map(clean),
-                clean(&s.sender),
-                clean(&s.subject),
-                s.received_at,
-                now(),
-            ],
-            |row| row.get(0),
-        )?;
-    Ok(sqlite_claim(conn, &s.dedupe_key, "failure_id", id)?.then_some(id))
+    let id: i64 = conn.prepare_cached(SQLITE_INSERT_FAILURE)?.query_row(
+        rusqlite::params![
+            f.rejection.reason.code(),
+            clean(&f.rejection.detail),
+            f.topic.as_deref().map(clean),
+            &s.dedupe_key,
+            clean(&s.mail_config),
+            clean(&s.mailbox),
+            s.message_id.as_deref().map(clean),
+            clean(&s.sender),
+            clean(&s.subject),
+            s.received_at,
+            now(),
+        ],
+        |row| row.get(0),
+    )?;
+    Ok(sqlite_claim(conn, SQLITE_CLAIM_FOR_FAILURE, &s.dedupe_key, id)?.then_some(id))
 }
 
 // --- PostgreSQL -------------------------------------------------------------
@@ -404,6 +430,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Multi-row texts up to the chunk are built once and shared; past it
+    /// they are built for the count asked, with a row each.
+    #[test]
+    fn multi_row_texts_are_built_once_up_to_the_chunk_and_on_demand_past_it() {
+        for n in [1, 3, SQLITE_CHILD_CHUNK] {
+            assert!(matches!(sqlite_children_sql(n), Cow::Borrowed(_)), "{n}");
+            assert!(matches!(sqlite_unique_sql(n), Cow::Borrowed(_)), "{n}");
+            assert_eq!(sqlite_children_sql(n).matches("(?1, ").count(), n);
+        }
+        let past = SQLITE_CHILD_CHUNK + 7;
+        let unique = sqlite_unique_sql(past);
+        assert!(matches!(unique, Cow::Owned(_)));
+        assert_eq!(unique.matches("(?1, ").count(), past);
+        assert!(unique.contains(&format!("?{}, ?2)", 4 + 2 * (past - 1))));
+    }
 
     #[test]
     fn multi_row_statements_number_their_parameters() {

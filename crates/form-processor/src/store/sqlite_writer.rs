@@ -19,7 +19,9 @@ use rusqlite::Connection;
 use tokio::sync::mpsc;
 
 use super::sql::{self, Inserted};
-use super::writer::{answer_batch, BatchObserver, Created, Done, Op, Stored, MAX_BATCH};
+use super::writer::{
+    answer_batch, fail_batch, BatchObserver, Created, Done, Op, Stored, MAX_BATCH,
+};
 use super::{is_transient_sqlite, Error, Result};
 
 /// Prepared statements the writer's connection keeps: its own, and the
@@ -125,10 +127,7 @@ fn write_op(conn: &Connection, op: &Op) -> rusqlite::Result<Done> {
 fn write_batch(conn: &Connection, ops: Vec<Op>) {
     let statement = |sql: &str| conn.prepare_cached(sql)?.execute([]).map(drop);
     if let Err(e) = statement("BEGIN IMMEDIATE") {
-        tracing::warn!(error = %e, "cannot begin a record store transaction; its messages will be retried");
-        ops.into_iter()
-            .for_each(|op| op.answer(Err(Error::batch("begin a transaction", &e))));
-        return;
+        return fail_batch(ops, "begin a transaction", &e);
     }
     let mut results: Vec<Option<rusqlite::Result<Done>>> = Vec::with_capacity(ops.len());
     let mut failed: Option<rusqlite::Error> = None;

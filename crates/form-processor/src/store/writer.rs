@@ -214,12 +214,7 @@ async fn write_batch_pg(pool: &sqlx::PgPool, ops: Vec<Op>) {
 async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
     let mut tx = match pool.begin().await {
         Ok(tx) => tx,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot begin a record store transaction; its messages will be retried");
-            ops.into_iter()
-                .for_each(|op| op.answer(Err(Error::batch("begin a transaction", &e))));
-            return;
-        }
+        Err(e) => return fail_batch(ops, "begin a transaction", &e),
     };
     let mut results: Vec<Option<Result<Done, sqlx::Error>>> = Vec::with_capacity(ops.len());
     let mut failed: Option<sqlx::Error> = None;
@@ -260,6 +255,14 @@ async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
     answer_batch(ops, results, failed, Error::from_sqlx);
 }
 
+/// Answers every op of a failed batch with the same transient error:
+/// each caller retries.
+pub(super) fn fail_batch(ops: Vec<Op>, action: &'static str, e: &dyn std::fmt::Display) {
+    tracing::warn!(error = %e, "cannot {action} in the record store; the batch's messages will be retried");
+    ops.into_iter()
+        .for_each(|op| op.answer(Err(Error::batch(action, e))));
+}
+
 /// Answers every op of a batch once it is over. On `failed` (a transient
 /// error, or the commit failed) every op gets the same transient error
 /// and retries; otherwise each its own outcome (`None`: it never ran).
@@ -270,10 +273,7 @@ pub(super) fn answer_batch<E: std::fmt::Display>(
     classify: fn(&'static str, E) -> Error,
 ) {
     if let Some(e) = failed {
-        tracing::warn!(error = %e, "record store batch failed; its messages will be retried");
-        ops.into_iter()
-            .for_each(|op| op.answer(Err(Error::batch("write", &e))));
-        return;
+        return fail_batch(ops, "write", &e);
     }
     for (op, result) in ops.into_iter().zip(results) {
         match result {
