@@ -129,13 +129,9 @@ fn write_batch(conn: &Connection, ops: Vec<Op>) {
     if let Err(e) = statement("BEGIN IMMEDIATE") {
         return fail_batch(ops, "begin a transaction", &e);
     }
-    let mut results: Vec<Option<rusqlite::Result<Done>>> = Vec::with_capacity(ops.len());
+    let mut results: Vec<rusqlite::Result<Done>> = Vec::with_capacity(ops.len());
     let mut failed: Option<rusqlite::Error> = None;
     for (i, op) in ops.iter().enumerate() {
-        if failed.is_some() {
-            results.push(None);
-            continue;
-        }
         let savepoint = if i == 0 {
             Ok(())
         } else {
@@ -143,20 +139,19 @@ fn write_batch(conn: &Connection, ops: Vec<Op>) {
         };
         if let Err(e) = savepoint.and_then(|()| statement("SAVEPOINT op")) {
             failed = Some(e);
-            results.push(None);
-            continue;
+            break;
         }
         match write_op(conn, op) {
-            Ok(done) => results.push(Some(Ok(done))),
+            Ok(done) => results.push(Ok(done)),
             Err(e) if is_transient_sqlite(&e) => {
                 failed = Some(e);
-                results.push(None);
+                break;
             }
             Err(e) => match statement("ROLLBACK TO SAVEPOINT op") {
-                Ok(()) => results.push(Some(Err(e))),
+                Ok(()) => results.push(Err(e)),
                 Err(rollback) => {
                     failed = Some(rollback);
-                    results.push(None);
+                    break;
                 }
             },
         }

@@ -203,7 +203,7 @@ async fn write_batch_pg(pool: &sqlx::PgPool, ops: Vec<Op>) {
             }
         }
         Plain::Careful => pg_batch_careful(pool, ops).await,
-        Plain::Failed(e) => answer_batch(ops, Vec::new(), Some(e), Error::from_sqlx),
+        Plain::Failed(e) => fail_batch(ops, "write", &e),
     }
 }
 
@@ -216,13 +216,9 @@ async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
         Ok(tx) => tx,
         Err(e) => return fail_batch(ops, "begin a transaction", &e),
     };
-    let mut results: Vec<Option<Result<Done, sqlx::Error>>> = Vec::with_capacity(ops.len());
+    let mut results: Vec<Result<Done, sqlx::Error>> = Vec::with_capacity(ops.len());
     let mut failed: Option<sqlx::Error> = None;
     for (i, op) in ops.iter().enumerate() {
-        if failed.is_some() {
-            results.push(None);
-            continue;
-        }
         let savepoint = if i == 0 {
             "SAVEPOINT op"
         } else {
@@ -230,20 +226,19 @@ async fn pg_batch_careful(pool: &sqlx::PgPool, ops: Vec<Op>) {
         };
         if let Err(e) = (&mut *tx).execute(savepoint).await {
             failed = Some(e);
-            results.push(None);
-            continue;
+            break;
         }
         match pg_op(&mut tx, op).await {
-            Ok(done) => results.push(Some(Ok(done))),
+            Ok(done) => results.push(Ok(done)),
             Err(e) if is_transient(&e) => {
                 failed = Some(e);
-                results.push(None);
+                break;
             }
             Err(e) => match (&mut *tx).execute("ROLLBACK TO SAVEPOINT op").await {
-                Ok(_) => results.push(Some(Err(e))),
+                Ok(_) => results.push(Err(e)),
                 Err(rollback) => {
                     failed = Some(rollback);
-                    results.push(None);
+                    break;
                 }
             },
         }
@@ -264,23 +259,21 @@ pub(super) fn fail_batch(ops: Vec<Op>, action: &'static str, e: &dyn std::fmt::D
 }
 
 /// Answers every op of a batch once it is over. On `failed` (a transient
-/// error, or the commit failed) every op gets the same transient error
-/// and retries; otherwise each its own outcome (`None`: it never ran).
+/// error, which stops the batch, or a failed commit) every op gets the same
+/// transient error and retries; otherwise each its own outcome, one result
+/// per op.
 pub(super) fn answer_batch<E: std::fmt::Display>(
     ops: Vec<Op>,
-    results: Vec<Option<std::result::Result<Done, E>>>,
+    results: Vec<std::result::Result<Done, E>>,
     failed: Option<E>,
     classify: fn(&'static str, E) -> Error,
 ) {
     if let Some(e) = failed {
         return fail_batch(ops, "write", &e);
     }
+    debug_assert_eq!(ops.len(), results.len());
     for (op, result) in ops.into_iter().zip(results) {
-        match result {
-            Some(Ok(done)) => op.answer(Ok(done)),
-            Some(Err(e)) => op.answer(Err(classify("write", e))),
-            None => op.answer(Err(Error::Closed)),
-        }
+        op.answer(result.map_err(|e| classify("write", e)));
     }
 }
 
