@@ -18,8 +18,15 @@
 //! bad password.` (no error challenge). An accepted login is handed to
 //! Dovecot (POP3S) and relayed. [`ExchangeFront::one_line_auths`] and
 //! [`ExchangeFront::two_step_auths`] count what clients sent.
+//!
+//! In [`Mode::Imap`] the front also counts each mailbox's relayed
+//! sessions ([`ExchangeFront::peak_sessions`]) and can cap them
+//! ([`ExchangeFront::limit_sessions`]), as a server's per-user connection
+//! limit does (Exchange's `MaxConnectionsPerUser`, Dovecot's
+//! `mail_max_userip_connections`): a login over the cap is answered
+//! `NO [UNAVAILABLE]`, the way Dovecot answers it, and not relayed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,12 +49,44 @@ pub enum Mode {
     Pop3,
 }
 
-/// What clients sent the front (POP3 mode).
+/// What clients sent the front (POP3 mode), and the IMAP sessions.
 #[derive(Debug, Default)]
 struct Stats {
     one_line_auths: AtomicUsize,
     two_step_auths: AtomicUsize,
     no_xoauth2: std::sync::atomic::AtomicBool,
+    sessions: Mutex<Sessions>,
+}
+
+/// Relayed IMAP sessions per mailbox (lowercase).
+#[derive(Debug, Default)]
+struct Sessions {
+    /// At most this many at once per mailbox (none: no cap).
+    limit: Option<usize>,
+    live: HashMap<String, usize>,
+    peak: HashMap<String, usize>,
+    refused: HashMap<String, usize>,
+}
+
+impl Sessions {
+    /// A login for `user`: true (and counted) when under the cap.
+    fn open(&mut self, user: &str) -> bool {
+        let live = self.live.get(user).copied().unwrap_or(0);
+        if self.limit.is_some_and(|l| live >= l) {
+            *self.refused.entry(user.to_string()).or_default() += 1;
+            return false;
+        }
+        self.live.insert(user.to_string(), live + 1);
+        let peak = self.peak.entry(user.to_string()).or_default();
+        *peak = (*peak).max(live + 1);
+        true
+    }
+
+    fn close(&mut self, user: &str) {
+        if let Some(n) = self.live.get_mut(user) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// A running front.
@@ -122,6 +161,32 @@ impl ExchangeFront {
         self.stats.two_step_auths.load(Ordering::SeqCst)
     }
 
+    /// IMAP: from now on at most `n` sessions per mailbox at once; a login
+    /// over that is refused with `NO [UNAVAILABLE]`.
+    pub fn limit_sessions(&self, n: usize) {
+        self.stats.sessions.lock().expect("lock").limit = Some(n);
+    }
+
+    /// IMAP: the most sessions `mailbox` had at once.
+    pub fn peak_sessions(&self, mailbox: &str) -> usize {
+        let sessions = self.stats.sessions.lock().expect("lock");
+        sessions
+            .peak
+            .get(&mailbox.to_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// IMAP: logins on `mailbox` refused for the session cap.
+    pub fn refused_sessions(&self, mailbox: &str) -> usize {
+        let sessions = self.stats.sessions.lock().expect("lock");
+        sessions
+            .refused
+            .get(&mailbox.to_lowercase())
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Makes `mailbox` answer as a mailbox the app has no permission on.
     pub fn deny(&self, mailbox: &str) {
         self.denied
@@ -180,7 +245,7 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
     ca: PathBuf,
 ) -> anyhow::Result<()> {
     match mode {
-        Mode::Imap => serve_imap(client, denied, upstream, ca).await,
+        Mode::Imap => serve_imap(client, denied, stats, upstream, ca).await,
         Mode::Pop3 => serve_pop3(client, denied, stats, upstream, ca).await,
     }
 }
@@ -322,6 +387,7 @@ async fn serve_pop3<S: AsyncRead + AsyncWrite + Unpin>(
 async fn serve_imap<S: AsyncRead + AsyncWrite + Unpin>(
     client: S,
     denied: Arc<Mutex<HashSet<String>>>,
+    stats: Arc<Stats>,
     upstream: SocketAddr,
     ca: PathBuf,
 ) -> anyhow::Result<()> {
@@ -374,19 +440,17 @@ async fn serve_imap<S: AsyncRead + AsyncWrite + Unpin>(
                         .await?;
                     return not_connected(client).await;
                 }
-                // Hand the login to Dovecot and relay from here on.
-                let mut up = crate::mailclient::connect_tls(upstream, &ca).await?;
-                crate::mailclient::imap_greeting(&mut up).await?;
-                up.send(&format!("{tag} AUTHENTICATE XOAUTH2 {payload}"))
-                    .await?;
-                let mut up = up.into_inner();
-                let (mut cr, mut cw) = tokio::io::split(client);
-                let (mut ur, mut uw) = tokio::io::split(&mut up);
-                tokio::select! {
-                    _ = tokio::io::copy(&mut cr, &mut uw) => {}
-                    _ = tokio::io::copy(&mut ur, &mut cw) => {}
+                if !stats.sessions.lock().expect("lock").open(&user) {
+                    client
+                        .get_mut()
+                        .write_all(format!("{tag} NO [UNAVAILABLE] Maximum number of connections from user exceeded.\r\n").as_bytes())
+                        .await?;
+                    continue;
                 }
-                return Ok(());
+                // Hand the login to Dovecot and relay from here on.
+                let relayed = relay_imap(client, &tag, &payload, upstream, &ca).await;
+                stats.sessions.lock().expect("lock").close(&user);
+                return relayed;
             }
             "LOGOUT" => {
                 client
@@ -406,6 +470,29 @@ async fn serve_imap<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
+}
+
+/// Logs in to Dovecot with the client's XOAUTH2 `payload` under its `tag`
+/// and relays both ways until either side closes.
+async fn relay_imap<S: AsyncRead + AsyncWrite + Unpin>(
+    client: BufReader<S>,
+    tag: &str,
+    payload: &str,
+    upstream: SocketAddr,
+    ca: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut up = crate::mailclient::connect_tls(upstream, ca).await?;
+    crate::mailclient::imap_greeting(&mut up).await?;
+    up.send(&format!("{tag} AUTHENTICATE XOAUTH2 {payload}"))
+        .await?;
+    let mut up = up.into_inner();
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = tokio::io::split(&mut up);
+    tokio::select! {
+        _ = tokio::io::copy(&mut cr, &mut uw) => {}
+        _ = tokio::io::copy(&mut ur, &mut cw) => {}
+    }
+    Ok(())
 }
 
 /// After a login on a mailbox without permission: `BAD` to every command.

@@ -317,3 +317,143 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
     assert_eq!(got.len(), 1, "published through the front");
     support::stop(shutdown, task).await;
 }
+
+/// Seeds `n` mails of 1 KB in `mailbox` and a config for it through
+/// `front`, with `extra` settings.
+fn through_front(
+    fx: &Fixture,
+    front: &mailagent_tests::exchange_front::ExchangeFront,
+    name: &str,
+    mailbox: &str,
+    extra: &str,
+) -> String {
+    fx.mail_table(name, mailbox, extra).replace(
+        &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
+        &format!("port = {}", front.addr.port()),
+    )
+}
+
+/// A pass of several batches flags (or moves) each confirmed half batch
+/// over a second session while the first fetches the next: every mail is
+/// published once, flagged or moved, the checkpoint reaches the last UID,
+/// and each mailbox had two sessions at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_pass_settles_over_a_second_session_while_the_first_fetches() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("fl2");
+    let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
+    let moved = format!("mv-{}", fx.mailbox);
+    fx.env.grant(&fx.app, &moved);
+    for b in [&fx.mailbox, &moved] {
+        let msgs: Vec<Vec<u8>> = (0..300)
+            .map(|i| maildir::message(b, i, 1024, false))
+            .collect();
+        maildir::seed(&fx.env, b, &msgs);
+    }
+    support::create_folder(&fx.env, &moved, "Done").await;
+    fx.plant_token().await;
+    let (config, _) = fx.config(&[
+        through_front(&fx, &front, "fl2seen", &fx.mailbox, "batch-size = 60"),
+        through_front(
+            &fx,
+            &front,
+            "fl2move",
+            &moved,
+            "batch-size = 60\nafter-fetch = \"move:Done\"",
+        ),
+    ]);
+    let (shutdown, task) = support::start(config, support::options());
+    let channel = fx.channel().await;
+    let got = support::drain(&channel, &fx.queue(), 600, Duration::from_secs(90)).await;
+    assert_eq!(got.len(), 600, "every mail published");
+    let keys: BTreeSet<&str> = got.iter().map(|e| e.dedupe_key.as_str()).collect();
+    assert_eq!(keys.len(), 600, "each once");
+
+    let settled = support::eventually(Duration::from_secs(20), || async {
+        let seen = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+        seen.len() == 300
+            && seen.values().all(|f| f.contains("\\Seen"))
+            && support::flags(&fx.env, &moved, "INBOX").await.is_empty()
+            && support::flags(&fx.env, &moved, "Done").await.len() == 300
+    })
+    .await;
+    assert!(settled, "all 300 \\Seen; all 300 moved to Done");
+    let last_uid = *support::flags(&fx.env, &fx.mailbox, "INBOX")
+        .await
+        .keys()
+        .max()
+        .expect("uids");
+    let at_last = support::eventually(Duration::from_secs(10), || async {
+        fx.checkpoint("fl2seen").await.get("last-uid") == Some(&last_uid.to_string())
+    })
+    .await;
+    assert!(
+        at_last,
+        "checkpoint at {last_uid}: {:?}",
+        fx.checkpoint("fl2seen").await
+    );
+    assert_eq!(
+        front.peak_sessions(&fx.mailbox),
+        2,
+        "mark-seen: a second session"
+    );
+    assert_eq!(front.peak_sessions(&moved), 2, "move: a second session");
+    let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(2)).await;
+    assert!(extra.is_empty(), "nothing published twice");
+    support::stop(shutdown, task).await;
+}
+
+/// A server that allows one session per mailbox refuses the second: the
+/// first then flags between its fetches, and nothing is lost or left
+/// unflagged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_a_second_session_gets_every_mail_flagged_by_the_first() {
+    use mailagent_tests::exchange_front::{ExchangeFront, Mode};
+    let fx = Fixture::new("fl1");
+    let front = ExchangeFront::start(&fx.env, Mode::Imap).await;
+    front.limit_sessions(1);
+    let msgs: Vec<Vec<u8>> = (0..300)
+        .map(|i| maildir::message(&fx.prefix, i, 1024, false))
+        .collect();
+    maildir::seed(&fx.env, &fx.mailbox, &msgs);
+    fx.plant_token().await;
+    let (config, _) = fx.config(&[through_front(
+        &fx,
+        &front,
+        "fl1",
+        &fx.mailbox,
+        "batch-size = 60",
+    )]);
+    let (shutdown, task) = support::start(config, support::options());
+    let channel = fx.channel().await;
+    let got = support::drain(&channel, &fx.queue(), 300, Duration::from_secs(90)).await;
+    assert_eq!(got.len(), 300, "every mail published");
+    let flagged = support::eventually(Duration::from_secs(20), || async {
+        let flags = support::flags(&fx.env, &fx.mailbox, "INBOX").await;
+        flags.len() == 300 && flags.values().all(|f| f.contains("\\Seen"))
+    })
+    .await;
+    assert!(flagged, "every mail \\Seen");
+    let last_uid = *support::flags(&fx.env, &fx.mailbox, "INBOX")
+        .await
+        .keys()
+        .max()
+        .expect("uids");
+    let at_last = support::eventually(Duration::from_secs(10), || async {
+        fx.checkpoint("fl1").await.get("last-uid") == Some(&last_uid.to_string())
+    })
+    .await;
+    assert!(
+        at_last,
+        "checkpoint at {last_uid}: {:?}",
+        fx.checkpoint("fl1").await
+    );
+    assert_eq!(front.peak_sessions(&fx.mailbox), 1, "one session at a time");
+    assert!(
+        front.refused_sessions(&fx.mailbox) >= 1,
+        "the second was asked for and refused"
+    );
+    let extra = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(2)).await;
+    assert!(extra.is_empty(), "nothing published twice");
+    support::stop(shutdown, task).await;
+}

@@ -1,11 +1,13 @@
 //! One pass over the folder: find what is new by the checkpoint rules
-//! ([`crate::checkpoint`]), then hand it over batch by batch — the sizes of
-//! all of it first (oversized messages are never fetched in full), then per
-//! batch `BODY.PEEK[]` and publish through the kit; while the next batch is
-//! fetched and published, the confirms of the one before come in, and only
-//! then is it settled: the after-fetch action applied to its confirmed
-//! messages only ([`crate::after_fetch`]), and the checkpoint advanced over
-//! the fully handed-over prefix.
+//! ([`crate::checkpoint`]), then hand it over in half batches — the sizes
+//! of all of it first (oversized messages are never fetched in full), then
+//! per half batch `BODY.PEEK[]` and publish through the kit. Three half
+//! batches are under way at once: one fetched and published, the one
+//! before it waiting for its confirms, and the one before that settled —
+//! the after-fetch action applied to its confirmed messages only
+//! ([`crate::after_fetch`]), on a second session while the first fetches
+//! when the server allows one, and the checkpoint advanced over the fully
+//! handed-over prefix.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -46,6 +48,33 @@ struct Settled {
     reopen: bool,
     /// The fetched messages not handed over (unconfirmed).
     rest: Vec<u32>,
+}
+
+/// A batch whose confirms are in: its confirmed messages wait for the
+/// after-fetch action, then the checkpoint advances over it.
+struct Handed {
+    /// Its UIDs (ascending).
+    chunk: Vec<u32>,
+    /// Those fetched in full.
+    wanted: Vec<u32>,
+    /// Those recorded as oversized (by size, by length, or refused by the
+    /// broker for their size).
+    oversized: Vec<u32>,
+    /// Those RabbitMQ confirmed: the only ones the action touches.
+    confirmed: Vec<u32>,
+    /// The channel failed: the confirmed ones are still flagged, then the
+    /// pass ends with this error.
+    failed: Option<PublishError>,
+    /// A refusal for size closed the channel.
+    reopen: bool,
+}
+
+impl Handed {
+    /// Nothing went wrong: it can be flagged while the next batch is
+    /// fetched on the same channel.
+    fn clean(&self) -> bool {
+        !self.reopen && self.failed.is_none()
+    }
 }
 
 impl Fetched {
@@ -178,11 +207,19 @@ impl Worker<'_> {
     /// before the end (graceful stop).
     ///
     /// The sizes of all of them come in one `UID FETCH` first. Then the
-    /// batches form a pipeline one deep: batch n+1 is fetched and published
-    /// while batch n's confirms arrive, and only then is batch n settled —
-    /// its confirmed messages flagged (or moved, deleted) and the checkpoint
-    /// advanced. Memory stays bounded by the publisher's window and
-    /// `max-in-flight-bytes`; nothing is flagged before its confirm.
+    /// half batches go through a pipeline three deep: half batch n+1 is
+    /// fetched and published while n's confirms arrive and n−1, confirmed,
+    /// is settled — its confirmed messages flagged (or moved, deleted) and
+    /// the checkpoint advanced. The flags go over a second session on the
+    /// folder ([`Worker::second_session`]), so that the server's work on
+    /// them overlaps the fetch on the first; when the server refuses a
+    /// second session, the first flags between its fetches. At most one
+    /// and a half `batch-size` are handed over and not yet flagged at any
+    /// time: what a lost session makes the next one fetch again. (Thirds
+    /// of a batch, to keep that at one `batch-size`, measured slower: each
+    /// command costs the server a sync of the folder.) Memory stays bounded
+    /// by the publisher's window and `max-in-flight-bytes`; nothing is
+    /// flagged before its confirm.
     async fn process(
         &self,
         session: &mut ImapSession,
@@ -193,18 +230,24 @@ impl Worker<'_> {
         if uids.is_empty() {
             return Ok(true);
         }
+        let uidvalidity = cp.uidvalidity;
         let mut publisher: Publisher<Tag> = self.mb.publisher().await?;
         let sizes = self.sizes(session, uids).await?;
-        // Two half batches are in flight at once (one settling while the
-        // next is fetched), so at most `batch-size` messages are handed
-        // over and not yet flagged at any time: what a lost session makes
-        // the next one fetch again.
-        let batch = (self.mb.cfg.batch_size as usize).div_ceil(2).max(1);
+        let half = (self.mb.cfg.batch_size as usize).div_ceil(2).max(1);
+        let chunks: Vec<&[u32]> = uids.chunks(half).collect();
+        // Only a pass long enough to settle one half batch while fetching
+        // another has use for a second session.
+        let mut second = if chunks.len() > 2 {
+            self.flag_session(uidvalidity).await
+        } else {
+            None
+        };
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
-        // The batch published and not yet settled.
+        // Published, its confirms still coming in.
         let mut previous: Option<Fetched> = None;
+        // Confirmed, not yet flagged.
+        let mut handed: Option<Handed> = None;
         let mut complete = true;
-        let chunks: Vec<&[u32]> = uids.chunks(batch).collect();
         'chunks: for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             let mut todo = chunk.to_vec();
@@ -215,9 +258,45 @@ impl Worker<'_> {
                 }
                 // On an error the publisher goes with this function: what
                 // it had outstanding counts as unconfirmed.
-                let fetched = self
-                    .fetch_publish(session, &mut publisher, &todo, cp, &sizes, &mut confirmed)
-                    .await?;
+                let fetched = match (handed.take(), second.as_mut()) {
+                    (Some(h), Some(flagger)) => {
+                        let (fetched, _) = tokio::try_join!(
+                            self.fetch_publish(
+                                session,
+                                &mut publisher,
+                                &todo,
+                                uidvalidity,
+                                &sizes,
+                                &mut confirmed
+                            ),
+                            self.flag(flagger, h, cp, caps),
+                        )?;
+                        fetched
+                    }
+                    (Some(h), None) => {
+                        self.flag(session, h, cp, caps).await?;
+                        self.fetch_publish(
+                            session,
+                            &mut publisher,
+                            &todo,
+                            uidvalidity,
+                            &sizes,
+                            &mut confirmed,
+                        )
+                        .await?
+                    }
+                    (None, _) => {
+                        self.fetch_publish(
+                            session,
+                            &mut publisher,
+                            &todo,
+                            uidvalidity,
+                            &sizes,
+                            &mut confirmed,
+                        )
+                        .await?
+                    }
+                };
                 if last || fetched.stopped || fetched.too_large.is_some() {
                     // Settle everything now: the pass ends, the channel is
                     // closed, or the worker stops.
@@ -251,48 +330,81 @@ impl Worker<'_> {
                     break;
                 }
                 if let Some(p) = previous.replace(fetched) {
-                    let settled = self
-                        .settle(session, &mut publisher, p, cp, caps, &mut confirmed, false)
+                    let h = self
+                        .confirm(
+                            session,
+                            &mut publisher,
+                            p,
+                            uidvalidity,
+                            &mut confirmed,
+                            false,
+                        )
                         .await?;
-                    if settled.reopen {
-                        // A refusal for size closed the channel under the
-                        // batch just published too: settle what of it was
-                        // confirmed, and publish the rest of both again
-                        // (a refused message of the current batch was
-                        // recorded as oversized, and is `ahead` now).
-                        let current = previous.take().expect("the batch just published");
-                        let current = self
-                            .settle(
-                                session,
-                                &mut publisher,
-                                current,
-                                cp,
-                                caps,
-                                &mut confirmed,
-                                true,
-                            )
-                            .await?;
-                        publisher = self.mb.publisher().await?;
-                        todo = settled
-                            .rest
-                            .into_iter()
-                            .chain(current.rest)
-                            .filter(|u| !cp.ahead.contains(u))
-                            .collect();
-                        continue;
+                    if h.clean() {
+                        handed = Some(h);
+                        break;
                     }
+                    // A failed channel ends the pass here, once what it
+                    // confirmed is flagged.
+                    let rest = self.flag(session, h, cp, caps).await?;
+                    // A refusal for size closed the channel under the
+                    // batch just published too: settle what of it was
+                    // confirmed, and publish the rest of both again (a
+                    // refused message of the current batch was recorded as
+                    // oversized, and is `ahead` now).
+                    let current = previous.take().expect("the batch just published");
+                    let current = self
+                        .settle(
+                            session,
+                            &mut publisher,
+                            current,
+                            cp,
+                            caps,
+                            &mut confirmed,
+                            true,
+                        )
+                        .await?;
+                    publisher = self.mb.publisher().await?;
+                    todo = rest
+                        .into_iter()
+                        .chain(current.rest)
+                        .filter(|u| !cp.ahead.contains(u))
+                        .collect();
+                    continue;
                 }
                 break;
             }
         }
-        // A graceful stop between half batches: the one published is
-        // settled before the session ends.
+        // A graceful stop between batches: what is under way is settled
+        // before the session ends.
+        if let Some(h) = handed.take() {
+            self.flag(session, h, cp, caps).await?;
+        }
         if let Some(p) = previous.take() {
             self.settle(session, &mut publisher, p, cp, caps, &mut confirmed, true)
                 .await?;
         }
         publisher.close().await;
+        if let Some(flagger) = second {
+            crate::worker::logout(flagger).await;
+        }
         Ok(complete)
+    }
+
+    /// A second session for the after-fetch action, or `None`: with
+    /// `keep` there is nothing to store, and a server that refuses one
+    /// (a limit on sessions per mailbox) leaves the flags to the first.
+    async fn flag_session(&self, uidvalidity: u32) -> Option<ImapSession> {
+        if matches!(self.mb.cfg.after_fetch, AfterFetch::Keep) {
+            return None;
+        }
+        match self.second_session(uidvalidity).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(config = %self.mb.cfg.name, error = %e, "no second session for the after-fetch action; the first flags between its fetches");
+                None
+            }
+        }
     }
 
     /// The sizes of `uids`' messages still on the server.
@@ -320,7 +432,7 @@ impl Worker<'_> {
         session: &mut ImapSession,
         publisher: &mut Publisher<Tag>,
         chunk: &[u32],
-        cp: &Checkpoint,
+        uidvalidity: u32,
         sizes: &HashMap<u32, u32>,
         confirmed: &mut Vec<Confirmed<Tag>>,
     ) -> Result<Fetched> {
@@ -340,7 +452,7 @@ impl Worker<'_> {
             .filter(|u| sizes.contains_key(u) && !oversized.contains(u))
             .collect();
         if !oversized.is_empty() {
-            self.oversized(session, &oversized, sizes, cp.uidvalidity)
+            self.oversized(session, &oversized, sizes, uidvalidity)
                 .await?;
         }
         let mut fetched = Fetched {
@@ -359,6 +471,11 @@ impl Worker<'_> {
                 )
                 .await?;
             let mut failure = None;
+            // Replies for a wanted message without its body, and the
+            // messages whose body came: flag updates made by the second
+            // session arrive here too, as body-less FETCH replies.
+            let mut bodyless: Vec<u32> = Vec::new();
+            let mut bodies: HashSet<u32> = HashSet::new();
             loop {
                 let f = match self.next("UID FETCH", &mut stream).await {
                     Ok(Some(f)) => f,
@@ -379,21 +496,17 @@ impl Worker<'_> {
                     continue; // an unsolicited FETCH (flags of another message)
                 };
                 let Some(body) = f.body() else {
-                    // Not handed over: the checkpoint waits for it, and the
-                    // next pass asks for it again.
-                    tracing::warn!(config = %name, uid, "FETCH reply without BODY[]; the message is fetched again on the next pass");
+                    bodyless.push(uid);
                     continue;
                 };
+                bodies.insert(uid);
                 if body.len() as u64 > max {
                     fetched
                         .longer
                         .insert(uid, u32::try_from(body.len()).unwrap_or(u32::MAX));
                     continue;
                 }
-                let message_ref = MessageRef::Imap {
-                    uid,
-                    uidvalidity: cp.uidvalidity,
-                };
+                let message_ref = MessageRef::Imap { uid, uidvalidity };
                 let envelope = mb.envelope(message_ref, body);
                 match publisher
                     .publish(&envelope, body, (uid, body.len()), confirmed)
@@ -409,6 +522,15 @@ impl Worker<'_> {
                 tracing::debug!(config = %name, uid, bytes = body.len(), "published message");
             }
             drop(stream);
+            bodyless.sort_unstable();
+            bodyless.dedup();
+            for uid in bodyless {
+                if !bodies.contains(&uid) && fetched.wanted.binary_search(&uid).is_ok() {
+                    // Not handed over: the checkpoint waits for it, and the
+                    // next pass asks for it again.
+                    tracing::warn!(config = %name, uid, "FETCH reply without BODY[]; the message is fetched again on the next pass");
+                }
+            }
             if let Some(e) = failure {
                 // The session may be mid-response: flag nothing more here; what
                 // was confirmed is fetched again later (a duplicate, never a loss).
@@ -423,13 +545,10 @@ impl Worker<'_> {
         Ok(fetched)
     }
 
-    /// The second half of a batch (or of two, after a refusal or a stop):
-    /// waits for `group`'s confirms — all outstanding ones when `all`, else
-    /// only those of `group`'s messages — applies the after-fetch action to
-    /// the confirmed ones and advances the checkpoint over what is fully
-    /// handed over. Returns what of `group` is not handed over, and whether
-    /// a refusal for size closed the channel (then that needs a new
-    /// publisher).
+    /// Settles a batch (or two, after a refusal or a stop) on `session`:
+    /// [`Worker::confirm`], then [`Worker::flag`]. Returns what of `group`
+    /// is not handed over, and whether a refusal for size closed the
+    /// channel (then that needs a new publisher).
     #[allow(clippy::too_many_arguments)]
     async fn settle(
         &self,
@@ -441,8 +560,28 @@ impl Worker<'_> {
         confirmed: &mut Vec<Confirmed<Tag>>,
         all: bool,
     ) -> Result<Settled> {
-        let (mb, cfg) = (self.mb, &self.mb.cfg);
-        let name = &cfg.name;
+        let handed = self
+            .confirm(session, publisher, group, cp.uidvalidity, confirmed, all)
+            .await?;
+        let reopen = handed.reopen;
+        let rest = self.flag(session, handed, cp, caps).await?;
+        Ok(Settled { reopen, rest })
+    }
+
+    /// Waits for `group`'s confirms — all outstanding ones when `all`, else
+    /// only those of `group`'s messages — and records as oversized those
+    /// longer than the limit and one the broker refused for its size (on
+    /// `session`, when the config moves them).
+    async fn confirm(
+        &self,
+        session: &mut ImapSession,
+        publisher: &mut Publisher<Tag>,
+        group: Fetched,
+        uidvalidity: u32,
+        confirmed: &mut Vec<Confirmed<Tag>>,
+        all: bool,
+    ) -> Result<Handed> {
+        let mb = self.mb;
         let Fetched {
             chunk,
             wanted,
@@ -468,43 +607,72 @@ impl Worker<'_> {
         mb.count_confirmed(&ours, |t| t.1);
         if !longer.is_empty() {
             let uids: Vec<u32> = longer.keys().copied().collect();
-            self.oversized(session, &uids, &longer, cp.uidvalidity)
-                .await?;
+            self.oversized(session, &uids, &longer, uidvalidity).await?;
             oversized.extend(uids);
         }
         let mut reopen = false;
-        let flushed = match flushed {
+        let failed = match flushed {
             Err(e @ PublishError::TooLarge { .. }) => {
                 if let Some((uid, bytes)) = publisher.take_refused() {
-                    tracing::warn!(config = %name, uid, error = %e, "RabbitMQ refused the message for its size");
+                    tracing::warn!(config = %mb.cfg.name, uid, error = %e, "RabbitMQ refused the message for its size");
                     let sizes = HashMap::from([(uid, bytes as u32)]);
-                    self.oversized(session, &[uid], &sizes, cp.uidvalidity)
-                        .await?;
+                    self.oversized(session, &[uid], &sizes, uidvalidity).await?;
                     oversized.push(uid);
                 }
                 reopen = true;
-                Ok(())
+                None
             }
-            other => other,
+            Err(e) => Some(e),
+            Ok(()) => None,
         };
-        let uids: Vec<u32> = ours.iter().map(|c| c.tag.0).collect();
-        self.after_fetch(session, &uids, &cfg.after_fetch, caps)
+        Ok(Handed {
+            chunk,
+            wanted,
+            oversized,
+            confirmed: ours.iter().map(|c| c.tag.0).collect(),
+            failed,
+            reopen,
+        })
+    }
+
+    /// Applies the after-fetch action (on `session`) to `handed`'s
+    /// confirmed messages, then advances the checkpoint over what is fully
+    /// handed over (see `Checkpoint::advance`). A failed channel is the
+    /// error, after the flags. Returns the fetched messages not handed over
+    /// (unconfirmed).
+    async fn flag(
+        &self,
+        session: &mut ImapSession,
+        handed: Handed,
+        cp: &mut Checkpoint,
+        caps: Caps,
+    ) -> Result<Vec<u32>> {
+        let mb = self.mb;
+        let Handed {
+            chunk,
+            wanted,
+            oversized,
+            confirmed,
+            failed,
+            ..
+        } = handed;
+        self.after_fetch(session, &confirmed, &mb.cfg.after_fetch, caps)
             .await?;
-        flushed.map_err(FetchError::from)?;
-        // Advance the checkpoint over what is fully handed over (confirmed,
-        // oversized, or gone from the server); see `Checkpoint::advance`.
-        let handled: HashSet<u32> = uids.iter().chain(oversized.iter()).copied().collect();
+        if let Some(e) = failed {
+            return Err(FetchError::from(e).into());
+        }
+        // Confirmed, oversized, or gone from the server.
+        let handled: HashSet<u32> = confirmed.iter().chain(oversized.iter()).copied().collect();
         let present: HashSet<u32> = wanted.iter().chain(oversized.iter()).copied().collect();
         if cp.advance(&chunk, &handled, |uid| present.contains(&uid)) {
             let mut redis = mb.kit.redis.clone();
-            checkpoint::save(&mut redis, &mb.kit.keys, name, &mb.kit.instance, cp).await?;
+            checkpoint::save(&mut redis, &mb.kit.keys, &mb.cfg.name, &mb.kit.instance, cp).await?;
         }
         // What the channel did not confirm goes again after a reopen.
-        let rest = wanted
+        Ok(wanted
             .into_iter()
             .filter(|u| !handled.contains(u))
-            .collect();
-        Ok(Settled { reopen, rest })
+            .collect())
     }
 
     /// Records the oversized messages; they are left in place, or moved when

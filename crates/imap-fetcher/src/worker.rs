@@ -121,12 +121,12 @@ impl Worker<'_> {
                 .await?;
             self.mb.passed(started);
             if self.mb.stopping() {
-                return logout(session).await.map(|()| (Ended::Stopped, None));
+                logout(session).await;
+                return Ok((Ended::Stopped, None));
             }
             if renew_at.is_some_and(|t| Instant::now() >= t) {
-                return logout(session)
-                    .await
-                    .map(|()| (Ended::TokenDue, fingerprint));
+                logout(session).await;
+                return Ok((Ended::TokenDue, fingerprint));
             }
             if new_mail_reported(&session) {
                 // Mail that arrived during the pass was announced then; IDLE
@@ -141,14 +141,18 @@ impl Worker<'_> {
             } else {
                 let wait = until_renewal.map_or(cfg.poll_interval, |d| d.min(cfg.poll_interval));
                 tokio::select! {
-                    _ = self.mb.graceful.cancelled() => return logout(session).await.map(|()| (Ended::Stopped, None)),
+                    _ = self.mb.graceful.cancelled() => {
+                        logout(session).await;
+                        return Ok((Ended::Stopped, None));
+                    }
                     _ = tokio::time::sleep(wait) => {}
                 }
                 self.cmd("NOOP", session.noop()).await?;
                 session
             };
             if self.mb.stopping() {
-                return logout(session).await.map(|()| (Ended::Stopped, None));
+                logout(session).await;
+                return Ok((Ended::Stopped, None));
             }
         }
     }
@@ -183,6 +187,37 @@ impl Worker<'_> {
                 }
             }
         }
+    }
+
+    /// A second session on the folder, for the after-fetch action while
+    /// this one fetches: logged in with the current token (no forced
+    /// refresh: a refusal here only means working with one session) and
+    /// the folder selected, which must still have `uidvalidity`.
+    pub(crate) async fn second_session(&self, uidvalidity: u32) -> Result<ImapSession> {
+        let (cfg, tls) = (&self.mb.cfg, &self.mb.kit.tls);
+        let token;
+        let credentials = match &cfg.auth {
+            MailAuth::Password { password } => Credentials::Password {
+                password: password.as_ref().map(|p| p.expose()).unwrap_or(""),
+            },
+            MailAuth::OAuth { profile } => {
+                token = self.mb.token(profile).await?;
+                Credentials::XOAuth2 {
+                    token: token.token.expose(),
+                }
+            }
+        };
+        let mut session = session::open(cfg, tls, credentials).await?;
+        let folder = utf7::encode(&cfg.folder);
+        let mailbox = self.cmd("SELECT", session.select(&folder)).await?;
+        if mailbox.uid_validity != Some(uidvalidity) {
+            logout(session).await;
+            return Err(Error::Unsupported(format!(
+                "folder {} of {} changed its UIDVALIDITY",
+                cfg.folder, cfg.username
+            )));
+        }
+        Ok(session)
     }
 
     /// A refused login that a fresh token did not fix is a missing grant.
@@ -272,10 +307,9 @@ fn renewal_due(expires_at: u64) -> Instant {
     Instant::now() + left.saturating_sub(margin)
 }
 
-/// Ends a session at a graceful stop (LOGOUT, briefly waited for).
-async fn logout(mut session: ImapSession) -> Result<()> {
+/// Ends a session (LOGOUT, briefly waited for).
+pub(crate) async fn logout(mut session: ImapSession) {
     let _ = tokio::time::timeout(Duration::from_secs(2), session.logout()).await;
-    Ok(())
 }
 
 /// Drains the responses the server sent unasked (async-imap queues them in
