@@ -6,6 +6,11 @@ use clap::Parser;
 use common::cli::{self, ConfigArgs};
 use common::Component;
 
+/// jemalloc, not glibc's malloc: a delivery's buffers cross threads (see
+/// the dependency's note in Cargo.toml).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Consumes fetched mail and performs the CREATE action (spec §6).
 #[derive(Debug, Parser)]
 #[command(version, about)]
