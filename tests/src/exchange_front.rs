@@ -169,19 +169,21 @@ impl ExchangeFront {
 
     /// IMAP: the most sessions `mailbox` had at once.
     pub fn peak_sessions(&self, mailbox: &str) -> usize {
-        let sessions = self.stats.sessions.lock().expect("lock");
-        sessions
-            .peak
-            .get(&mailbox.to_lowercase())
-            .copied()
-            .unwrap_or(0)
+        self.session_count(mailbox, |s| &s.peak)
     }
 
     /// IMAP: logins on `mailbox` refused for the session cap.
     pub fn refused_sessions(&self, mailbox: &str) -> usize {
+        self.session_count(mailbox, |s| &s.refused)
+    }
+
+    fn session_count(
+        &self,
+        mailbox: &str,
+        counts: impl Fn(&Sessions) -> &HashMap<String, usize>,
+    ) -> usize {
         let sessions = self.stats.sessions.lock().expect("lock");
-        sessions
-            .refused
+        counts(&sessions)
             .get(&mailbox.to_lowercase())
             .copied()
             .unwrap_or(0)
@@ -358,13 +360,7 @@ async fn serve_pop3<S: AsyncRead + AsyncWrite + Unpin>(
                     .get_mut()
                     .write_all(b"+OK User successfully authenticated.\r\n")
                     .await?;
-                let mut up = up.into_inner();
-                let (mut cr, mut cw) = tokio::io::split(client);
-                let (mut ur, mut uw) = tokio::io::split(&mut up);
-                tokio::select! {
-                    _ = tokio::io::copy(&mut cr, &mut uw) => {}
-                    _ = tokio::io::copy(&mut ur, &mut cw) => {}
-                }
+                relay(client, up.into_inner()).await;
                 return Ok(());
             }
             "QUIT" => {
@@ -485,14 +481,23 @@ async fn relay_imap<S: AsyncRead + AsyncWrite + Unpin>(
     crate::mailclient::imap_greeting(&mut up).await?;
     up.send(&format!("{tag} AUTHENTICATE XOAUTH2 {payload}"))
         .await?;
-    let mut up = up.into_inner();
+    relay(client, up.into_inner()).await;
+    Ok(())
+}
+
+/// Copies both ways between `client` and the server `up` until either
+/// side closes.
+async fn relay<C, U>(client: C, up: U)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = tokio::io::split(&mut up);
+    let (mut ur, mut uw) = tokio::io::split(up);
     tokio::select! {
         _ = tokio::io::copy(&mut cr, &mut uw) => {}
         _ = tokio::io::copy(&mut ur, &mut cw) => {}
     }
-    Ok(())
 }
 
 /// After a login on a mailbox without permission: `BAD` to every command.

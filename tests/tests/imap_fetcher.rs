@@ -306,11 +306,7 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
         &[maildir::message(&fx.prefix, 1, 500, false)],
     );
     fx.plant_token().await;
-    let table = fx.mail_table("exok", &fx.mailbox, "").replace(
-        &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
-        &format!("port = {}", front.addr.port()),
-    );
-    let (config, _) = fx.config(&[table]);
+    let (config, _) = fx.config(&[through_front(&fx, &front, "exok", &fx.mailbox, "")]);
     let (shutdown, task) = support::start(config, support::options());
     let channel = fx.channel().await;
     let got = support::drain(&channel, &fx.queue(), 1, Duration::from_secs(30)).await;
@@ -318,8 +314,8 @@ async fn exchange_front_relays_a_permitted_mailbox_to_dovecot() {
     support::stop(shutdown, task).await;
 }
 
-/// Seeds `n` mails of 1 KB in `mailbox` and a config for it through
-/// `front`, with `extra` settings.
+/// The mail table of config `name` on `mailbox` with `extra` settings,
+/// connecting through `front` instead of straight to Dovecot.
 fn through_front(
     fx: &Fixture,
     front: &mailagent_tests::exchange_front::ExchangeFront,
@@ -331,6 +327,25 @@ fn through_front(
         &format!("port = {}", fx.env.mail_addr("IMAPS").port()),
         &format!("port = {}", front.addr.port()),
     )
+}
+
+/// Waits until the checkpoint of `config` (on `fx.mailbox`'s INBOX) stands
+/// at the folder's last UID.
+async fn checkpoint_reaches_the_last_uid(fx: &Fixture, config: &str) {
+    let last_uid = *support::flags(&fx.env, &fx.mailbox, "INBOX")
+        .await
+        .keys()
+        .max()
+        .expect("uids");
+    let at_last = support::eventually(Duration::from_secs(10), || async {
+        fx.checkpoint(config).await.get("last-uid") == Some(&last_uid.to_string())
+    })
+    .await;
+    assert!(
+        at_last,
+        "checkpoint at {last_uid}: {:?}",
+        fx.checkpoint(config).await
+    );
 }
 
 /// A pass of several batches flags (or moves) each confirmed half batch
@@ -378,20 +393,7 @@ async fn a_long_pass_settles_over_a_second_session_while_the_first_fetches() {
     })
     .await;
     assert!(settled, "all 300 \\Seen; all 300 moved to Done");
-    let last_uid = *support::flags(&fx.env, &fx.mailbox, "INBOX")
-        .await
-        .keys()
-        .max()
-        .expect("uids");
-    let at_last = support::eventually(Duration::from_secs(10), || async {
-        fx.checkpoint("fl2seen").await.get("last-uid") == Some(&last_uid.to_string())
-    })
-    .await;
-    assert!(
-        at_last,
-        "checkpoint at {last_uid}: {:?}",
-        fx.checkpoint("fl2seen").await
-    );
+    checkpoint_reaches_the_last_uid(&fx, "fl2seen").await;
     assert_eq!(
         front.peak_sessions(&fx.mailbox),
         2,
@@ -434,20 +436,7 @@ async fn a_server_that_refuses_a_second_session_gets_every_mail_flagged_by_the_f
     })
     .await;
     assert!(flagged, "every mail \\Seen");
-    let last_uid = *support::flags(&fx.env, &fx.mailbox, "INBOX")
-        .await
-        .keys()
-        .max()
-        .expect("uids");
-    let at_last = support::eventually(Duration::from_secs(10), || async {
-        fx.checkpoint("fl1").await.get("last-uid") == Some(&last_uid.to_string())
-    })
-    .await;
-    assert!(
-        at_last,
-        "checkpoint at {last_uid}: {:?}",
-        fx.checkpoint("fl1").await
-    );
+    checkpoint_reaches_the_last_uid(&fx, "fl1").await;
     assert_eq!(front.peak_sessions(&fx.mailbox), 1, "one session at a time");
     assert!(
         front.refused_sessions(&fx.mailbox) >= 1,

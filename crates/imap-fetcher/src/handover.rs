@@ -258,44 +258,29 @@ impl Worker<'_> {
                 }
                 // On an error the publisher goes with this function: what
                 // it had outstanding counts as unconfirmed.
-                let fetched = match (handed.take(), second.as_mut()) {
-                    (Some(h), Some(flagger)) => {
-                        let (fetched, _) = tokio::try_join!(
-                            self.fetch_publish(
-                                session,
-                                &mut publisher,
-                                &todo,
-                                uidvalidity,
-                                &sizes,
-                                &mut confirmed
-                            ),
-                            self.flag(flagger, h, cp, caps),
-                        )?;
-                        fetched
-                    }
+                // The oldest half batch is settled on the second session
+                // while this one fetches, or first when there is none.
+                let flagging = match (handed.take(), second.as_mut()) {
+                    (Some(h), Some(flagger)) => Some((h, flagger)),
                     (Some(h), None) => {
                         self.flag(session, h, cp, caps).await?;
-                        self.fetch_publish(
-                            session,
-                            &mut publisher,
-                            &todo,
-                            uidvalidity,
-                            &sizes,
-                            &mut confirmed,
-                        )
-                        .await?
+                        None
                     }
-                    (None, _) => {
-                        self.fetch_publish(
-                            session,
-                            &mut publisher,
-                            &todo,
-                            uidvalidity,
-                            &sizes,
-                            &mut confirmed,
-                        )
-                        .await?
+                    (None, _) => None,
+                };
+                let fetch = self.fetch_publish(
+                    session,
+                    &mut publisher,
+                    &todo,
+                    uidvalidity,
+                    &sizes,
+                    &mut confirmed,
+                );
+                let fetched = match flagging {
+                    Some((h, flagger)) => {
+                        tokio::try_join!(fetch, self.flag(flagger, h, cp, caps))?.0
                     }
+                    None => fetch.await?,
                 };
                 if last || fetched.stopped || fetched.too_large.is_some() {
                     // Settle everything now: the pass ends, the channel is
