@@ -314,18 +314,63 @@ pub(crate) async fn logout(mut session: ImapSession) {
 
 /// Drains the responses the server sent unasked (async-imap queues them in
 /// a bounded channel and drops them once it is full) and tells whether one
-/// announced new mail (`EXISTS`, `RECENT`). A message appended while a pass
-/// runs is announced during one of its commands, after its `UID SEARCH`;
-/// a following IDLE would wait for the *next* change, so the caller passes
+/// announced new mail (`EXISTS`, `RECENT`), or may have: see
+/// [`may_have_announced_new_mail`]. A message appended while a pass runs is
+/// announced during one of its commands, after its `UID SEARCH`; a
+/// following IDLE would wait for the *next* change, so the caller passes
 /// again instead.
 fn new_mail_reported(session: &ImapSession) -> bool {
+    let queue = &session.unsolicited_responses;
+    let full = queue.is_full();
+    may_have_announced_new_mail(full, std::iter::from_fn(|| queue.try_recv().ok()))
+}
+
+/// Whether the unasked responses `drained` (all of them are consumed) from
+/// a queue that was `full` or not announced new mail. A full queue may have
+/// dropped the announcement — a long pass that moves mail fills it with an
+/// `EXPUNGE` per message, and the second session's flags with a `FETCH`
+/// each — so it counts as one: the cost is one `UID SEARCH` that finds
+/// nothing.
+fn may_have_announced_new_mail(
+    full: bool,
+    drained: impl Iterator<Item = async_imap::types::UnsolicitedResponse>,
+) -> bool {
     use async_imap::types::UnsolicitedResponse;
-    let mut announced = false;
-    while let Ok(r) = session.unsolicited_responses.try_recv() {
+    let mut announced = full;
+    for r in drained {
         announced |= matches!(
             r,
             UnsolicitedResponse::Exists(_) | UnsolicitedResponse::Recent(_)
         );
     }
     announced
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_imap::types::UnsolicitedResponse::{Exists, Expunge, Recent};
+
+    #[test]
+    fn an_announcement_or_a_full_queue_means_new_mail_may_be_there() {
+        assert!(may_have_announced_new_mail(
+            false,
+            [Expunge(3), Exists(9)].into_iter()
+        ));
+        assert!(may_have_announced_new_mail(false, [Recent(1)].into_iter()));
+        assert!(!may_have_announced_new_mail(
+            false,
+            [Expunge(3), Expunge(2)].into_iter()
+        ));
+        assert!(!may_have_announced_new_mail(false, std::iter::empty()));
+        // Full: an EXISTS may have been dropped behind these expunges.
+        assert!(may_have_announced_new_mail(true, (1..=100).map(Expunge)));
+    }
+
+    #[test]
+    fn every_queued_response_is_consumed() {
+        let mut queue = vec![Expunge(1), Exists(2), Expunge(3)].into_iter();
+        assert!(may_have_announced_new_mail(false, queue.by_ref()));
+        assert_eq!(queue.next(), None);
+    }
 }
