@@ -236,12 +236,10 @@ impl Worker<'_> {
         let half = (self.mb.cfg.batch_size as usize).div_ceil(2).max(1);
         let chunks: Vec<&[u32]> = uids.chunks(half).collect();
         // Only a pass long enough to settle one half batch while fetching
-        // another has use for a second session.
-        let mut second = if chunks.len() > 2 {
-            self.flag_session(uidvalidity).await
-        } else {
-            None
-        };
+        // another has use for a second session; it logs in while the first
+        // half batch is fetched (nothing waits to be settled yet).
+        let mut open_second = chunks.len() > 2;
+        let mut second: Option<ImapSession> = None;
         let mut confirmed: Vec<Confirmed<Tag>> = Vec::new();
         // Published, its confirms still coming in.
         let mut previous: Option<Fetched> = None;
@@ -279,6 +277,11 @@ impl Worker<'_> {
                 let fetched = match flagging {
                     Some((h, flagger)) => {
                         tokio::try_join!(fetch, self.flag(flagger, h, cp, caps))?.0
+                    }
+                    None if std::mem::take(&mut open_second) => {
+                        let (fetched, opened) = tokio::join!(fetch, self.flag_session(uidvalidity));
+                        second = opened;
+                        fetched?
                     }
                     None => fetch.await?,
                 };
