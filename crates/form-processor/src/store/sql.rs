@@ -24,7 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value as Json};
 use sqlx::{PgConnection, Row};
 
-use super::{on_pool, Error, NewFailure, NewRecord, Result, Store};
+use super::{on_pool, Error, NewFailure, NewRecord, Result, Source, Store};
 use crate::objectmap::Fields;
 use crate::reject::{Reason, Rejection};
 
@@ -75,6 +75,63 @@ fn clean(s: &str) -> String {
         s.to_string()
     }
 }
+
+/// A message's [`Source`] as stored, NUL characters removed, its values in
+/// [`SOURCE_COLUMNS`] order: built once for both stores' inserts.
+struct SourceRow<'a> {
+    dedupe_key: &'a str,
+    mail_config: String,
+    mailbox: String,
+    message_id: Option<String>,
+    sender: String,
+    subject: String,
+    received_at: i64,
+}
+
+impl<'a> SourceRow<'a> {
+    fn of(s: &'a Source) -> Self {
+        Self {
+            dedupe_key: &s.dedupe_key,
+            mail_config: clean(&s.mail_config),
+            mailbox: clean(&s.mailbox),
+            message_id: s.message_id.as_deref().map(clean),
+            sender: clean(&s.sender),
+            subject: clean(&s.subject),
+            received_at: s.received_at,
+        }
+    }
+
+    /// The values as SQLite parameters, in order.
+    fn sqlite(&self) -> [&dyn rusqlite::ToSql; 7] {
+        [
+            &self.dedupe_key,
+            &self.mail_config,
+            &self.mailbox,
+            &self.message_id,
+            &self.sender,
+            &self.subject,
+            &self.received_at,
+        ]
+    }
+
+    /// `query` with the values bound next, in order (PostgreSQL).
+    fn bind_pg<'q>(self, query: PgQuery<'q>) -> PgQuery<'q>
+    where
+        'a: 'q,
+    {
+        query
+            .bind(self.dedupe_key)
+            .bind(self.mail_config)
+            .bind(self.mailbox)
+            .bind(self.message_id)
+            .bind(self.sender)
+            .bind(self.subject)
+            .bind(self.received_at)
+    }
+}
+
+/// A PostgreSQL statement being bound.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 /// The rejection for the unique fields of `r` that `inserted` lacks.
 fn duplicate(r: &NewRecord, inserted: &[String]) -> Option<Rejection> {
@@ -184,23 +241,17 @@ pub(super) fn sqlite_insert_record(
     let created = now();
     let form = &r.form;
     let s = &r.source;
-    let id: i64 = conn.prepare_cached(SQLITE_INSERT_RECORD)?.query_row(
-        rusqlite::params![
-            clean(&form.module),
-            clean(&form.business_object),
-            fields_json(&form.fields),
-            clean(&r.topic),
-            &s.dedupe_key,
-            clean(&s.mail_config),
-            clean(&s.mailbox),
-            s.message_id.as_deref().map(clean),
-            clean(&s.sender),
-            clean(&s.subject),
-            s.received_at,
-            created,
-        ],
-        |row| row.get(0),
-    )?;
+    let (module, business_object) = (clean(&form.module), clean(&form.business_object));
+    let (fields, topic) = (fields_json(&form.fields), clean(&r.topic));
+    let source = SourceRow::of(s);
+    let record: [&dyn rusqlite::ToSql; 4] = [&module, &business_object, &fields, &topic];
+    let params = record
+        .into_iter()
+        .chain(source.sqlite())
+        .chain([&created as &dyn rusqlite::ToSql]);
+    let id: i64 = conn
+        .prepare_cached(SQLITE_INSERT_RECORD)?
+        .query_row(rusqlite::params_from_iter(params), |row| row.get(0))?;
     if !sqlite_claim(conn, SQLITE_CLAIM_FOR_RECORD, &s.dedupe_key, id)? {
         return Ok(Inserted::AlreadyKnown);
     }
@@ -257,22 +308,17 @@ pub(super) fn sqlite_insert_failure(
     f: &NewFailure,
 ) -> Result<Option<i64>, rusqlite::Error> {
     let s = &f.source;
-    let id: i64 = conn.prepare_cached(SQLITE_INSERT_FAILURE)?.query_row(
-        rusqlite::params![
-            f.rejection.reason.code(),
-            clean(&f.rejection.detail),
-            f.topic.as_deref().map(clean),
-            &s.dedupe_key,
-            clean(&s.mail_config),
-            clean(&s.mailbox),
-            s.message_id.as_deref().map(clean),
-            clean(&s.sender),
-            clean(&s.subject),
-            s.received_at,
-            now(),
-        ],
-        |row| row.get(0),
-    )?;
+    let (reason, detail) = (f.rejection.reason.code(), clean(&f.rejection.detail));
+    let (topic, created) = (f.topic.as_deref().map(clean), now());
+    let source = SourceRow::of(s);
+    let failure: [&dyn rusqlite::ToSql; 3] = [&reason, &detail, &topic];
+    let params = failure
+        .into_iter()
+        .chain(source.sqlite())
+        .chain([&created as &dyn rusqlite::ToSql]);
+    let id: i64 = conn
+        .prepare_cached(SQLITE_INSERT_FAILURE)?
+        .query_row(rusqlite::params_from_iter(params), |row| row.get(0))?;
     Ok(sqlite_claim(conn, SQLITE_CLAIM_FOR_FAILURE, &s.dedupe_key, id)?.then_some(id))
 }
 
@@ -346,18 +392,13 @@ pub(super) async fn pg_insert_record(
     }
     let (unique_fields, unique_values): (Vec<String>, Vec<String>) =
         r.unique.iter().map(|(f, v)| (clean(f), clean(v))).unzip();
-    let row = sqlx::query(PG_INSERT_RECORD)
+    let query = sqlx::query(PG_INSERT_RECORD)
         .bind(clean(&form.module))
         .bind(clean(&form.business_object))
         .bind(fields_json(&form.fields))
-        .bind(clean(&r.topic))
-        .bind(&s.dedupe_key)
-        .bind(clean(&s.mail_config))
-        .bind(clean(&s.mailbox))
-        .bind(s.message_id.as_deref().map(clean))
-        .bind(clean(&s.sender))
-        .bind(clean(&s.subject))
-        .bind(s.received_at)
+        .bind(clean(&r.topic));
+    let row = SourceRow::of(s)
+        .bind_pg(query)
         .bind(now())
         .bind(assoc)
         .bind(module)
@@ -386,17 +427,12 @@ pub(super) async fn pg_insert_failure(
     f: &NewFailure,
 ) -> Result<Option<i64>, sqlx::Error> {
     let s = &f.source;
-    let row = sqlx::query(PG_INSERT_FAILURE)
+    let query = sqlx::query(PG_INSERT_FAILURE)
         .bind(f.rejection.reason.code())
         .bind(clean(&f.rejection.detail))
-        .bind(f.topic.as_deref().map(clean))
-        .bind(&s.dedupe_key)
-        .bind(clean(&s.mail_config))
-        .bind(clean(&s.mailbox))
-        .bind(s.message_id.as_deref().map(clean))
-        .bind(clean(&s.sender))
-        .bind(clean(&s.subject))
-        .bind(s.received_at)
+        .bind(f.topic.as_deref().map(clean));
+    let row = SourceRow::of(s)
+        .bind_pg(query)
         .bind(now())
         .fetch_one(&mut *conn)
         .await?;
@@ -430,6 +466,36 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both stores bind a source with its NUL characters removed (PostgreSQL
+    /// text cannot hold them), the dedupe key as it is.
+    #[test]
+    fn a_source_row_holds_the_values_without_nul_characters() {
+        let source = Source {
+            dedupe_key: "k1".into(),
+            mail_config: "co\0nfig".into(),
+            mailbox: "box\0".into(),
+            message_id: Some("<m\0@x>".into()),
+            sender: "\0a@contoso.com".into(),
+            subject: "Lease\0 form".into(),
+            received_at: 7,
+        };
+        let row = SourceRow::of(&source);
+        assert_eq!(
+            (
+                row.mail_config.as_str(),
+                row.mailbox.as_str(),
+                row.message_id.as_deref()
+            ),
+            ("config", "box", Some("<m@x>"))
+        );
+        assert_eq!(
+            (row.sender.as_str(), row.subject.as_str()),
+            ("a@contoso.com", "Lease form")
+        );
+        assert_eq!((row.dedupe_key, row.received_at), ("k1", 7));
+        assert_eq!(row.sqlite().len(), SOURCE_COLUMNS.split(", ").count());
+    }
 
     /// Multi-row texts up to the chunk are built once and shared; past it
     /// they are built for the count asked, with a row each.
